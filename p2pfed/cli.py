@@ -1,0 +1,289 @@
+"""The ``p2pfed`` command line.
+
+Rules of this file: :func:`build_parser` builds one argparse parser; each subcommand is added
+by its own ``add_<name>_parser(subparsers)`` function (listed in :data:`SUBCOMMANDS`) and
+handled by its own ``cmd_<name>(args) -> int`` function, so a new subcommand is one new pair
+of functions and one line in :data:`SUBCOMMANDS`. Handlers report user errors by raising a
+:class:`~p2pfed.errors.P2pfedError` subclass; :func:`main` prints it as
+``p2pfed: error: MESSAGE`` on stderr and exits 1, without a traceback. Ctrl-C exits 130.
+
+Example::
+
+    $ p2pfed init ~/.p2pfed
+    $ p2pfed federation new lab -o ~/.p2pfed/federation.toml
+    $ p2pfed id
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pfed import __version__
+from p2pfed.atomicfile import atomic_write_text
+from p2pfed.config import (
+    CONFIG_FILE_NAME,
+    FEDERATION_FILE_NAME,
+    HOME_ENV_VAR,
+    default_config_text,
+    default_node_dir,
+)
+from p2pfed.errors import ConfigError, P2pfedError
+from p2pfed.federation import Federation, load_federation, save_federation
+from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
+
+__all__ = [
+    "SUBCOMMANDS",
+    "build_parser",
+    "cmd_federation_new",
+    "cmd_federation_show",
+    "cmd_id",
+    "cmd_init",
+    "main",
+]
+
+# "type" of argparse's add_subparsers() result is private; Any keeps the signatures honest.
+Subparsers = Any
+
+
+def _node_dir(value: str | None) -> Path:
+    return Path(value).expanduser() if value else default_node_dir()
+
+
+def _out(*lines: str) -> None:
+    for line in lines:
+        print(line)
+
+
+# --- init ------------------------------------------------------------------------------------
+
+
+def add_init_parser(subparsers: Subparsers) -> None:
+    """``p2pfed init [DIR] [--force]``."""
+    p = subparsers.add_parser(
+        "init",
+        help="create a node directory with a new identity and a default config",
+        description=(
+            "Create the node directory (mode 0700) with a new identity key (identity.key, mode "
+            "0600) and a commented default config.toml. An existing config.toml is kept."
+        ),
+    )
+    p.add_argument(
+        "dir",
+        nargs="?",
+        metavar="DIR",
+        help=f"node directory (default: ${HOME_ENV_VAR}, else ~/.p2pfed)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing identity key (the node gets a new id)",
+    )
+    p.set_defaults(handler=cmd_init)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create or complete a node directory."""
+    directory = _node_dir(args.dir)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} exists and is not a directory; choose another DIR")
+    created = not directory.exists()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if created:
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    elif directory.stat().st_mode & 0o077:
+        print(
+            f"p2pfed: warning: {directory} is accessible by other users; "
+            f"consider `chmod 700 {directory}`",
+            file=sys.stderr,
+        )
+
+    key_path = directory / IDENTITY_FILE_NAME
+    replaced = key_path.exists() or key_path.is_symlink()
+    if replaced and not args.force:
+        raise ConfigError(
+            f"{key_path} already exists; refusing to replace this node's identity. Pass --force "
+            "to replace it (the node's id would change: peers will see a new node)"
+        )
+    identity = NodeIdentity.generate()
+    save_identity(key_path, identity)
+
+    config_path = directory / CONFIG_FILE_NAME
+    if config_path.exists():
+        config_state = "kept existing"
+    else:
+        atomic_write_text(config_path, default_config_text(), mode=0o600)
+        config_state = "written, all defaults"
+
+    federation_path = directory / FEDERATION_FILE_NAME
+    _out(
+        f"Initialized node directory {directory}",
+        f"  identity: {key_path} ({'replaced' if replaced else 'new'})",
+        f"  config:   {config_path} ({config_state})",
+        "",
+        f"Node id:  {identity.node_id}",
+        f"Short id: {identity.node_id.short}",
+        "",
+    )
+    if federation_path.exists():
+        _out(f"Federation file: {federation_path} (present)")
+    else:
+        _out(
+            "Next steps:",
+            "  1. Copy your federation's file (from its operator) to",
+            f"       {federation_path}",
+            "     or create a new federation:",
+            f"       p2pfed federation new NAME -o {federation_path}",
+            f"  2. Review {config_path} (bootstrap peers, task, ports).",
+        )
+    return 0
+
+
+# --- id --------------------------------------------------------------------------------------
+
+
+def add_id_parser(subparsers: Subparsers) -> None:
+    """``p2pfed id [DIR] [--short]``."""
+    p = subparsers.add_parser(
+        "id",
+        help="print the node id of a node directory",
+        description="Print the node id of a node directory (from its identity.key).",
+    )
+    p.add_argument(
+        "dir",
+        nargs="?",
+        metavar="DIR",
+        help=f"node directory (default: ${HOME_ENV_VAR}, else ~/.p2pfed)",
+    )
+    p.add_argument("--short", action="store_true", help="print only the short form")
+    p.set_defaults(handler=cmd_id)
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    """Print a node directory's node id."""
+    identity = load_identity(_node_dir(args.dir) / IDENTITY_FILE_NAME)
+    print(identity.node_id.short if args.short else str(identity.node_id))
+    return 0
+
+
+# --- federation ------------------------------------------------------------------------------
+
+
+def add_federation_parser(subparsers: Subparsers) -> None:
+    """``p2pfed federation {new,show}``."""
+    p = subparsers.add_parser(
+        "federation",
+        help="create or inspect a federation file",
+        description="Create or inspect federation files.",
+    )
+    sub = p.add_subparsers(dest="federation_command", metavar="COMMAND", required=True)
+
+    new = sub.add_parser(
+        "new",
+        help="create a new federation file (random id and secret)",
+        description=(
+            "Create a new federation: a file with a random id and secret and the default "
+            "protocol parameters. Copy it to every member node as <node dir>/federation.toml."
+        ),
+    )
+    new.add_argument("name", metavar="NAME", help="federation name (1-63 of A-Z a-z 0-9 . _ -)")
+    new.add_argument(
+        "-o", "--output", metavar="FILE", help="file to write (default: ./NAME.federation.toml)"
+    )
+    new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    new.set_defaults(handler=cmd_federation_new)
+
+    show = sub.add_parser(
+        "show",
+        help="print a federation file's name, id, tag and parameters (never its secret)",
+        description="Print a federation file's name, id, tag and parameters (never its secret).",
+    )
+    show.add_argument("file", metavar="FILE", help="federation file")
+    show.set_defaults(handler=cmd_federation_show)
+
+
+def cmd_federation_new(args: argparse.Namespace) -> int:
+    """Create a federation file."""
+    fed = Federation.new(args.name)  # validates the name before it becomes part of a path
+    path = Path(args.output).expanduser() if args.output else Path(f"{fed.name}.federation.toml")
+    save_federation(path, fed, force=args.force)
+    _out(
+        f"Wrote federation {fed.name!r} to {path}",
+        f"  id:  {fed.federation_id.hex()}",
+        f"  tag: {fed.tag}",
+    )
+    print(
+        f"WARNING: {path} contains the federation secret: anyone who has it can join the "
+        "federation.\nCopy it only to member nodes (as <node dir>/federation.toml), over a "
+        "channel you trust.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_federation_show(args: argparse.Namespace) -> int:
+    """Describe a federation file without revealing its secret."""
+    fed = load_federation(args.file)
+    _out(
+        f"name:             {fed.name}",
+        f"id:               {fed.federation_id.hex()}",
+        f"tag:              {fed.tag}",
+        f"protocol version: {fed.protocol_version}",
+        "params:",
+    )
+    width = max(len(k) for k in fed.params.as_dict())
+    for key, value in fed.params.as_dict().items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        print(f"  {key:<{width}} = {text}")
+    return 0
+
+
+# --- parser and entry point ------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
+    add_init_parser,
+    add_id_parser,
+    add_federation_parser,
+]
+"""Functions adding one subcommand each, in help order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``p2pfed`` argument parser with every subcommand of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="p2pfed",
+        description="Serverless federated learning with secure aggregation and differential "
+        "privacy.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pfed {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C)."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version and usage errors
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except P2pfedError as exc:
+        print(f"p2pfed: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # Permission denied, disk full ...: the user's environment, not a bug.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"p2pfed: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("p2pfed: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,369 @@
+"""Node configuration: ``config.toml`` in the node directory, and where node directories live.
+
+A node directory (``$P2PFED_HOME``, else ``~/.p2pfed``) holds ``identity.key`` (the node's
+Ed25519 key, see :mod:`p2pfed.identity`), ``config.toml`` (this module) and
+``federation.toml`` (see :mod:`p2pfed.federation`). Every key of ``config.toml`` is optional;
+a missing ``config.toml`` means all defaults. Unknown keys are errors (a typo must not silently
+fall back to a default).
+
+Example::
+
+    >>> parse_config("listen_port = 9000\\nbootstrap = ['10.0.0.2:7447']").listen_port
+    9000
+    >>> parse_config(default_config_text()) == NodeConfig()
+    True
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from p2pfed.errors import ConfigError
+from p2pfed.federation import ProtocolParams
+
+__all__ = [
+    "CONFIG_FILE_NAME",
+    "DEFAULT_PORT",
+    "FEDERATION_FILE_NAME",
+    "HOME_ENV_VAR",
+    "NodeConfig",
+    "default_config_text",
+    "default_node_dir",
+    "load_config",
+    "parse_config",
+    "parse_host_port",
+]
+
+CONFIG_FILE_NAME = "config.toml"
+FEDERATION_FILE_NAME = "federation.toml"
+HOME_ENV_VAR = "P2PFED_HOME"
+DEFAULT_PORT = 7447
+_MAX_FILE_SIZE = 1024 * 1024
+_TASK_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def default_node_dir() -> Path:
+    """``$P2PFED_HOME`` if set and non-empty, else ``~/.p2pfed``."""
+    home = os.environ.get(HOME_ENV_VAR)
+    return Path(home).expanduser() if home else Path.home() / ".p2pfed"
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``"host:port"`` or ``"[ipv6]:port"`` into host and port (1..65535).
+
+    >>> parse_host_port("[::1]:7447")
+    ('::1', 7447)
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a 'host:port' string, got {text!r}")
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not '[ipv6-address]:port'")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not 'host:port' (for example '192.168.1.7:7447')")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, '[{host}]:port'")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"{text!r}: the host contains whitespace")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# One explanation per key, used for default_config_text(); the order is the file order.
+_DOCS: dict[str, str] = {
+    "listen_host": "Address to accept connections on (0.0.0.0 = all IPv4 interfaces).",
+    "listen_port": "TCP port to accept connections on (0 = any free port).",
+    "federation_file": "Federation file, relative to this directory unless absolute.",
+    "bootstrap": 'Peers to connect to at start, as "host:port" (or "[ipv6]:port").',
+    "mdns": "Find peers on the local network with mDNS / DNS-SD.",
+    "mdns_interfaces": 'IP addresses of the interfaces mDNS uses, e.g. ["192.168.1.10"]; '
+    "empty = all.",
+    "handshake_timeout": "Seconds a connection may take to complete its Noise handshake.",
+    "keepalive_interval": "Seconds of silence after which a keepalive is sent.",
+    "idle_timeout": "Seconds without hearing from a peer before the connection is dropped.",
+    "send_timeout": "Seconds a single message may take to send before the peer is dropped.",
+    "max_message_size": "Largest message accepted, in bytes: at most the federation's\n"
+    "max_message_size (unset = the federation's).",
+    "max_connections": "Most simultaneous peer connections.",
+    "log_format": 'Log output: "text" for humans, "json" for one JSON object per line.',
+    "metrics": "Serve Prometheus metrics over HTTP.",
+    "metrics_port": "TCP port of the metrics endpoint.",
+    "metrics_host": "Address of the metrics endpoint (127.0.0.1 = this machine only).",
+    "task": 'Training task to run, as "package.module:object".',
+}
+# Example values written (commented out) for keys whose default is "unset".
+_EXAMPLES: dict[str, Any] = {"max_message_size": 64 * 1024 * 1024, "task": "mypackage.tasks:task"}
+
+
+class _KeyError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _check_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _KeyError(key, f"must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise _KeyError(key, f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _check_int(key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _KeyError(key, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise _KeyError(key, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _KeyError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _check_host(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise _KeyError(key, f"must be a host name or IP address, got {value!r}")
+    return value
+
+
+def _check_str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise _KeyError(key, f"must be a list of strings, got {value!r}")
+    for item in value:
+        if not isinstance(item, str):
+            raise _KeyError(key, f"must be a list of strings, but contains {item!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node's settings (``config.toml``), validated at construction.
+
+    Invalid values raise :class:`~p2pfed.errors.ConfigError` naming the key. Lists are
+    stored as tuples so the object stays immutable and hashable.
+    """
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    federation_file: Path = Path(FEDERATION_FILE_NAME)
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    idle_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_message_size: int | None = None
+    max_connections: int = 64
+    log_format: Literal["text", "json"] = "text"
+    metrics: bool = False
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    task: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except _KeyError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _set(self, key: str, value: Any) -> None:
+        object.__setattr__(self, key, value)
+
+    def _validate(self) -> None:
+        self._set("listen_host", _check_host("listen_host", self.listen_host))
+        self._set("listen_port", _check_int("listen_port", self.listen_port, 0, 65535))
+        if not isinstance(self.federation_file, str | os.PathLike) or not str(self.federation_file):
+            raise _KeyError("federation_file", f"must be a path, got {self.federation_file!r}")
+        self._set("federation_file", Path(self.federation_file))
+        bootstrap = _check_str_list("bootstrap", self.bootstrap)
+        for entry in bootstrap:
+            try:
+                parse_host_port(entry)
+            except ValueError as exc:
+                raise _KeyError("bootstrap", str(exc)) from None
+        self._set("bootstrap", bootstrap)
+        self._set("mdns", _check_bool("mdns", self.mdns))
+        interfaces = _check_str_list("mdns_interfaces", self.mdns_interfaces)
+        for entry in interfaces:
+            try:
+                ipaddress.ip_address(entry)
+            except ValueError:
+                raise _KeyError(
+                    "mdns_interfaces",
+                    f"{entry!r} is not an IP address; give the interface's address "
+                    "(e.g. 192.168.1.10), not its name",
+                ) from None
+        self._set("mdns_interfaces", interfaces)
+        for key in ("handshake_timeout", "keepalive_interval", "idle_timeout", "send_timeout"):
+            self._set(key, _check_float(key, getattr(self, key)))
+        if self.keepalive_interval >= self.idle_timeout:
+            raise _KeyError(
+                "keepalive_interval",
+                f"must be less than idle_timeout ({self.idle_timeout}), or idle peers would be "
+                f"dropped before a keepalive is sent; got {self.keepalive_interval}",
+            )
+        if self.max_message_size is not None:
+            _check_int("max_message_size", self.max_message_size, 65535, 2**32 - 1)
+        self._set("max_connections", _check_int("max_connections", self.max_connections, 1, 65535))
+        if self.log_format not in ("text", "json"):
+            raise _KeyError("log_format", f'must be "text" or "json", got {self.log_format!r}')
+        self._set("metrics", _check_bool("metrics", self.metrics))
+        self._set("metrics_port", _check_int("metrics_port", self.metrics_port, 0, 65535))
+        self._set("metrics_host", _check_host("metrics_host", self.metrics_host))
+        if self.task is not None and (
+            not isinstance(self.task, str) or not _TASK_RE.fullmatch(self.task)
+        ):
+            raise _KeyError(
+                "task",
+                f'must be "package.module:object" (e.g. "mytasks.mnist:task"), got {self.task!r}',
+            )
+
+    @classmethod
+    def allowed_keys(cls) -> list[str]:
+        """The keys ``config.toml`` may contain, in file order."""
+        return [f.name for f in fields(cls)]
+
+    def federation_path(self, node_dir: str | os.PathLike[str]) -> Path:
+        """The federation file's path: ``federation_file`` resolved against ``node_dir``."""
+        return Path(node_dir).expanduser() / self.federation_file.expanduser()
+
+    def bootstrap_addresses(self) -> list[tuple[str, int]]:
+        """The bootstrap peers as (host, port) pairs."""
+        return [parse_host_port(entry) for entry in self.bootstrap]
+
+    def effective_max_message_size(self, params: ProtocolParams) -> int:
+        """The message size limit to enforce: this node's override, else the federation's.
+
+        An override larger than the federation's limit is an error: a member must accept
+        every message the federation allows.
+        """
+        if self.max_message_size is None:
+            return params.max_message_size
+        if self.max_message_size > params.max_message_size:
+            raise ConfigError(
+                f"max_message_size: {self.max_message_size} exceeds the federation's "
+                f"max_message_size ({params.max_message_size}); lower it or remove it"
+            )
+        return self.max_message_size
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "\t" or (ord(ch) >= 0x20 and ord(ch) != 0x7F):
+            out.append(ch)
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return _toml_string(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def default_config_text() -> str:
+    """A fully commented ``config.toml``: every key with an explanation and its default.
+
+    Keys whose default is "unset" are present as commented-out examples. The text parses
+    back to ``NodeConfig()``.
+    """
+    defaults = NodeConfig()
+    lines = [
+        "# p2pfed node configuration. Every key is optional; the values below are the defaults.",
+        "# Unknown keys are errors. Durations are in seconds.",
+        "",
+    ]
+    for f in fields(NodeConfig):
+        lines.extend(f"# {line}" for line in _DOCS[f.name].splitlines())
+        value = getattr(defaults, f.name)
+        if value is None:
+            lines.append(f"# {f.name} = {_toml_value(_EXAMPLES[f.name])}")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: str = "<string>") -> NodeConfig:
+    """Parse ``config.toml`` text; ``source`` names the file in error messages.
+
+    Relative paths stay relative (see :meth:`NodeConfig.federation_path`).
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not a valid TOML file: {exc}") from None
+    allowed = NodeConfig.allowed_keys()
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; allowed keys are: {', '.join(allowed)}"
+        )
+    try:
+        return NodeConfig(**doc)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(node_dir: str | os.PathLike[str]) -> NodeConfig:
+    """Read ``<node_dir>/config.toml`` (all defaults if the file does not exist).
+
+    Raises :class:`~p2pfed.errors.ConfigError` naming the file and key on any problem, and
+    when ``node_dir`` itself does not exist.
+    """
+    directory = Path(node_dir).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{directory}: no node directory here; run `p2pfed init {directory}` to create one"
+        )
+    path = directory / CONFIG_FILE_NAME
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return NodeConfig()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    if st.st_size > _MAX_FILE_SIZE:
+        raise ConfigError(
+            f"{path}: {st.st_size} bytes is far too large for a configuration file "
+            f"(limit {_MAX_FILE_SIZE})"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    return parse_config(text, source=str(path))

@@ -1,0 +1,169 @@
+"""Every exception p2pfed raises, in one hierarchy.
+
+The split follows h11: a :class:`LocalProtocolError` means *we* were asked to do something
+the protocol forbids (a bug or misuse on this side); a :class:`RemoteProtocolError` means
+the *peer* sent something the protocol forbids, and the right reaction is to close that
+peer's channel with the error's :attr:`~RemoteProtocolError.code` and keep serving others.
+
+Catch at the depth you need::
+
+    try:
+        events = conn.receive_data(data)
+    except RemoteProtocolError as exc:
+        log.warning("closing %s: %s", peer, exc)   # exc.code goes into the Close message
+
+The numeric codes are the wire error-code registry of spec/transport.md ("Error codes").
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    """Reason codes carried in a Close message (registry: spec/transport.md)."""
+
+    NORMAL = 0
+    """Orderly close, nothing wrong."""
+    PROTOCOL_ERROR = 1
+    """The peer broke a protocol rule not covered by a more specific code."""
+    MESSAGE_TOO_LARGE = 2
+    """A frame announced a length above the receiver's limit."""
+    MALFORMED_MESSAGE = 3
+    """A message was not valid deterministic CBOR or did not match its schema."""
+    UNSUPPORTED_VERSION = 4
+    """The two nodes share no protocol version."""
+    AUTHENTICATION_FAILED = 5
+    """A handshake signature or identity did not verify."""
+    IDLE_TIMEOUT = 6
+    """Nothing was received for longer than the idle timeout."""
+    SHUTTING_DOWN = 7
+    """The node is stopping."""
+    INTERNAL_ERROR = 8
+    """The sender hit a bug; the peer did nothing wrong."""
+    UNEXPECTED_MESSAGE = 9
+    """A well-formed message arrived in a state where it is not allowed."""
+
+
+class P2pfedError(Exception):
+    """Base class of every error p2pfed raises on purpose."""
+
+
+class ConfigError(P2pfedError):
+    """A configuration, federation or identity file is missing, unreadable or invalid.
+
+    The message names the file and the field, and says how to fix it.
+    """
+
+
+class ProtocolError(P2pfedError):
+    """Base class of protocol violations, local or remote.
+
+    ``code`` is the :class:`CloseCode` that a channel closed because of this error sends.
+    """
+
+    code: CloseCode = CloseCode.PROTOCOL_ERROR
+
+    def __init__(self, message: str, code: CloseCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow (a bug or misuse)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow; close its channel."""
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes from the network are not a valid message: bad CBOR, wrong schema, over a limit."""
+
+    code = CloseCode.MALFORMED_MESSAGE
+
+
+class MessageTooLargeError(RemoteProtocolError):
+    """A length prefix or item count exceeds the configured limit (checked before allocating)."""
+
+    code = CloseCode.MESSAGE_TOO_LARGE
+
+
+class HandshakeError(RemoteProtocolError):
+    """The Noise handshake failed: wrong federation key, bad signature, garbage, timeout."""
+
+    code = CloseCode.AUTHENTICATION_FAILED
+
+
+class NoiseError(P2pfedError):
+    """Base class of Noise Protocol Framework errors (see :mod:`p2pfed.noise`)."""
+
+
+class NoiseDecryptError(NoiseError):
+    """A Noise ciphertext failed authentication: wrong key, tampering or truncation."""
+
+
+class ChannelClosed(P2pfedError):
+    """The secure channel is closed; no more messages can be sent or received on it.
+
+    ``code`` and ``reason`` say why (``CloseCode.NORMAL`` for an orderly close by either
+    side); ``by_peer`` tells whether the peer closed it.
+    """
+
+    def __init__(self, code: CloseCode, reason: str, *, by_peer: bool) -> None:
+        who = "peer" if by_peer else "local side"
+        super().__init__(f"channel closed by {who}: {code.name} ({reason})")
+        self.code = code
+        self.reason = reason
+        self.by_peer = by_peer
+
+
+class PrivacyBudgetExceeded(P2pfedError):
+    """Releasing another noisy update would spend more privacy budget than configured."""
+
+
+class LedgerError(P2pfedError):
+    """The privacy ledger is missing, corrupt or unwritable; the node must not start."""
+
+
+class NodeIdError(ConfigError, ValueError):
+    """A node id's text form is malformed: wrong length, characters or trailing bits."""
+
+
+class SecureAggregationError(P2pfedError, ValueError):
+    """Secure-aggregation input is invalid (see :mod:`p2pfed.fixedpoint`, :mod:`p2pfed.masking`).
+
+    Raised for fixed-point parameters that could overflow, a malformed group, a vector that
+    cannot be encoded; the message names the value and says what to change.
+    """
+
+
+class InvalidGroupSumError(SecureAggregationError):
+    """A group sum cannot be a sum of every member's contribution: the masks did not cancel.
+
+    A contribution is missing, duplicated or corrupted. The group must abort (everyone
+    keeps its own model) and regroup with fresh seeds; never try to repair the sum.
+    """
+
+
+class WeakMaskKeyError(RemoteProtocolError):
+    """A member's X25519 mask public key has small order (the shared secret is all zero).
+
+    ``node_id`` is the offending member; close its channel and regroup without it.
+    """
+
+    def __init__(self, message: str, node_id: bytes) -> None:
+        super().__init__(message, CloseCode.PROTOCOL_ERROR)
+        self.node_id = node_id
+
+
+class DecodeLimitError(DecodeError, MessageTooLargeError):
+    """A received CBOR item exceeds a decode limit (total size, item count, text length).
+
+    It is both a :class:`DecodeError` (so ``except DecodeError`` around a decoder catches
+    every way a message can be rejected) and a :class:`MessageTooLargeError` (so the channel
+    closes with ``MESSAGE_TOO_LARGE``). Raised by :func:`p2pfed.encoding.decode`.
+    """
+
+    code = CloseCode.MESSAGE_TOO_LARGE

@@ -1,0 +1,450 @@
+"""The privacy ledger: a node's durable record of the privacy budget it has spent.
+
+Rules of this file (normative text: spec/privacy.md, "Budget and ledger"):
+
+* One ledger per node, in the node directory, named :data:`LEDGER_FILE_NAME`. It is created
+  once and never deleted, reset or replaced: a missing or damaged ledger is an error the
+  operator must look at (:class:`~p2pfed.errors.LedgerError`), never a fresh start.
+* :meth:`PrivacyLedger.record_release` writes the new state with
+  :func:`~p2pfed.atomicfile.atomic_write_bytes` (temp file, fsync, rename, directory
+  fsync; mode 0600) and returns only after it is on disk. Only then may the caller send
+  the noisy update. A release that would take epsilon above the budget raises
+  :class:`~p2pfed.errors.PrivacyBudgetExceeded` and writes nothing.
+* The file stays small however long the node runs: releases are counted per distinct
+  noise multiplier, and only the last :data:`RECENT_RELEASES` rounds are kept for humans.
+* Integrity: the file is ``{"body":BODY,"sha256":"HEX"}`` plus a line feed, where HEX is
+  the SHA-256 of the exact bytes of BODY. The atomic rename rules out torn writes; the
+  checksum catches everything else (a damaged disk block, a hand edit).
+
+Example::
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / LEDGER_FILE_NAME
+    >>> ledger = PrivacyLedger.create(path, epsilon_budget=8.0, delta=1e-5)
+    >>> ledger.would_exceed(2.0)
+    False
+    >>> round(ledger.record_release(round=0, noise_multiplier=2.0), 4)
+    2.1657
+    >>> PrivacyLedger.open(path).releases()
+    1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from p2pfed.accountant import RdpAccountant, _check_delta, _check_noise_multiplier
+from p2pfed.atomicfile import atomic_write_bytes
+from p2pfed.errors import LedgerError, PrivacyBudgetExceeded
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LEDGER_FILE_NAME",
+    "MAX_LEDGER_BYTES",
+    "MAX_NOISE_MULTIPLIERS",
+    "RECENT_RELEASES",
+    "PrivacyLedger",
+    "encode_ledger_file",
+    "ledger_path",
+]
+
+LEDGER_FILE_NAME = "privacy-ledger.json"
+"""The ledger's file name inside the node directory."""
+FORMAT_NAME = "p2pfed-privacy-ledger"
+FORMAT_VERSION = 1
+RECENT_RELEASES = 32
+"""How many of the most recent releases (round, noise multiplier) the file keeps."""
+MAX_NOISE_MULTIPLIERS = 1024
+"""How many distinct noise multipliers one ledger may hold (keeps the file small)."""
+MAX_LEDGER_BYTES = 1 << 20
+"""A ledger file larger than this is refused before it is read (a valid one is < 200 KiB)."""
+
+_PREFIX = b'{"body":'
+_SUFFIX = re.compile(rb',"sha256":"([0-9a-f]{64})"\}\n\Z')
+_SUFFIX_LENGTH = len(b',"sha256":""}\n') + 64
+_BODY_KEYS = frozenset(
+    {
+        "format",
+        "version",
+        "epsilon_budget",
+        "delta",
+        "releases",
+        "by_noise_multiplier",
+        "recent",
+        "epsilon_spent",
+    }
+)
+# Stored epsilon_spent is informational; it must agree with the recomputation up to
+# float noise from another implementation's summation order.
+_SPENT_TOLERANCE = 1e-9
+
+_NEVER_DELETE = (
+    "The ledger is the only record of the privacy budget this node has already spent; "
+    "never delete, reset or hand-edit it, or the node would forget what it spent. "
+    "Restore it from a backup if you have one. To start over deliberately (a new node "
+    "whose data has never been released), use a new node directory and create a new "
+    "ledger there with PrivacyLedger.create."
+)
+
+
+def ledger_path(node_dir: str | os.PathLike[str]) -> Path:
+    """The ledger file of the node whose directory is ``node_dir``."""
+    return Path(node_dir) / LEDGER_FILE_NAME
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_budget(epsilon_budget: float) -> float:
+    if not _is_real(epsilon_budget):
+        raise TypeError(f"epsilon_budget must be a real number, got {type(epsilon_budget)}")
+    budget = float(epsilon_budget)
+    if not math.isfinite(budget) or budget <= 0.0:
+        raise ValueError(f"epsilon_budget must be a finite number > 0, got {budget!r}")
+    return budget
+
+
+def _epsilon(groups: dict[float, int], delta: float) -> float:
+    acc = RdpAccountant()
+    for z in sorted(groups):  # fixed order: the same floats on every reload
+        acc.add_gaussian(z, groups[z])
+    return acc.epsilon(delta)[0]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+class PrivacyLedger:
+    """The privacy budget of one node: how much was allowed, how much is spent.
+
+    Construct with :meth:`create` (once, for a new node) or :meth:`open` (every start).
+    One process writes a given ledger at a time (the node owning the directory).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        epsilon_budget: float,
+        delta: float,
+        groups: dict[float, int],
+        recent: list[tuple[int, float]],
+    ) -> None:
+        """Internal: use :meth:`create` or :meth:`open`."""
+        self._path = path
+        self._budget = epsilon_budget
+        self._delta = delta
+        self._groups = dict(groups)
+        self._recent = list(recent)
+        self._spent = _epsilon(self._groups, delta)
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *, epsilon_budget: float, delta: float
+    ) -> PrivacyLedger:
+        """Create a new, empty ledger at ``path`` (the file, see :func:`ledger_path`).
+
+        Refuses with :class:`LedgerError` if anything already exists at ``path``: an existing
+        ledger is never overwritten. ``epsilon_budget`` is the total epsilon the node may
+        spend, at ``delta``.
+        """
+        budget = _check_budget(epsilon_budget)
+        d = _check_delta(delta)
+        target = Path(path)
+        if os.path.lexists(target):
+            raise LedgerError(
+                f"privacy ledger {target} already exists; open it with PrivacyLedger.open "
+                "instead. " + _NEVER_DELETE
+            )
+        ledger = cls(target, epsilon_budget=budget, delta=d, groups={}, recent=[])
+        ledger._write(ledger._groups, ledger._recent, ledger._spent)
+        return ledger
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
+        """Load the ledger at ``path``; :class:`LedgerError` if missing, unreadable or corrupt."""
+        target = Path(path)
+        try:
+            with open(target, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_LEDGER_BYTES:
+                    raise LedgerError(
+                        f"privacy ledger {target} is {size} bytes, more than the "
+                        f"{MAX_LEDGER_BYTES} a ledger can be; it is not a p2pfed ledger or "
+                        "it is damaged. " + _NEVER_DELETE
+                    )
+                data = f.read(MAX_LEDGER_BYTES + 1)
+        except FileNotFoundError:
+            raise LedgerError(
+                f"privacy ledger {target} does not exist, but the ledger is expected here. "
+                + _NEVER_DELETE
+            ) from None
+        except IsADirectoryError:
+            raise LedgerError(f"privacy ledger {target} is a directory, not a file") from None
+        except OSError as exc:
+            raise LedgerError(
+                f"privacy ledger {target} cannot be read ({exc.strerror or exc}); "
+                "check its permissions and the disk"
+            ) from exc
+        return cls._parse(target, data)
+
+    @classmethod
+    def _parse(cls, target: Path, data: bytes) -> PrivacyLedger:
+        def corrupt(what: str) -> LedgerError:
+            return LedgerError(f"privacy ledger {target} is corrupt: {what}. " + _NEVER_DELETE)
+
+        match = _SUFFIX.search(data)
+        if (
+            not data.startswith(_PREFIX)
+            or match is None
+            or len(data) < len(_PREFIX) + _SUFFIX_LENGTH
+        ):
+            raise corrupt("it is not a ledger file (truncated or not written by p2pfed)")
+        body_bytes = data[len(_PREFIX) : len(data) - _SUFFIX_LENGTH]
+        if hashlib.sha256(body_bytes).hexdigest() != match.group(1).decode("ascii"):
+            raise corrupt("the SHA-256 checksum does not match the content")
+        try:
+            body = json.loads(body_bytes.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise corrupt(f"the body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise corrupt("the body is not a JSON object")
+        if body.get("format") != FORMAT_NAME:
+            raise corrupt(f"the format field is not {FORMAT_NAME!r}")
+        version = body.get("version")
+        if version != FORMAT_VERSION or not _is_count(version):
+            raise LedgerError(
+                f"privacy ledger {target} has format version {version!r}, but this p2pfed "
+                f"reads version {FORMAT_VERSION}; use the p2pfed release that wrote it. "
+                + _NEVER_DELETE
+            )
+        if set(body) != _BODY_KEYS:
+            raise corrupt(f"the fields are {sorted(body)}, expected {sorted(_BODY_KEYS)}")
+        try:
+            budget = _check_budget(body["epsilon_budget"])
+            delta = _check_delta(body["delta"])
+        except (TypeError, ValueError) as exc:
+            raise corrupt(str(exc)) from None
+
+        groups: dict[float, int] = {}
+        raw_groups = body["by_noise_multiplier"]
+        if not isinstance(raw_groups, list) or len(raw_groups) > MAX_NOISE_MULTIPLIERS:
+            raise corrupt(
+                f"by_noise_multiplier is not a list of at most {MAX_NOISE_MULTIPLIERS} entries"
+            )
+        previous = 0.0
+        for entry in raw_groups:
+            if (
+                not isinstance(entry, dict)
+                or set(entry) != {"noise_multiplier", "count"}
+                or not _is_real(entry["noise_multiplier"])
+                or not _is_count(entry["count"])
+            ):
+                raise corrupt(f"bad by_noise_multiplier entry {entry!r}")
+            z = float(entry["noise_multiplier"])
+            if not math.isfinite(z) or z <= previous or entry["count"] < 1:
+                raise corrupt(
+                    "by_noise_multiplier must list finite noise multipliers > 0 in increasing "
+                    f"order with counts >= 1; found {entry!r}"
+                )
+            groups[z] = entry["count"]
+            previous = z
+
+        total = body["releases"]
+        if not _is_count(total) or total != sum(groups.values()):
+            raise corrupt(f"releases {total!r} is not the sum of the counts per noise multiplier")
+
+        recent: list[tuple[int, float]] = []
+        raw_recent = body["recent"]
+        if not isinstance(raw_recent, list) or len(raw_recent) > min(total, RECENT_RELEASES):
+            raise corrupt(f"recent must be a list of at most min(releases, {RECENT_RELEASES})")
+        for entry in raw_recent:
+            if (
+                not isinstance(entry, dict)
+                or set(entry) != {"round", "noise_multiplier"}
+                or not _is_count(entry["round"])
+                or entry["round"] < 0
+                or not _is_real(entry["noise_multiplier"])
+                or float(entry["noise_multiplier"]) not in groups
+            ):
+                raise corrupt(f"bad recent entry {entry!r}")
+            recent.append((entry["round"], float(entry["noise_multiplier"])))
+        if len(recent) != min(total, RECENT_RELEASES):
+            raise corrupt("recent does not hold the last releases")
+
+        ledger = cls(target, epsilon_budget=budget, delta=delta, groups=groups, recent=recent)
+        stored = body["epsilon_spent"]
+        if not _is_real(stored) or not math.isclose(
+            float(stored), ledger._spent, rel_tol=_SPENT_TOLERANCE, abs_tol=_SPENT_TOLERANCE
+        ):
+            raise corrupt(
+                f"epsilon_spent {stored!r} disagrees with the releases (they give "
+                f"{ledger._spent!r})"
+            )
+        if ledger._spent > budget * (1.0 + _SPENT_TOLERANCE):
+            raise corrupt(f"epsilon spent {ledger._spent!r} is above the budget {budget!r}")
+        return ledger
+
+    # -- queries --------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        return self._path
+
+    @property
+    def epsilon_budget(self) -> float:
+        """The total epsilon this node may spend (at :attr:`delta`)."""
+        return self._budget
+
+    @property
+    def delta(self) -> float:
+        """The delta at which epsilon is accounted."""
+        return self._delta
+
+    def spent(self) -> float:
+        """Epsilon spent so far, at :attr:`delta` (0.0 before the first release)."""
+        return self._spent
+
+    def remaining(self) -> float:
+        """Budget left: ``epsilon_budget - spent()`` (never negative)."""
+        return max(0.0, self._budget - self._spent)
+
+    def releases(self) -> int:
+        """How many noisy updates were recorded."""
+        return sum(self._groups.values())
+
+    def recent_releases(self) -> list[tuple[int, float]]:
+        """The last (up to :data:`RECENT_RELEASES`) ``(round, noise_multiplier)``, oldest first."""
+        return list(self._recent)
+
+    def epsilon_after(self, noise_multiplier: float) -> float:
+        """Epsilon that would be spent after one more release with noise multiplier ``z``."""
+        z = _check_noise_multiplier(noise_multiplier)
+        groups = dict(self._groups)
+        groups[z] = groups.get(z, 0) + 1
+        return _epsilon(groups, self._delta)
+
+    def would_exceed(self, noise_multiplier: float) -> bool:
+        """Whether one more release with noise multiplier ``z`` would exceed the budget.
+
+        ``z`` is the accounting noise multiplier,
+        :func:`p2pfed.dp.effective_noise_multiplier` of the mechanism's sigma.
+        """
+        return self.epsilon_after(noise_multiplier) > self._budget
+
+    @property
+    def exhausted(self) -> bool:
+        """No further release with the most recently used noise multiplier fits the budget.
+
+        False before the first release (no noise multiplier is known yet; ask
+        :meth:`would_exceed` with the one you intend to use). A node whose ledger is
+        exhausted stops contributing its data (spec/privacy.md).
+        """
+        if not self._recent:
+            return False
+        return self.would_exceed(self._recent[-1][1])
+
+    # -- the one mutation -----------------------------------------------------------
+
+    def record_release(self, *, round: int, noise_multiplier: float) -> float:
+        """Record one release durably and return the new epsilon spent.
+
+        Call it after computing the noisy update and before sending it; send only if it
+        returns. ``noise_multiplier`` is the accounting ``z``
+        (:func:`p2pfed.dp.effective_noise_multiplier` of sigma), ``round`` the round number
+        (kept in the recent list for humans; repeated rounds are allowed, each call counts).
+
+        Raises :class:`PrivacyBudgetExceeded` (nothing written) if epsilon would exceed the
+        budget, :class:`LedgerError` if the file cannot be written (nothing recorded: the
+        update must not be sent).
+        """
+        if not _is_count(round) or round < 0:
+            raise ValueError(f"round must be an integer >= 0, got {round!r}")
+        z = _check_noise_multiplier(noise_multiplier)
+        groups = dict(self._groups)
+        if z not in groups and len(groups) >= MAX_NOISE_MULTIPLIERS:
+            raise LedgerError(
+                f"privacy ledger {self._path} already holds {MAX_NOISE_MULTIPLIERS} distinct "
+                "noise multipliers; use one of the noise multipliers already used "
+                f"(e.g. {self._recent[-1][1]!r}) instead of a new value per round"
+            )
+        groups[z] = groups.get(z, 0) + 1
+        spent = _epsilon(groups, self._delta)
+        if spent > self._budget:
+            raise PrivacyBudgetExceeded(
+                f"releasing an update with noise multiplier {z!r} would raise epsilon from "
+                f"{self._spent:.6g} to {spent:.6g}, above the budget {self._budget:.6g} "
+                f"(delta {self._delta:g}); this node must stop contributing its data"
+            )
+        recent = [*self._recent, (round, z)][-RECENT_RELEASES:]
+        self._write(groups, recent, spent)
+        self._groups, self._recent, self._spent = groups, recent, spent
+        return spent
+
+    def _write(
+        self, groups: dict[float, int], recent: list[tuple[int, float]], spent: float
+    ) -> None:
+        data = encode_ledger_file(
+            epsilon_budget=self._budget,
+            delta=self._delta,
+            groups=groups,
+            recent=recent,
+            epsilon_spent=spent,
+        )
+        try:
+            atomic_write_bytes(self._path, data, mode=0o600)
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot write privacy ledger {self._path} ({exc.strerror or exc}); the "
+                "release was not recorded and the update must not be sent"
+            ) from exc
+
+
+def encode_ledger_file(
+    *,
+    epsilon_budget: float,
+    delta: float,
+    groups: dict[float, int],
+    recent: list[tuple[int, float]],
+    epsilon_spent: float,
+) -> bytes:
+    """The exact bytes of a ledger file (spec/privacy.md, "Ledger file format").
+
+    ``groups`` maps each noise multiplier to its release count, ``recent`` lists the last
+    ``(round, noise_multiplier)`` pairs oldest first. Pure: no validation, no I/O.
+    """
+    body = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "epsilon_budget": epsilon_budget,
+        "delta": delta,
+        "releases": sum(groups.values()),
+        "by_noise_multiplier": [
+            {"noise_multiplier": z, "count": groups[z]} for z in sorted(groups)
+        ],
+        "recent": [{"round": r, "noise_multiplier": z} for r, z in recent],
+        # informational, and rounded so that the bytes do not depend on last-bit libm
+        # differences between platforms
+        "epsilon_spent": float(f"{epsilon_spent:.12g}"),
+    }
+    body_bytes = json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+    digest = hashlib.sha256(body_bytes).hexdigest().encode("ascii")
+    return _PREFIX + body_bytes + b',"sha256":"' + digest + b'"}\n'

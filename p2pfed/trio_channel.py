@@ -1,0 +1,435 @@
+"""The secure channel over any trio stream: handshake, messages, keepalive, close.
+
+This is the thin driver around :class:`p2pfed.channel.ChannelConnection`: it moves bytes
+between a :class:`trio.abc.Stream` and the sans-IO core and owns the clocks (handshake
+timeout, keepalive interval, idle timeout, send timeout). Reading is pull-based: bytes are
+read from the stream only while someone waits in :meth:`SecureChannel.receive`, so a slow
+consumer pushes back on the peer through TCP flow control and memory stays bounded by one
+read plus one message under reassembly.
+
+Example::
+
+    async with open_secure_channel(stream, Role.INITIATOR, identity, federation) as channel:
+        await channel.send(ModelState(round=1, fingerprint=fp, parameters=blob))
+        reply = await channel.receive()
+
+and on the accepting side :func:`serve_secure_channels` runs a handler per peer, logging
+and dropping peers that fail the handshake or break the protocol while it keeps serving
+the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from p2pfed.channel import (
+    ChannelConnection,
+    ConnectionClosed,
+    Event,
+    HandshakeComplete,
+    MessageReceived,
+    Role,
+)
+from p2pfed.errors import ChannelClosed, CloseCode, HandshakeError, RemoteProtocolError
+from p2pfed.federation import Federation
+from p2pfed.identity import NodeId, NodeIdentity
+from p2pfed.messages import Message
+
+__all__ = [
+    "ChannelConfig",
+    "SecureChannel",
+    "open_secure_channel",
+    "serve_secure_channels",
+]
+
+log = logging.getLogger("p2pfed.channel")
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Limits and clocks of a secure channel (seconds and bytes)."""
+
+    max_message_size: int = 256 * 1024 * 1024
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    idle_timeout: float = 60.0
+    send_timeout: float = 60.0
+    read_size: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout <= self.keepalive_interval:
+            raise ValueError(
+                f"idle_timeout ({self.idle_timeout}s) must exceed keepalive_interval "
+                f"({self.keepalive_interval}s), or healthy peers would be dropped"
+            )
+        for name in ("handshake_timeout", "keepalive_interval", "send_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class SecureChannel:
+    """An open, authenticated, encrypted message channel to one peer.
+
+    Obtain one from :func:`open_secure_channel` or :func:`serve_secure_channels`. Only one
+    task may receive at a time; any number may send (messages never interleave).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: ChannelConnection,
+        config: ChannelConfig,
+        peer: HandshakeComplete,
+        pending: deque[Event],
+    ) -> None:
+        self._stream = stream
+        self._conn = connection
+        self._config = config
+        self._pending = pending
+        self._send_lock = trio.StrictFIFOLock()
+        self._receiving = False
+        self._closed: ChannelClosed | None = None
+        self._last_send = trio.current_time()
+        self.peer_id: NodeId = peer.peer_id
+        self.peer_identity_key: bytes = peer.peer_identity_key
+        self.version: int = peer.version
+        self.peer_max_message_size: int = peer.peer_max_message_size
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"<SecureChannel peer={self.peer_id.short} v{self.version}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """Send one message; returns once it is handed to the stream.
+
+        Raises :class:`~p2pfed.errors.ChannelClosed` if the channel is (or becomes) closed,
+        including when the peer stops reading for longer than the send timeout.
+        """
+        self._raise_if_closed()
+        async with self._send_lock:
+            self._raise_if_closed()
+            with trio.move_on_after(self._config.send_timeout) as scope:
+                try:
+                    for batch in self._conn.send_message_batches(message):
+                        await self._stream.send_all(batch)
+                        self.bytes_sent += len(batch)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    await self._abort(CloseCode.PROTOCOL_ERROR, f"send failed: {exc!r}")
+            if scope.cancelled_caught:
+                await self._abort(
+                    CloseCode.IDLE_TIMEOUT,
+                    f"peer did not accept data for {self._config.send_timeout}s",
+                )
+            self._last_send = trio.current_time()
+        self._raise_if_closed()
+
+    async def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data:
+            await self._stream.send_all(data)
+            self.bytes_sent += len(data)
+            self._last_send = trio.current_time()
+
+    async def keepalive_loop(self) -> None:
+        """Send a Keepalive whenever nothing was sent for ``keepalive_interval`` seconds."""
+        interval = self._config.keepalive_interval
+        while not self.closed:
+            await trio.sleep_until(self._last_send + interval)
+            if self.closed:
+                return
+            if trio.current_time() - self._last_send < interval:
+                continue
+            async with self._send_lock:
+                if self.closed:
+                    return
+                self._conn.send_keepalive()
+                try:
+                    with trio.fail_after(self._config.send_timeout):
+                        await self._flush()
+                except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                    await self._abort(CloseCode.IDLE_TIMEOUT, f"keepalive failed: {exc!r}")
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """Wait for the next message from the peer.
+
+        Raises :class:`~p2pfed.errors.ChannelClosed` when the channel ends: an orderly
+        close by either side (``code`` is ``NORMAL``), a protocol violation by the peer (we
+        sent it a Close with the reason), the idle timeout, or a lost connection.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this channel")
+        self._receiving = True
+        try:
+            while True:
+                while self._pending:
+                    event = self._pending.popleft()
+                    if isinstance(event, MessageReceived):
+                        return event.message
+                    if isinstance(event, ConnectionClosed):
+                        code = event.close_code
+                        if code is None:  # a code from a later version: treat as an error
+                            code = CloseCode.PROTOCOL_ERROR
+                        self._closed = ChannelClosed(code, event.reason, by_peer=True)
+                        await trio.aclose_forcefully(self._stream)
+                self._raise_if_closed()
+                await self._read_more()
+        finally:
+            self._receiving = False
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        """Messages until the channel closes normally; abnormal ends still raise."""
+        while True:
+            try:
+                yield await self.receive()
+            except ChannelClosed as exc:
+                if exc.code is CloseCode.NORMAL:
+                    return
+                raise
+
+    async def _read_more(self) -> None:
+        data: bytes | bytearray = b""
+        with trio.move_on_after(self._config.idle_timeout) as scope:
+            try:
+                data = await self._stream.receive_some(self._config.read_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                await self._abort(CloseCode.PROTOCOL_ERROR, f"connection lost: {exc!r}")
+                return
+        if scope.cancelled_caught:
+            reason = f"nothing received for {self._config.idle_timeout}s"
+            log.info("closing channel to %s: %s", self.peer_id.short, reason)
+            self._conn.close(CloseCode.IDLE_TIMEOUT, reason)
+            await self._abort(CloseCode.IDLE_TIMEOUT, reason, send_close=True)
+            return
+        if not data:
+            await self._abort(CloseCode.PROTOCOL_ERROR, "connection closed without a Close message")
+            return
+        self.bytes_received += len(data)
+        try:
+            self._pending.extend(self._conn.receive_data(data))
+        except RemoteProtocolError as exc:
+            log.warning("closing channel to %s: %s", self.peer_id.short, exc)
+            await self._abort(exc.code, str(exc), send_close=True)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self._closed is not None:
+            raise self._closed
+
+    async def _try_flush(self, timeout: float = 1.0) -> None:
+        """Best effort: deliver what the core queued (a Close), waiting at most ``timeout``."""
+        with trio.move_on_after(timeout):
+            try:
+                async with self._send_lock:
+                    await self._flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    async def _linger(self, timeout: float = 1.0, limit: int = 16 << 20) -> None:
+        """Half-close and discard what the peer still sends, so our Close is not lost.
+
+        Closing a TCP socket with unread data makes the kernel send a reset, which can
+        destroy the Close we just sent before the peer reads it. Like HTTP servers, we shut
+        down our sending side and drain (bounded in time and bytes) until the peer hangs up.
+        """
+        with trio.move_on_after(timeout):
+            try:
+                if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                    await self._stream.send_eof()
+                while limit > 0:
+                    data = await self._stream.receive_some(65536)
+                    if not data:
+                        break
+                    limit -= len(data)
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.BusyResourceError,
+                OSError,
+            ):
+                pass
+
+    async def _abort(self, code: CloseCode, reason: str, *, send_close: bool = False) -> None:
+        """Record why the channel ended and drop the connection (best-effort final Close)."""
+        if self._closed is None:
+            self._closed = ChannelClosed(code, reason, by_peer=False)
+        if send_close:
+            await self._try_flush()
+            await self._linger()
+        await trio.aclose_forcefully(self._stream)
+
+    async def aclose(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the channel in order: send a Close message, then close the stream."""
+        if self._closed is None:
+            self._closed = ChannelClosed(code, reason or "closed", by_peer=False)
+            self._conn.close(code, reason)
+            await self._try_flush()
+            if not self._receiving:
+                await self._linger()
+        await trio.aclose_forcefully(self._stream)
+
+
+async def _handshake(
+    stream: trio.abc.Stream,
+    role: Role,
+    identity: NodeIdentity,
+    federation: Federation,
+    config: ChannelConfig,
+    randbytes: Callable[[int], bytes],
+) -> SecureChannel:
+    conn = ChannelConnection(
+        role,
+        identity=identity,
+        federation_id=federation.federation_id,
+        psk=federation.secret,
+        max_message_size=config.max_message_size,
+        randbytes=randbytes,
+    )
+    conn.start()
+    pending: deque[Event] = deque()
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            while True:
+                data = conn.data_to_send()
+                if data:
+                    await stream.send_all(data)
+                while pending:
+                    event = pending.popleft()
+                    if isinstance(event, HandshakeComplete):
+                        return SecureChannel(stream, conn, config, event, pending)
+                    if isinstance(event, ConnectionClosed):
+                        raise HandshakeError(f"peer refused the channel: {event.reason}")
+                received = await stream.receive_some(config.read_size)
+                if not received:
+                    raise HandshakeError(
+                        "peer closed the connection during the handshake (wrong federation "
+                        "secret, or not a p2pfed node?)"
+                    )
+                pending.extend(conn.receive_data(received))
+    except trio.TooSlowError:
+        raise HandshakeError(
+            f"handshake did not complete within {config.handshake_timeout}s"
+        ) from None
+    except RemoteProtocolError:
+        # the core queued a Close if it could; tell the peer why before hanging up
+        with trio.move_on_after(1.0):
+            try:
+                data = conn.data_to_send()
+                if data:
+                    await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        raise
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise HandshakeError(f"connection failed during the handshake: {exc!r}") from exc
+
+
+@asynccontextmanager
+async def open_secure_channel(
+    stream: trio.abc.Stream,
+    role: Role,
+    identity: NodeIdentity,
+    federation: Federation,
+    config: ChannelConfig | None = None,
+    *,
+    randbytes: Callable[[int], bytes] = os.urandom,
+) -> AsyncIterator[SecureChannel]:
+    """Run the handshake on ``stream`` and yield the open channel.
+
+    The keepalive runs in the background while the block runs; leaving the block closes
+    the channel in order. Raises :class:`~p2pfed.errors.HandshakeError` (or another
+    :class:`~p2pfed.errors.RemoteProtocolError`) if the handshake fails; the stream is then
+    closed.
+    """
+    config = config or ChannelConfig()
+    try:
+        channel = await _handshake(stream, role, identity, federation, config, randbytes)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    # The caller's exception is carried out of the nursery by hand so that it arrives as
+    # itself, not wrapped in an ExceptionGroup by the keepalive task's nursery.
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.keepalive_loop)
+            try:
+                yield channel
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await channel.aclose()
+    if body_error is not None:
+        raise body_error
+
+
+async def serve_secure_channels(
+    handler: Callable[[SecureChannel], Awaitable[None]],
+    listeners: list[trio.SocketListener],
+    identity: NodeIdentity,
+    federation: Federation,
+    config: ChannelConfig | None = None,
+    *,
+    max_connections: int | float = math.inf,
+    randbytes: Callable[[int], bytes] = os.urandom,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept peers forever, running ``handler(channel)`` for each one that authenticates.
+
+    A peer that fails the handshake or breaks the protocol is logged with the reason and
+    dropped; an exception escaping ``handler`` is logged too. Neither stops the listener.
+    At most ``max_connections`` peers are served at once; further ones wait in the
+    listener's backlog.
+    """
+    config = config or ChannelConfig()
+    limiter = trio.CapacityLimiter(max_connections)
+
+    async def serve_one(stream: trio.abc.Stream) -> None:
+        peer = _describe(stream)
+        async with limiter:
+            try:
+                async with open_secure_channel(
+                    stream, Role.RESPONDER, identity, federation, config, randbytes=randbytes
+                ) as channel:
+                    log.debug("channel open with %s at %s", channel.peer_id.short, peer)
+                    await handler(channel)
+            except RemoteProtocolError as exc:
+                log.warning("dropped peer %s: %s", peer, exc)
+            except ChannelClosed as exc:
+                if exc.code is not CloseCode.NORMAL:
+                    log.info("channel with %s ended: %s", peer, exc)
+            except Exception:
+                log.exception("handler for peer %s failed", peer)
+
+    await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+
+
+def _describe(stream: trio.abc.Stream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "<stream>"
+    return f"{host}:{port}"
