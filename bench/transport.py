@@ -15,7 +15,8 @@ have a core of their own. For each repetition the sender transfers one message o
   ChaCha20-Poly1305 per 64 KiB Noise message, CBOR decode on arrival).
 
 The last line of output is one JSON object: both throughputs in MB/s (10^6 bytes per
-second, median over the repetitions), and ``ratio`` = secure / raw. Target: ratio >= 0.6.
+second, median over the repetitions), ``ratio`` = secure / raw (target: >= 0.6), and the
+last recorded result (``--record`` stores this one in bench/results/transport.json).
 
 Where the time goes (cProfile of the sans-IO core on 64 MiB, and this benchmark, on the
 2-core development machine): ChaCha20-Poly1305 itself runs at 1-2 GB/s a core, so it was
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import trio
 
+from bench.results import report
 from p2pfed.channel import Role
 from p2pfed.federation import Federation, load_federation, save_federation
 from p2pfed.identity import NodeIdentity
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__)
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="store the result in bench/results/")
     parser.add_argument("--serve", metavar="FEDERATION_FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = args.size_mib * 1024 * 1024
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             receiver.kill()
             receiver.wait()
-    print(json.dumps(result))
+    print(json.dumps(report("transport", result, record=args.record)))
     return 0
 
 

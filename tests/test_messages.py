@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from p2pfed.encoding import DecodeLimits, encode
 from p2pfed.errors import CloseCode, DecodeError, DecodeLimitError, LocalProtocolError
 from p2pfed.messages import (
+    BORROW_MIN,
     UINT64_MAX,
     Bool,
     Bytes,
@@ -37,6 +38,7 @@ from p2pfed.messages import (
     Welcome,
     decode_message,
     encode_message,
+    encode_message_parts,
     message_types,
 )
 
@@ -506,3 +508,47 @@ def test_mutated_messages_decode_or_raise_decode_error(record: Record, draw: st.
         assert encode_message(message) == mutated
     with contextlib.suppress(DecodeError):
         HandshakePayload.decode(mutated)
+
+
+# -- zero-copy paths used by the secure channel ----------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, UINT64_MAX),
+    st.binary(min_size=32, max_size=32),
+    st.integers(0, 40_000).map(lambda n: n * 4),
+)
+def test_parts_concatenate_to_the_encoding(round_: int, fingerprint: bytes, size: int) -> None:
+    message = ModelState(round=round_, fingerprint=fingerprint, parameters=bytes(size))
+    parts = encode_message_parts(message)
+    assert b"".join(parts) == encode_message(message)
+    if size >= BORROW_MIN:  # the tensor itself is passed through, not copied
+        assert any(isinstance(p, memoryview) and p.obj is message.parameters for p in parts)
+
+
+def test_parts_of_every_registered_type() -> None:
+    for cls in message_types().values():
+        for sample in SAMPLES[cls]:
+            assert isinstance(sample, Message)
+            assert b"".join(encode_message_parts(sample)) == encode_message(sample), cls
+
+
+def test_borrowed_decode_returns_read_only_views_of_the_input() -> None:
+    params = bytes(range(256)) * (BORROW_MIN // 256 + 1)
+    data = bytearray(encode_message(ModelState(round=1, fingerprint=bytes(32), parameters=params)))
+    borrowed = decode_message(data, DecodeLimits(max_bytes=len(data)), borrow=True)
+    copied = decode_message(bytes(data), DecodeLimits(max_bytes=len(data)))
+    assert isinstance(borrowed, ModelState) and isinstance(copied, ModelState)
+    assert isinstance(borrowed.parameters, memoryview) and borrowed.parameters.readonly
+    assert isinstance(copied.parameters, bytes)
+    assert borrowed == copied
+    data[-1] ^= 0xFF  # a view: the caller must hand the buffer over, as documented
+    assert borrowed.parameters[-1] != copied.parameters[-1]
+
+
+def test_small_and_non_bulk_byte_fields_are_always_bytes() -> None:
+    message = Close(code=0, reason="x")
+    assert decode_message(encode_message(message), borrow=True) == message
+    state = ModelState(round=1, fingerprint=memoryview(bytes(32)), parameters=b"")
+    assert type(state.fingerprint) is bytes  # non-bulk fields never keep a view

@@ -557,3 +557,28 @@ def test_public_key_matches_rfc7748() -> None:
         public_key("25519", bob[:31])
     with pytest.raises(NoiseError):
         generate_keypair("P256")
+
+
+def test_into_variants_match_the_allocating_ones() -> None:
+    """encrypt_into/decrypt_into (the channel's bulk path) are the same cipher operations."""
+    key = bytes(range(32))
+    for cipher in ("ChaChaPoly", "AESGCM"):
+        a, b, c = CipherState(cipher), CipherState(cipher), CipherState(cipher)
+        for state in (a, b, c):
+            state.initialize_key(key)
+        for size in (0, 1, 1000, MAX_PLAINTEXT_LEN):
+            plaintext = bytes(i % 251 for i in range(size))
+            out = memoryview(bytearray(size + 16))
+            assert a.encrypt_into(b"ad", memoryview(plaintext), out) == size + 16
+            expected = b.encrypt_with_ad(b"ad", plaintext)
+            assert out.tobytes() == expected
+            back = memoryview(bytearray(size))
+            assert c.decrypt_into(b"ad", out, back) == size
+            assert back.tobytes() == plaintext
+        tampered = bytearray(a.encrypt_with_ad(b"", b"secret"))
+        tampered[0] ^= 1
+        with pytest.raises(NoiseDecryptError):
+            c.decrypt_into(b"", bytes(tampered), memoryview(bytearray(6)))
+        assert c.nonce == b.nonce  # a failed decryption does not advance the nonce
+    with pytest.raises(NoiseError, match="needs a cipher key"):
+        CipherState().encrypt_into(b"", b"x", memoryview(bytearray(17)))
