@@ -32,9 +32,12 @@ from p2pfed.config import (
     default_config_text,
     default_node_dir,
 )
+from p2pfed.daemon import add_node_parser
+from p2pfed.demo import add_demo_parser
 from p2pfed.errors import ConfigError, P2pfedError
 from p2pfed.federation import Federation, load_federation, save_federation
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
+from p2pfed.status import add_status_parser
 
 __all__ = [
     "SUBCOMMANDS",
@@ -248,6 +251,9 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_init_parser,
     add_id_parser,
     add_federation_parser,
+    add_status_parser,
+    add_node_parser,
+    add_demo_parser,
 ]
 """Functions adding one subcommand each, in help order."""
 

@@ -118,6 +118,11 @@ class ChannelClosed(P2pfedError):
         self.reason = reason
         self.by_peer = by_peer
 
+    @property
+    def orderly(self) -> bool:
+        """An intended end (a normal close or a shutdown, by either side), not a failure."""
+        return self.code in (CloseCode.NORMAL, CloseCode.SHUTTING_DOWN)
+
 
 class PrivacyBudgetExceeded(P2pfedError):
     """Releasing another noisy update would spend more privacy budget than configured."""
@@ -167,3 +172,21 @@ class DecodeLimitError(DecodeError, MessageTooLargeError):
     """
 
     code = CloseCode.MESSAGE_TOO_LARGE
+
+
+class CheckpointError(P2pfedError):
+    """A model checkpoint is corrupt, truncated, of an unknown version or of another model.
+
+    Raised by :func:`p2pfed.checkpoint.load_checkpoint`; the message names the file and
+    says what is wrong. A checkpoint is only a cache of training progress: moving the file
+    aside lets the node start from the federation's initial model (the privacy ledger,
+    not the checkpoint, remembers the budget spent).
+    """
+
+
+class StatusError(P2pfedError):
+    """A node directory's ``status.json`` is missing, unreadable or invalid.
+
+    Raised by :func:`p2pfed.status.read_status`; the message names the file and says
+    whether a node has ever run with that directory.
+    """

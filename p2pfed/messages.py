@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import itertools
 import math
 import typing
@@ -48,6 +49,8 @@ __all__ = [
     "FINGERPRINT_SIZE",
     "IDENTITY_KEY_SIZE",
     "MAX_CLOSE_REASON_BYTES",
+    "MAX_PEER_HOST_BYTES",
+    "MAX_PEX_PEERS",
     "MAX_VERSIONS",
     "SIGNATURE_SIZE",
     "UINT64_MAX",
@@ -58,10 +61,15 @@ __all__ = [
     "Float",
     "HandshakePayload",
     "Int",
+    "IpAddress",
     "Keepalive",
     "Message",
     "ModelState",
+    "PeerExchangeRequest",
+    "PeerInfo",
+    "PeerList",
     "Record",
+    "RecordList",
     "Text",
     "UInt",
     "UIntList",
@@ -78,6 +86,9 @@ SIGNATURE_SIZE = 64
 FINGERPRINT_SIZE = 32
 MAX_VERSIONS = 16
 MAX_CLOSE_REASON_BYTES = 256
+MAX_PEX_PEERS = 64
+"""Most peers one PeerList may carry (and most a PeerExchangeRequest may ask for)."""
+MAX_PEER_HOST_BYTES = 64
 BORROW_MIN = 64 * 1024
 """Bulk byte strings at least this long are borrowed, not copied (see :class:`Bytes`)."""
 _MAX_FIELD_KEY = 23
@@ -135,6 +146,14 @@ class FieldKind:
 
     def to_wire(self, value: Any) -> object:
         """The value as given to the CBOR encoder."""
+        return value
+
+    def from_wire(self, value: object) -> object:
+        """The decoded CBOR value as checked by :meth:`problem` and given to the constructor.
+
+        Only kinds holding nested records convert here (maps become :class:`Record`
+        objects); they raise :class:`~p2pfed.errors.DecodeError` for an invalid nested record.
+        """
         return value
 
 
@@ -310,6 +329,92 @@ class UIntList(FieldKind):
         return list(value)
 
 
+@dataclass(frozen=True)
+class IpAddress(FieldKind):
+    """An IPv4 or IPv6 address literal of at most ``max_bytes`` bytes, such as
+    ``"192.168.1.7"`` or ``"fe80::1"``: no host name, no zone (``%eth0``), no port, and not
+    an unspecified (``0.0.0.0``, ``::``) or multicast address, which no peer listens on
+    (CDDL ``tstr .size (1..N)``; the rest is stated in comments)."""
+
+    max_bytes: int = MAX_PEER_HOST_BYTES
+
+    def describe(self) -> str:
+        return (
+            f"an IPv4 or IPv6 address literal of at most {self.max_bytes} bytes "
+            "(not unspecified, multicast or zoned)"
+        )
+
+    def problem(self, value: object) -> str | None:
+        if not isinstance(value, str):
+            return _type_name(value)
+        if len(value) > self.max_bytes:  # every character takes at least one byte
+            return f"a text string of more than {self.max_bytes} bytes"
+        if not value.isascii():
+            return f"{value!r}, which is not an IP address literal"
+        if "%" in value:
+            return f"{value!r}, which has a zone"
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            return f"{value!r}, which is not an IP address literal"
+        if address.is_unspecified or address.is_multicast:
+            return f"{value!r}, which is an unspecified or multicast address"
+        return None
+
+
+@dataclass(frozen=True)
+class RecordList(FieldKind):
+    """An array of at most ``max_len`` nested records of class ``record`` (each a CBOR map
+    with its own closed schema), whose ``unique`` field, if given, differs between items
+    (CDDL ``[0*N rule]``; uniqueness is stated in a comment)."""
+
+    record: type[Record]
+    max_len: int = 16
+    unique: str | None = None
+
+    def describe(self) -> str:
+        text = f"an array of at most {self.max_len} {self.record.__name__} maps"
+        if self.unique is not None:
+            text += f" with distinct {self.unique}s"
+        return text
+
+    def problem(self, value: object) -> str | None:
+        if not isinstance(value, list | tuple):
+            return _type_name(value)
+        if len(value) > self.max_len:
+            return f"an array of {len(value)} items"
+        for item in value:
+            if type(item) is not self.record:
+                return f"an array holding {_type_name(item)}"
+        if self.unique is not None:
+            seen = set()
+            for index, item in enumerate(value):
+                key = getattr(item, self.unique)
+                if key in seen:
+                    return f"a repeated {self.unique} at index {index}"
+                seen.add(key)
+        return None
+
+    def normalize(self, value: Any) -> Any:
+        return tuple(value)
+
+    def to_wire(self, value: Any) -> object:
+        return [item.to_wire() for item in value]
+
+    def from_wire(self, value: object) -> object:
+        # Convert only an array within the length limit; anything else is left for
+        # problem() to describe, so no work is spent on an oversized array.
+        if not isinstance(value, list) or len(value) > self.max_len:
+            return value
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(self.record.from_wire(item))
+            except DecodeError as exc:
+                raise DecodeError(f"item {index}: {exc}") from None
+        return items
+
+
 # -- records and messages --------------------------------------------------------------
 
 R = TypeVar("R", bound="Record")
@@ -375,7 +480,10 @@ class Record:
         for field_name, kind in cls.SCHEMA:
             if kind.key not in obj:
                 raise DecodeError(f"{name}: missing required field '{field_name}' (key {kind.key})")
-            value = obj[kind.key]
+            try:
+                value = kind.from_wire(obj[kind.key])
+            except DecodeError as exc:
+                raise DecodeError(f"{name}: field '{field_name}' (key {kind.key}): {exc}") from None
             found = kind.problem(value)
             if found is not None:
                 raise DecodeError(_field_error(cls, field_name, kind, found))
@@ -625,3 +733,160 @@ class ModelState(Message):
     round: Annotated[int, UInt(1)]
     fingerprint: Annotated[bytes, Bytes(2, size=FINGERPRINT_SIZE)]
     parameters: Annotated[bytes | memoryview, Bytes(3, multiple_of=4, bulk=True)]
+
+
+@_record
+@dataclass(frozen=True, repr=False)
+class PeerInfo(Record):
+    """One peer in a :class:`PeerList`: its node id and the address it accepts
+    connections on. Only a candidate: the Noise handshake proves the id (spec/discovery.md)."""
+
+    node_id: Annotated[bytes, Bytes(1, size=IDENTITY_KEY_SIZE)]
+    host: Annotated[str, IpAddress(2)]
+    port: Annotated[int, UInt(3, min=1, max=65535)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class PeerExchangeRequest(Message):
+    """Asks the peer for up to ``max_peers`` peers it knows (peer exchange, at most once
+    per minute per channel; spec/discovery.md)."""
+
+    TYPE: ClassVar[int] = 17
+    max_peers: Annotated[int, UInt(1, min=1, max=MAX_PEX_PEERS)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class PeerList(Message):
+    """The answer to a :class:`PeerExchangeRequest`: at most the requested number of
+    peers, with distinct node ids (spec/discovery.md)."""
+
+    TYPE: ClassVar[int] = 18
+    peers: Annotated[
+        Sequence[PeerInfo], RecordList(1, record=PeerInfo, max_len=MAX_PEX_PEERS, unique="node_id")
+    ]
+
+
+# -- group protocol (spec/group.md) ----------------------------------------------------
+
+GROUP_ID_SIZE = 16
+MASK_KEY_SIZE = 32
+NONCE_SIZE = 32
+MAX_GROUP_MEMBERS = 64
+MAX_REASON_BYTES = 256
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class GroupInvite(Message):
+    """An initiator asks a peer to join a new group (spec/group.md, "Formation")."""
+
+    TYPE: ClassVar[int] = 20
+    group_id: Annotated[bytes, Bytes(1, size=GROUP_ID_SIZE)]
+    priority: Annotated[int, UInt(2)]
+    round: Annotated[int, UInt(3)]
+    fingerprint: Annotated[bytes, Bytes(4, size=FINGERPRINT_SIZE)]
+    model_size: Annotated[int, UInt(5, min=1)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class GroupReply(Message):
+    """The answer to a :class:`GroupInvite`. An acceptance carries a fresh X25519 mask key
+    signed by the member's identity; a refusal carries empty key and signature."""
+
+    TYPE: ClassVar[int] = 21
+    group_id: Annotated[bytes, Bytes(1, size=GROUP_ID_SIZE)]
+    accept: Annotated[bool, Bool(2)]
+    reason: Annotated[str, Text(3, max_bytes=MAX_REASON_BYTES)]
+    mask_key: Annotated[bytes, Bytes(4, max_size=MASK_KEY_SIZE)]
+    key_signature: Annotated[bytes, Bytes(5, max_size=SIGNATURE_SIZE)]
+    listen_port: Annotated[int, UInt(6, max=65535)]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        sizes = (MASK_KEY_SIZE, SIGNATURE_SIZE) if self.accept else (0, 0)
+        if (len(self.mask_key), len(self.key_signature)) != sizes:
+            raise LocalProtocolError(
+                "GroupReply: an acceptance carries a 32-byte mask key and a 64-byte signature, "
+                "a refusal carries neither"
+            )
+
+
+@_record
+@dataclass(frozen=True, repr=False)
+class GroupMemberInfo(Record):
+    """One member in a :class:`GroupStart`: identity, signed mask key, listen address
+    (``host`` empty where the initiator does not know it)."""
+
+    identity_key: Annotated[bytes, Bytes(1, size=IDENTITY_KEY_SIZE)]
+    mask_key: Annotated[bytes, Bytes(2, size=MASK_KEY_SIZE)]
+    key_signature: Annotated[bytes, Bytes(3, size=SIGNATURE_SIZE)]
+    host: Annotated[str, Text(4, max_bytes=MAX_PEER_HOST_BYTES)]
+    port: Annotated[int, UInt(5, max=65535)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class GroupStart(Message):
+    """The initiator fixes the group: members sorted by node id, the fresh nonce, the round."""
+
+    TYPE: ClassVar[int] = 22
+    group_id: Annotated[bytes, Bytes(1, size=GROUP_ID_SIZE)]
+    round: Annotated[int, UInt(2)]
+    nonce: Annotated[bytes, Bytes(3, size=NONCE_SIZE)]
+    members: Annotated[
+        Sequence[GroupMemberInfo],
+        RecordList(4, record=GroupMemberInfo, max_len=MAX_GROUP_MEMBERS, unique="identity_key"),
+    ]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class GroupAbort(Message):
+    """Cancels a forming group, withdraws an acceptance, or aborts an all-reduce."""
+
+    TYPE: ClassVar[int] = 23
+    group_id: Annotated[bytes, Bytes(1, size=GROUP_ID_SIZE)]
+    reason: Annotated[str, Text(2, max_bytes=MAX_REASON_BYTES)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class Shard(Message):
+    """Member ``index``'s share of the sender's masked contribution (little-endian words)."""
+
+    TYPE: ClassVar[int] = 24
+    group_id: Annotated[bytes, Bytes(1, size=GROUP_ID_SIZE)]
+    index: Annotated[int, UInt(2, max=MAX_GROUP_MEMBERS - 1)]
+    data: Annotated[bytes | memoryview, Bytes(3, multiple_of=4, bulk=True)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class ReducedShard(Message):
+    """Shard ``index`` summed over every member's contribution, from member ``index``."""
+
+    TYPE: ClassVar[int] = 25
+    group_id: Annotated[bytes, Bytes(1, size=GROUP_ID_SIZE)]
+    index: Annotated[int, UInt(2, max=MAX_GROUP_MEMBERS - 1)]
+    data: Annotated[bytes | memoryview, Bytes(3, multiple_of=4, bulk=True)]
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class ModelRequest(Message):
+    """Asks a peer for its latest aggregated model (answered with :class:`ModelState`)."""
+
+    TYPE: ClassVar[int] = 26
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class NodeAnnounce(Message):
+    """The first node message on a channel: the port this node accepts connections on
+    (0: none), so that the peer can share a dialable address in peer exchange."""
+
+    TYPE: ClassVar[int] = 19
+    listen_port: Annotated[int, UInt(1, max=65535)]

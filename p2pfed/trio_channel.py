@@ -112,6 +112,11 @@ class SecureChannel:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The underlying stream (for its addresses; never read or write it directly)."""
+        return self._stream
+
     # -- sending ---------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
@@ -197,12 +202,12 @@ class SecureChannel:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Message]:
-        """Messages until the channel closes normally; abnormal ends still raise."""
+        """Messages until the channel closes in order; abnormal ends still raise."""
         while True:
             try:
                 yield await self.receive()
             except ChannelClosed as exc:
-                if exc.code is CloseCode.NORMAL:
+                if exc.orderly:
                     return
                 raise
 
@@ -419,7 +424,7 @@ async def serve_secure_channels(
             except RemoteProtocolError as exc:
                 log.warning("dropped peer %s: %s", peer, exc)
             except ChannelClosed as exc:
-                if exc.code is not CloseCode.NORMAL:
+                if not exc.orderly:
                     log.info("channel with %s ended: %s", peer, exc)
             except Exception:
                 log.exception("handler for peer %s failed", peer)

@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import cbor2
@@ -28,10 +29,15 @@ from p2pfed.messages import (
     Float,
     HandshakePayload,
     Int,
+    IpAddress,
     Keepalive,
     Message,
     ModelState,
+    PeerExchangeRequest,
+    PeerInfo,
+    PeerList,
     Record,
+    RecordList,
     Text,
     UInt,
     UIntList,
@@ -91,6 +97,23 @@ SAMPLES: dict[type[Record], list[Record]] = {
         ),
         ModelState(round=12, fingerprint=bytes(range(32)), parameters=os.urandom(4096)),
     ],
+    PeerExchangeRequest: [PeerExchangeRequest(max_peers=1), PeerExchangeRequest(max_peers=64)],
+    PeerList: [
+        PeerList(peers=[]),
+        PeerList(
+            peers=[
+                PeerInfo(node_id=bytes(range(32)), host="192.168.1.7", port=7447),
+                PeerInfo(node_id=b"\xff" * 32, host="fd00::7", port=1),
+                PeerInfo(node_id=bytes(32), host="::ffff:192.0.2.1", port=65535),
+            ]
+        ),
+        PeerList(
+            peers=[
+                PeerInfo(node_id=bytes([i]) * 32, host=f"10.0.{i}.255", port=1024 + i)
+                for i in range(64)
+            ]
+        ),
+    ],
 }
 ALL_SAMPLES = [(cls, sample) for cls, samples in SAMPLES.items() for sample in samples]
 
@@ -125,7 +148,9 @@ def test_every_registered_type_has_samples() -> None:
 
 
 def test_registry_contents() -> None:
-    assert message_types() == {1: Welcome, 2: Keepalive, 3: Close, 16: ModelState}
+    expected = {1: Welcome, 2: Keepalive, 3: Close, 16: ModelState}
+    expected |= {17: PeerExchangeRequest, 18: PeerList}
+    assert {n: c for n, c in message_types().items() if n in expected} == expected
     for number, cls in message_types().items():
         assert number == cls.TYPE
         assert 1 <= number <= 63, "types 64.. are reserved (spec/encoding.md)"
@@ -426,7 +451,17 @@ def strategy_for(kind: FieldKind) -> st.SearchStrategy[object]:
             unique=kind.strictly_ascending,
         )
         return items.map(sorted) if kind.strictly_ascending else items
+    if isinstance(kind, IpAddress):
+        addresses = st.ip_addresses().filter(lambda a: not (a.is_unspecified or a.is_multicast))
+        return addresses.map(str)
+    if isinstance(kind, RecordList):
+        unique_by = None if kind.unique is None else _attribute_getter(kind.unique)
+        return st.lists(records(kind.record), max_size=kind.max_len, unique_by=unique_by)
     raise AssertionError(f"no hypothesis strategy for field kind {kind!r}")
+
+
+def _attribute_getter(name: str) -> Callable[[object], object]:
+    return lambda item: getattr(item, name)
 
 
 def records(cls: type[Record]) -> st.SearchStrategy[Record]:

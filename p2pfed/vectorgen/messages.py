@@ -25,7 +25,11 @@ from p2pfed.messages import (
     Keepalive,
     Message,
     ModelState,
+    PeerExchangeRequest,
+    PeerInfo,
+    PeerList,
     Record,
+    RecordList,
     UIntList,
     Welcome,
     decode_message,
@@ -77,6 +81,17 @@ def _samples() -> list[tuple[str, Record]]:
             ),
         ),
         ("model-state-empty", ModelState(round=0, fingerprint=bytes(32), parameters=b"")),
+        ("peer-exchange-request", PeerExchangeRequest(max_peers=16)),
+        ("peer-list-empty", PeerList(peers=[])),
+        (
+            "peer-list",
+            PeerList(
+                peers=[
+                    PeerInfo(node_id=_IDENTITY_KEY, host="192.168.1.7", port=7447),
+                    PeerInfo(node_id=_FINGERPRINT, host="fd00::7", port=65535),
+                ]
+            ),
+        ),
     ]
 
 
@@ -89,6 +104,8 @@ def to_json(record: Record) -> dict[str, Any]:
             value = value.hex()
         elif isinstance(kind, UIntList):
             value = list(value)
+        elif isinstance(kind, RecordList):
+            value = [to_json(item) for item in value]
         out[name] = value
     return out
 
@@ -98,8 +115,16 @@ def from_json(cls: type[Record], fields: dict[str, Any]) -> Record:
     values = {}
     for name, kind in cls.SCHEMA:
         value = fields[name]
-        values[name] = bytes.fromhex(value) if isinstance(kind, Bytes) else value
+        if isinstance(kind, Bytes):
+            value = bytes.fromhex(value)
+        elif isinstance(kind, RecordList):
+            value = [from_json(kind.record, item) for item in value]
+        values[name] = value
     return cls(**values)
+
+
+def _peer(host: str) -> dict[int, object]:
+    return {1: _IDENTITY_KEY, 2: host, 3: 7447}
 
 
 def _hp_wire() -> dict[int, object]:
@@ -154,6 +179,29 @@ def _invalid() -> list[dict[str, str]]:
          "ModelState fingerprint of 31 bytes", DecodeError),
         ("parameters-not-float32", "message", encode({0: 16, 1: 0, 2: bytes(32), 3: bytes(6)}),
          "ModelState parameters of 6 bytes (not a multiple of 4)", DecodeError),
+        ("pex-request-zero", "message", encode({0: 17, 1: 0}),
+         "PeerExchangeRequest max_peers 0 (1..64)", DecodeError),
+        ("pex-request-65", "message", encode({0: 17, 1: 65}),
+         "PeerExchangeRequest max_peers 65 (1..64)", DecodeError),
+        ("peer-list-host-name", "message", encode({0: 18, 1: [_peer("node.example")]}),
+         "PeerList host is a host name, not an IP address literal", DecodeError),
+        ("peer-list-host-port", "message", encode({0: 18, 1: [_peer("10.0.0.1:7447")]}),
+         "PeerList host carries a port", DecodeError),
+        ("peer-list-host-zone", "message", encode({0: 18, 1: [_peer("fe80::1%eth0")]}),
+         "PeerList host has an IPv6 zone", DecodeError),
+        ("peer-list-host-unspecified", "message", encode({0: 18, 1: [_peer("0.0.0.0")]}),
+         "PeerList host is the unspecified address", DecodeError),
+        ("peer-list-host-multicast", "message", encode({0: 18, 1: [_peer("224.0.0.251")]}),
+         "PeerList host is a multicast address", DecodeError),
+        ("peer-list-port-zero", "message", encode({0: 18, 1: [{**_peer("10.0.0.1"), 3: 0}]}),
+         "PeerList port 0 (1..65535)", DecodeError),
+        ("peer-list-duplicate-id", "message", encode({0: 18, 1: [_peer("10.0.0.1")] * 2}),
+         "PeerList names one node id twice", DecodeError),
+        ("peer-list-65", "message",
+         encode({0: 18, 1: [{**_peer("10.0.0.1"), 1: bytes([i]) * 32} for i in range(65)]}),
+         "PeerList of 65 peers (at most 64)", DecodeError),
+        ("peer-list-extra-key", "message", encode({0: 18, 1: [{**_peer("10.0.0.1"), 4: 0}]}),
+         "peer-info has no key 4", DecodeError),
         ("text-over-limit", "message", encode({0: 3, 1: 0, 2: "x" * 4097}),
          "text string of 4097 bytes over the default max_text 4096", DecodeLimitError),
         ("payload-with-type", "handshake-payload", encode({**hp, 0: 1}),

@@ -1,0 +1,235 @@
+"""``p2pfed node``: run a node in the foreground until SIGINT or SIGTERM.
+
+The daemon is the node (:mod:`p2pfed.node`) plus what an operator needs around it: logs
+(readable, or JSON lines with ``--log-json``), a graceful stop on SIGINT/SIGTERM (the
+current group finishes or aborts cleanly, channels are closed with a Close message), the
+status file that ``p2pfed status`` reads, and an optional Prometheus endpoint.
+
+When it stops, the node prints one JSON line to stdout with its final state (round,
+metrics, privacy spent): the demo and scripts read it.
+
+Example::
+
+    $ p2pfed node ~/.p2pfed --task p2pfed.tasks.digits:task
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pfed.config import default_node_dir, load_config, parse_host_port
+from p2pfed.errors import ConfigError
+from p2pfed.logs import setup_logging
+
+if TYPE_CHECKING:  # the node pulls in torch: import it only when a node runs
+    from p2pfed.group import GroupAborted, GroupCompleted
+    from p2pfed.node import Node, NodeOptions, RoundReport
+
+__all__ = ["add_node_parser", "cmd_node", "run_node"]
+
+log = logging.getLogger("p2pfed.daemon")
+
+
+def add_node_parser(subparsers: Any) -> None:
+    """``p2pfed node [DIR] [options]``."""
+    p = subparsers.add_parser(
+        "node",
+        help="run a node in the foreground (Ctrl-C stops it cleanly)",
+        description=(
+            "Run the node of DIR: find peers (mDNS, bootstrap, peer exchange), train on the "
+            "local data and average privately in groups, checkpointing every round. Stops "
+            "cleanly on SIGINT or SIGTERM and resumes from its checkpoint when restarted."
+        ),
+    )
+    p.add_argument("dir", nargs="?", metavar="DIR", help="node directory (default: ~/.p2pfed)")
+    p.add_argument("--task", metavar="MODULE:OBJ", help="task to train (overrides config.toml)")
+    p.add_argument(
+        "--set",
+        dest="task_settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task setting (repeatable; integers and floats are converted)",
+    )
+    p.add_argument("--rounds", type=int, metavar="N", help="stop training after N rounds")
+    p.add_argument(
+        "--linger",
+        action="store_true",
+        help="after --rounds, keep averaging (without training) until stopped",
+    )
+    p.add_argument("--no-train", action="store_true", help="pure secure averaging, no training")
+    p.add_argument("--listen", metavar="HOST:PORT", help="listen address (overrides config.toml)")
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a peer to connect to at start (repeatable; added to config.toml's list)",
+    )
+    p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.set_defaults(handler=cmd_node)
+
+
+def _task_settings(pairs: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
+        value: Any = text
+        for convert in (int, float):
+            try:
+                value = convert(text)
+                break
+            except ValueError:
+                continue
+        settings[key] = value
+    return settings
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    node_dir = Path(args.dir).expanduser() if args.dir else default_node_dir()
+    if not node_dir.is_dir():
+        raise ConfigError(f"{node_dir} is not a node directory: run `p2pfed init {node_dir}`")
+    setup_logging("json" if args.log_json else "text", args.log_level)
+    from p2pfed.node import NodeOptions
+
+    options = NodeOptions(
+        training=not args.no_train,
+        max_rounds=args.rounds,
+        linger=args.linger,
+        task_config=_task_settings(args.task_settings),
+    )
+    result = trio.run(run_node, node_dir, options, args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespace) -> dict:
+    """Run the node of ``node_dir`` until a signal (or the end of ``--rounds``)."""
+    from p2pfed.group import GroupAborted, GroupCompleted
+    from p2pfed.metrics import MetricsRegistry, NodeMetrics, serve_metrics
+    from p2pfed.network import TcpNetwork
+    from p2pfed.node import Node
+    from p2pfed.status import StatusWriter
+
+    config = load_config(node_dir)
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        host, port = parse_host_port(args.listen)
+        overrides.update(listen_host=host, listen_port=port)
+    if args.bootstrap:
+        for entry in args.bootstrap:
+            parse_host_port(entry)  # a clear error now rather than a failed dial later
+        overrides["bootstrap"] = (*config.bootstrap, *args.bootstrap)
+    config = dataclasses.replace(config, **overrides)
+    network = TcpNetwork(mdns=config.mdns, mdns_interfaces=tuple(config.mdns_interfaces))
+    registry = MetricsRegistry()
+    metrics = NodeMetrics(registry)
+    status = StatusWriter(node_dir, state="starting")
+
+    def on_round(report: RoundReport) -> None:
+        metrics.rounds_total.inc()
+        metrics.round.set(report.round)
+        if "accuracy" in report.metrics:
+            metrics.test_accuracy.set(report.metrics["accuracy"])
+        if "loss" in report.metrics:
+            metrics.test_loss.set(report.metrics["loss"])
+        if report.epsilon_spent is not None:
+            metrics.epsilon_spent.set(report.epsilon_spent)
+        status.update(
+            trio.current_time(),
+            round=report.round,
+            accuracy=report.metrics.get("accuracy"),
+            loss=report.metrics.get("loss"),
+            epsilon_spent=report.epsilon_spent,
+        )
+
+    def on_group(outcome: GroupCompleted | GroupAborted, seconds: float) -> None:
+        completed = isinstance(outcome, GroupCompleted)
+        metrics.group_finished("completed" if completed else "aborted", seconds)
+        status.record_group(
+            trio.current_time(),
+            group_id=outcome.group_id,
+            size=len(outcome.members) if isinstance(outcome, GroupCompleted) else 0,
+            outcome="completed" if completed else "aborted",
+            seconds=seconds,
+            reason=outcome.reason if isinstance(outcome, GroupAborted) else None,
+        )
+
+    node = Node.from_directory(
+        node_dir,
+        network=network,
+        options=options,
+        task_spec=args.task,
+        on_round=on_round,
+        on_group=on_group,
+    )
+    node.config = config
+    sent_before = received_before = 0
+
+    async def publish_periodically() -> None:
+        nonlocal sent_before, received_before
+        while True:
+            sent, received = node.traffic()
+            metrics.bytes_sent_total.inc(sent - sent_before)
+            metrics.bytes_received_total.inc(received - received_before)
+            sent_before, received_before = sent, received
+            metrics.peers_connected.set(sum(1 for p in node.peer_summary() if p["connected"]))
+            status.update(trio.current_time(), peers=node.peer_summary(), round=node.round)
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, node)
+        if config.metrics:
+            port = await nursery.start(
+                serve_metrics, registry, config.metrics_host, config.metrics_port
+            )
+            log.info("metrics at http://%s:%d/metrics", config.metrics_host, port)
+        async with trio.open_nursery() as running:
+            await running.start(node.run)
+            status.update(
+                trio.current_time(),
+                force=True,
+                state="running",
+                node_id=str(node.node_id),
+                listen=f"{config.listen_host}:{node.listen_port}",
+                dp_enabled=node.federation.params.dp_enabled,
+                epsilon_budget=node.ledger.epsilon_budget if node.ledger else None,
+            )
+            if node.ledger is not None:
+                metrics.epsilon_budget.set(node.ledger.epsilon_budget)
+            running.start_soon(publish_periodically)
+            await node.finished.wait()
+            running.cancel_scope.cancel()
+        status.update(
+            trio.current_time(),
+            force=True,
+            state="stopped",
+            round=node.round,
+            accuracy=node.last_metrics.get("accuracy"),
+            loss=node.last_metrics.get("loss"),
+        )
+        status.flush(trio.current_time())
+        nursery.cancel_scope.cancel()
+    return node.final_report()
+
+
+async def _stop_on_signals(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: stopping after the current group", signal.Signals(signum).name)
+            node.request_stop()
+            print("stopping (send again to force)", file=sys.stderr)
+            async for _ in signals:
+                raise KeyboardInterrupt

@@ -1,0 +1,740 @@
+"""The group protocol: forming a group without a coordinator, then a secure all-reduce.
+
+One :class:`GroupProtocol` per node, as a pure state machine (spec/group.md): messages,
+local decisions and the current time go in; :class:`Send` actions and group outcomes come
+out. It owns no sockets and reads no clock; randomness is injected (``rng`` for choices
+and priorities, ``randbytes`` for group ids, nonces and mask keys), so simnet can replay
+a run exactly.
+
+Rules of this file:
+
+* A node is in one :class:`Phase` at a time; :data:`PHASES` lists, for each phase, the
+  messages it accepts. A message that is not accepted where it arrives is answered as
+  the spec says (an invite gets a decline) or ignored if it concerns a group we are not
+  in (messages of an aborted group may still be in flight).
+* Formation: a READY node initiates after a short random delay by inviting up to
+  ``group_max - 1`` connected peers with a random 64-bit *priority*. An invitee that is
+  READY accepts; an initiator or pending member that receives an invite of *higher*
+  priority abandons its own group and accepts, so among concurrent initiators the
+  highest-priority one always collects its invitees: no livelock. Every wait has a
+  deadline: no deadlock.
+* All-reduce (butterfly): the contribution (``d`` model words and one weight word,
+  masked) is cut into ``k`` shards; member ``j`` receives shard ``j`` from everyone, sums
+  it, and sends the reduced shard to everyone. A member applies a result only when it
+  holds all ``k`` reduced shards, each a sum over all ``k`` members, so masks have
+  cancelled; any missing piece by the deadline, a lost member or an Abort from anyone
+  aborts the group and every member keeps its own model.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from p2pfed.errors import InvalidGroupSumError, SecureAggregationError
+from p2pfed.fixedpoint import FixedPointParams, decode_group_sum
+from p2pfed.identity import NodeId, NodeIdentity, verify_signature
+from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
+from p2pfed.messages import (
+    GroupAbort,
+    GroupInvite,
+    GroupMemberInfo,
+    GroupReply,
+    GroupStart,
+    Message,
+    ReducedShard,
+    Shard,
+)
+
+__all__ = [
+    "MASK_KEY_SIGNATURE_CONTEXT",
+    "PHASES",
+    "Action",
+    "GroupAborted",
+    "GroupCompleted",
+    "GroupConfig",
+    "GroupProtocol",
+    "GroupStarted",
+    "Phase",
+    "Send",
+    "mask_key_signature_input",
+    "shard_bounds",
+]
+
+MASK_KEY_SIGNATURE_CONTEXT = b"p2pfed-group-mask-key:v1\x00"
+GROUP_ID_BYTES = 16
+
+
+def mask_key_signature_input(group_id: bytes, mask_public_key: bytes) -> bytes:
+    """What a member signs with its identity to vouch for its mask key in one group."""
+    return MASK_KEY_SIGNATURE_CONTEXT + group_id + mask_public_key
+
+
+def shard_bounds(length: int, k: int) -> list[tuple[int, int]]:
+    """Word ranges of the ``k`` shards of a ``length``-word contribution.
+
+    Shard ``j`` is ``[j * length // k, (j + 1) * length // k)``.
+
+    >>> shard_bounds(10, 3)
+    [(0, 3), (3, 6), (6, 10)]
+    """
+    return [(j * length // k, (j + 1) * length // k) for j in range(k)]
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Sizes and timeouts of the group protocol (seconds)."""
+
+    group_min: int = 3
+    group_max: int = 8
+    invite_timeout: float = 2.0
+    start_timeout: float = 5.0
+    allreduce_timeout: float = 30.0
+    initiate_delay: float = 0.05
+    retry_backoff: float = 0.3
+    exclusion: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.group_min < 3:
+            raise ValueError("group_min must be at least 3: a group of 2 reveals the other model")
+        if self.group_max < self.group_min:
+            raise ValueError("group_max must be at least group_min")
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # no contribution ready (training, or stopped)
+    READY = "ready"  # contribution ready, no group yet
+    INITIATING = "initiating"  # invited peers, collecting replies
+    PENDING = "pending"  # accepted an invite, waiting for the start
+    RUNNING = "running"  # in an all-reduce
+
+
+#: Messages each phase acts on. Invites are answered in every phase (declined where they
+#: cannot be accepted); anything else outside this table is stale and ignored.
+PHASES: dict[Phase, frozenset[type[Message]]] = {
+    Phase.IDLE: frozenset({GroupInvite}),
+    Phase.READY: frozenset({GroupInvite}),
+    Phase.INITIATING: frozenset({GroupInvite, GroupReply, GroupAbort}),
+    Phase.PENDING: frozenset({GroupInvite, GroupStart, GroupAbort, Shard, ReducedShard}),
+    Phase.RUNNING: frozenset({GroupInvite, GroupStart, Shard, ReducedShard, GroupAbort}),
+}
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``message`` to ``peer`` (connecting first if needed, to ``address``)."""
+
+    peer: NodeId
+    message: Message
+    address: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class GroupCompleted:
+    """The group sum arrived complete: adopt ``mean`` with push-sum weight ``weight``."""
+
+    group_id: bytes
+    round: int
+    members: tuple[NodeId, ...]
+    mean: np.ndarray
+    total_weight: int
+    weight: float  # this member's share of the total weight
+
+
+@dataclass(frozen=True)
+class GroupAborted:
+    """The group failed; nothing was applied. ``blame``: members to avoid for a while."""
+
+    group_id: bytes
+    reason: str
+    blame: tuple[NodeId, ...] = ()
+    formed: bool = False  # True if it failed during the all-reduce
+
+
+@dataclass(frozen=True)
+class GroupStarted:
+    """This node is now in an all-reduce with ``members`` (informational)."""
+
+    group_id: bytes
+    round: int
+    members: tuple[NodeId, ...]
+
+
+Action = Send | GroupStarted | GroupCompleted | GroupAborted
+
+
+@dataclass
+class _Contribution:
+    vector: np.ndarray
+    weight: int
+    round: int
+
+
+@dataclass
+class _Formation:
+    group_id: bytes
+    priority: int
+    deadline: float
+    invited: set[NodeId]
+    accepted: dict[NodeId, GroupReply] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    group_id: bytes
+    priority: int
+    initiator: NodeId
+    deadline: float
+    mask_private: bytes
+    # shards that other members sent before our GroupStart arrived (channels are
+    # independent, so this happens); replayed when the group starts
+    early: list[tuple[NodeId, Message]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    group_id: bytes
+    round: int
+    members: tuple[NodeId, ...]
+    index: int
+    bounds: list[tuple[int, int]]
+    deadline: float
+    masked: np.ndarray
+    shards: dict[int, np.ndarray] = field(default_factory=dict)  # sender index -> my shard
+    reduced: dict[int, np.ndarray] = field(default_factory=dict)  # reducer index -> shard
+
+
+class GroupProtocol:
+    """One node's side of group formation and secure all-reduce (see module docstring).
+
+    ``fingerprint`` and ``model_size`` describe the model: invites for another model are
+    declined. ``address_of(node_id)`` gives the listen address of a peer, if known, for
+    the member list of a group this node starts.
+    """
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        config: GroupConfig,
+        params: FixedPointParams,
+        *,
+        fingerprint: bytes,
+        model_size: int,
+        listen_port: int,
+        address_of: Callable[[NodeId], tuple[str, int] | None] = lambda _: None,
+        rng: random.Random | None = None,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        numpy_rng: np.random.Generator | None = None,
+    ) -> None:
+        if params.max_group_size < config.group_max:
+            raise ValueError("the fixed-point parameters must allow groups of group_max")
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.config = config
+        self.params = params
+        self.fingerprint = fingerprint
+        self.model_size = model_size
+        self.listen_port = listen_port
+        self._address_of = address_of
+        self._rng = rng or random.Random(int.from_bytes(randbytes(16), "big"))
+        self._randbytes = randbytes
+        self._np_rng = numpy_rng or np.random.default_rng(
+            np.random.SeedSequence(int.from_bytes(randbytes(32), "big"))
+        )
+        self.phase = Phase.IDLE
+        self._contribution: _Contribution | None = None
+        self._initiate_at: float | None = None
+        self._formation: _Formation | None = None
+        self._pending: _Pending | None = None
+        self._run: _Run | None = None
+        self._identity_keys: dict[NodeId, bytes] = {}
+        self._now = 0.0  # the time of the latest input
+
+    def register_peer(self, peer: NodeId, identity_key: bytes) -> None:
+        """Remember a connected peer's identity key (from its channel handshake)."""
+        self._identity_keys[peer] = identity_key
+
+    # -- local decisions -----------------------------------------------------------------
+
+    def set_contribution(self, vector: np.ndarray, weight: int, round: int, now: float) -> None:
+        """Offer ``vector`` (the model as released: after DP) with push-sum ``weight``.
+
+        The node becomes READY: it accepts invites and will initiate a group itself after a
+        short random delay. The same contribution is reused if a group aborts.
+        """
+        self._now = now
+        if vector.shape != (self.model_size,) or vector.dtype != np.float32:
+            raise ValueError(f"expected a float32 vector of {self.model_size} values")
+        self._contribution = _Contribution(vector, int(weight), round)
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.READY
+            self._schedule_initiate(now, self.config.initiate_delay)
+
+    def withdraw(self) -> list[Action]:
+        """Stop offering a contribution (shutdown, or out of privacy budget)."""
+        actions = self._abort_current("withdrawn by the node")
+        self._contribution = None
+        self.phase = Phase.IDLE
+        self._initiate_at = None
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`poll` next has something to do (``None``: only a message can help)."""
+        times = [
+            t
+            for t in (
+                self._initiate_at if self.phase is Phase.READY else None,
+                self._formation.deadline if self._formation else None,
+                self._pending.deadline if self._pending else None,
+                self._run.deadline if self._run else None,
+            )
+            if t is not None
+        ]
+        return min(times) if times else None
+
+    def poll(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
+        """Handle expired deadlines, and initiate a group when it is time.
+
+        ``connected``: peers with an open channel that are not excluded.
+        """
+        self._now = now
+        actions: list[Action] = []
+        if self._formation and now >= self._formation.deadline:
+            actions += self._finish_formation(now)
+        if self._pending and now >= self._pending.deadline:
+            self._pending = None
+            self.phase = Phase.READY
+            self._schedule_initiate(now, self.config.retry_backoff)
+        if self._run and now >= self._run.deadline:
+            run = self._run
+            missing = self._missing(run)
+            actions += self._abort_run(
+                f"all-reduce timed out waiting for {', '.join(m.short for m in missing)}",
+                blame=missing,
+                notify=True,
+            )
+        if self.phase is Phase.READY and self._initiate_at is not None and now >= self._initiate_at:
+            actions += self._initiate(now, connected)
+        return actions
+
+    def peer_lost(self, peer: NodeId, now: float) -> list[Action]:
+        """A channel closed: a group that needs ``peer`` cannot finish."""
+        self._now = now
+        if self._run and peer in self._run.members:
+            return self._abort_run(f"member {peer.short} disconnected", blame=[peer], notify=True)
+        if self._formation:
+            self._formation.invited.discard(peer)
+            self._formation.accepted.pop(peer, None)
+        if self._pending and self._pending.initiator == peer:
+            self._pending = None
+            self.phase = Phase.READY
+            self._schedule_initiate(now, self.config.retry_backoff)
+        return []
+
+    # -- messages ------------------------------------------------------------------------
+
+    def receive(self, peer: NodeId, message: Message, now: float) -> list[Action]:
+        """Handle a group message from ``peer`` (an authenticated channel's peer id)."""
+        self._now = now
+        if isinstance(message, GroupInvite):
+            return self._on_invite(peer, message, now)
+        if type(message) not in PHASES[self.phase]:
+            return []  # stale: about a group we are no longer in
+        if isinstance(message, GroupReply):
+            return self._on_reply(peer, message, now)
+        if isinstance(message, GroupStart):
+            return self._on_start(peer, message, now)
+        if isinstance(message, GroupAbort):
+            return self._on_abort(peer, message, now)
+        if self._pending is not None:  # a Shard or ReducedShard that overtook the start
+            if (
+                message.group_id == self._pending.group_id  # type: ignore[attr-defined]
+                and len(self._pending.early) < 2 * self.config.group_max
+            ):
+                self._pending.early.append((peer, message))
+            return []
+        if isinstance(message, Shard):
+            return self._on_shard(peer, message)
+        if isinstance(message, ReducedShard):
+            return self._on_reduced(peer, message)
+        return []
+
+    # -- formation -----------------------------------------------------------------------
+
+    def _schedule_initiate(self, now: float, spread: float) -> None:
+        self._initiate_at = now + self._rng.uniform(0.0, spread)
+
+    def _initiate(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
+        self._initiate_at = None
+        candidates = sorted(p for p in connected if p != self.node_id)
+        if len(candidates) < self.config.group_min - 1:
+            # not enough peers yet: try again later rather than spin
+            self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+            return []
+        chosen = self._rng.sample(candidates, min(len(candidates), self.config.group_max - 1))
+        contribution = self._contribution
+        assert contribution is not None
+        formation = _Formation(
+            group_id=self._randbytes(GROUP_ID_BYTES),
+            priority=self._rng.getrandbits(64),
+            deadline=now + self.config.invite_timeout,
+            invited=set(chosen),
+        )
+        self._formation = formation
+        self.phase = Phase.INITIATING
+        invite = GroupInvite(
+            group_id=formation.group_id,
+            priority=formation.priority,
+            round=contribution.round,
+            fingerprint=self.fingerprint,
+            model_size=self.model_size,
+        )
+        return [Send(peer, invite) for peer in sorted(chosen)]
+
+    def _decline(self, peer: NodeId, group_id: bytes, reason: str) -> list[Action]:
+        reply = GroupReply(
+            group_id=group_id,
+            accept=False,
+            reason=reason,
+            mask_key=b"",
+            key_signature=b"",
+            listen_port=self.listen_port,
+        )
+        return [Send(peer, reply)]
+
+    def _on_invite(self, peer: NodeId, invite: GroupInvite, now: float) -> list[Action]:
+        if invite.fingerprint != self.fingerprint or invite.model_size != self.model_size:
+            return self._decline(peer, invite.group_id, "model mismatch: different task or model")
+        actions: list[Action] = []
+        if self.phase is Phase.INITIATING:
+            assert self._formation is not None
+            if invite.priority <= self._formation.priority:
+                return self._decline(peer, invite.group_id, "busy: initiating a group")
+            actions += self._cancel_formation("preempted by a higher-priority group")
+        elif self.phase is Phase.PENDING:
+            assert self._pending is not None
+            if invite.priority <= self._pending.priority or self._pending.initiator == peer:
+                return self._decline(peer, invite.group_id, "busy: joining another group")
+            old = self._pending
+            abort = GroupAbort(group_id=old.group_id, reason="withdrawn for another group")
+            actions.append(Send(old.initiator, abort))
+            self._pending = None
+            self.phase = Phase.READY
+        if self.phase is not Phase.READY:
+            return actions + self._decline(peer, invite.group_id, f"busy: {self.phase.value}")
+        mask_private, mask_public = generate_mask_keypair(self._randbytes)
+        signature = self.identity.sign(mask_key_signature_input(invite.group_id, mask_public))
+        self._pending = _Pending(
+            group_id=invite.group_id,
+            priority=invite.priority,
+            initiator=peer,
+            deadline=now + self.config.invite_timeout + self.config.start_timeout,
+            mask_private=mask_private,
+        )
+        self.phase = Phase.PENDING
+        self._initiate_at = None
+        reply = GroupReply(
+            group_id=invite.group_id,
+            accept=True,
+            reason="",
+            mask_key=mask_public,
+            key_signature=signature,
+            listen_port=self.listen_port,
+        )
+        return [*actions, Send(peer, reply)]
+
+    def _on_reply(self, peer: NodeId, reply: GroupReply, now: float) -> list[Action]:
+        formation = self._formation
+        assert formation is not None
+        if reply.group_id != formation.group_id or peer not in formation.invited:
+            return []
+        formation.invited.discard(peer)
+        if reply.accept:
+            formation.accepted[peer] = reply
+        if not formation.invited:
+            return self._finish_formation(now)
+        return []
+
+    def _cancel_formation(self, reason: str) -> list[Action]:
+        formation = self._formation
+        assert formation is not None
+        self._formation = None
+        self.phase = Phase.READY
+        abort = GroupAbort(group_id=formation.group_id, reason=reason)
+        targets = sorted(set(formation.accepted) | formation.invited)
+        return [Send(peer, abort) for peer in targets]
+
+    def _finish_formation(self, now: float) -> list[Action]:
+        formation = self._formation
+        assert formation is not None and self._contribution is not None
+        if len(formation.accepted) + 1 < self.config.group_min:
+            cancel = self._cancel_formation(
+                f"too few members accepted ({len(formation.accepted) + 1} of at least "
+                f"{self.config.group_min})"
+            )
+            self._schedule_initiate(now, self.config.retry_backoff)
+            return cancel
+        self._formation = None
+        mask_private, mask_public = generate_mask_keypair(self._randbytes)
+        own = GroupMemberInfo(
+            identity_key=self.identity.public_key,
+            mask_key=mask_public,
+            key_signature=self.identity.sign(
+                mask_key_signature_input(formation.group_id, mask_public)
+            ),
+            host="",
+            port=self.listen_port,
+        )
+        infos = {self.node_id: own}
+        for peer, reply in formation.accepted.items():
+            host, _ = self._address_of(peer) or ("", 0)
+            infos[peer] = GroupMemberInfo(
+                identity_key=self._identity_keys[peer],
+                mask_key=reply.mask_key,
+                key_signature=reply.key_signature,
+                host=host,
+                port=reply.listen_port,
+            )
+        members = sorted(infos)
+        start = GroupStart(
+            group_id=formation.group_id,
+            round=self._contribution.round,
+            nonce=self._randbytes(32),
+            members=[infos[m] for m in members],
+        )
+        actions: list[Action] = [Send(peer, start) for peer in members if peer != self.node_id]
+        try:
+            actions += self._begin_run(start, mask_private, now)
+        except SecureAggregationError as exc:
+            actions += self._abort_run(f"cannot start: {exc}", blame=[], notify=True, start=start)
+        return actions
+
+    # -- all-reduce ----------------------------------------------------------------------
+
+    def _on_start(self, peer: NodeId, start: GroupStart, now: float) -> list[Action]:
+        pending = self._pending
+        if self.phase is Phase.RUNNING or pending is None or pending.group_id != start.group_id:
+            # we are not (or no longer) waiting for this group: tell its members so they
+            # abort now instead of at their deadline
+            return self._refuse_start(start, "not a pending member of this group")
+        if peer != pending.initiator:
+            return []
+        self._pending = None
+        try:
+            actions = self._begin_run(start, pending.mask_private, now)
+        except SecureAggregationError as exc:
+            self.phase = Phase.READY
+            self._schedule_initiate(now, self.config.retry_backoff)
+            return self._refuse_start(start, f"invalid group start: {exc}")
+        for sender, early in pending.early:
+            if self._run is None:
+                break
+            actions += self.receive(sender, early, now)
+        return actions
+
+    def _refuse_start(self, start: GroupStart, reason: str) -> list[Action]:
+        abort = GroupAbort(group_id=start.group_id, reason=reason)
+        members = [NodeId.from_public_key(m.identity_key) for m in start.members]
+        return [Send(m, abort) for m in members if m != self.node_id]
+
+    def _begin_run(self, start: GroupStart, mask_private: bytes, now: float) -> list[Action]:
+        contribution = self._contribution
+        assert contribution is not None
+        ids = [NodeId.from_public_key(m.identity_key) for m in start.members]
+        if ids != sorted(set(ids)):
+            raise SecureAggregationError("members are not sorted by node id, or repeat")
+        if self.node_id not in ids:
+            raise SecureAggregationError("this node is not in the member list")
+        if not self.config.group_min <= len(ids) <= self.config.group_max:
+            raise SecureAggregationError(f"group of {len(ids)} is outside the allowed sizes")
+        for member_id, info in zip(ids, start.members, strict=True):
+            signed = mask_key_signature_input(start.group_id, info.mask_key)
+            if not verify_signature(info.identity_key, info.key_signature, signed):
+                raise SecureAggregationError(
+                    f"the mask key of member {member_id.short} is not signed by its identity"
+                )
+        masking = MaskingContext(
+            self.node_id.raw,
+            mask_private,
+            [
+                GroupMember(node_id=i.raw, mask_public_key=m.mask_key)
+                for i, m in zip(ids, start.members, strict=True)
+            ],
+            start.nonce,
+            start.round,
+            self.params,
+        )
+        masked = masking.masked_contribution(contribution.vector, contribution.weight, self._np_rng)
+        index = ids.index(self.node_id)
+        bounds = shard_bounds(len(masked), len(ids))
+        run = _Run(
+            group_id=start.group_id,
+            round=start.round,
+            members=tuple(ids),
+            index=index,
+            bounds=bounds,
+            deadline=now + self.config.allreduce_timeout,
+            masked=masked,
+        )
+        self._run = run
+        self.phase = Phase.RUNNING
+        self._initiate_at = None
+        actions: list[Action] = [GroupStarted(start.group_id, start.round, tuple(ids))]
+        addresses = {i: (m.host, m.port) for i, m in zip(ids, start.members, strict=True) if m.host}
+        for j, member in enumerate(ids):
+            a, b = bounds[j]
+            if j == index:
+                run.shards[index] = masked[a:b]
+                continue
+            data = masked[a:b].data.cast("B")
+            shard = Shard(group_id=start.group_id, index=j, data=data)
+            actions.append(Send(member, shard, addresses.get(member)))
+        return actions + self._progress()
+
+    def _sender_index(self, run: _Run, peer: NodeId) -> int | None:
+        try:
+            return run.members.index(peer)
+        except ValueError:
+            return None
+
+    def _words(self, data: bytes | memoryview, expected: int) -> np.ndarray | None:
+        dtype = self.params.dtype.newbyteorder("<")
+        if len(data) != expected * dtype.itemsize:
+            return None
+        return np.frombuffer(data, dtype=dtype)
+
+    def _on_shard(self, peer: NodeId, shard: Shard) -> list[Action]:
+        run = self._run
+        assert run is not None
+        sender = self._sender_index(run, peer)
+        if shard.group_id != run.group_id or sender is None:
+            return []
+        a, b = run.bounds[run.index]
+        words = self._words(shard.data, b - a)
+        if shard.index != run.index or words is None or sender in run.shards:
+            return self._abort_run(
+                f"member {peer.short} sent a malformed shard", blame=[peer], notify=True
+            )
+        run.shards[sender] = words
+        return self._progress()
+
+    def _on_reduced(self, peer: NodeId, reduced: ReducedShard) -> list[Action]:
+        run = self._run
+        assert run is not None
+        sender = self._sender_index(run, peer)
+        if reduced.group_id != run.group_id or sender is None:
+            return []
+        a, b = run.bounds[sender]
+        words = self._words(reduced.data, b - a)
+        if reduced.index != sender or words is None or sender in run.reduced:
+            return self._abort_run(
+                f"member {peer.short} sent a malformed reduced shard", blame=[peer], notify=True
+            )
+        run.reduced[sender] = words
+        return self._progress()
+
+    def _progress(self) -> list[Action]:
+        run = self._run
+        assert run is not None
+        actions: list[Action] = []
+        k = len(run.members)
+        if run.index not in run.reduced and len(run.shards) == k:
+            total = np.zeros_like(run.shards[run.index])
+            for j in range(k):
+                np.add(total, run.shards[j], out=total)
+            run.reduced[run.index] = total
+            run.shards.clear()
+            data = total.data.cast("B")
+            message = ReducedShard(group_id=run.group_id, index=run.index, data=data)
+            actions += [Send(m, message) for m in run.members if m != self.node_id]
+        if len(run.reduced) == k:
+            full = np.concatenate([run.reduced[j] for j in range(k)])
+            try:
+                mean, total_weight = decode_group_sum(full, self.params)
+            except InvalidGroupSumError as exc:
+                return actions + self._abort_run(str(exc), blame=[], notify=True)
+            self._run = None
+            self._contribution = None
+            self.phase = Phase.IDLE
+            actions.append(
+                GroupCompleted(
+                    group_id=run.group_id,
+                    round=run.round,
+                    members=run.members,
+                    mean=mean,
+                    total_weight=total_weight,
+                    weight=total_weight / k,
+                )
+            )
+        return actions
+
+    def _missing(self, run: _Run) -> list[NodeId]:
+        if run.index not in run.reduced:
+            return [m for j, m in enumerate(run.members) if j not in run.shards]
+        return [m for j, m in enumerate(run.members) if j not in run.reduced]
+
+    def _on_abort(self, peer: NodeId, abort: GroupAbort, now: float) -> list[Action]:
+        if self._formation and abort.group_id == self._formation.group_id:
+            # an invitee withdrew before the start
+            self._formation.accepted.pop(peer, None)
+            self._formation.invited.discard(peer)
+            if not self._formation.invited:
+                return self._finish_formation(now)
+            return []
+        if self._pending and abort.group_id == self._pending.group_id:
+            # from the initiator (cancelled) or from a member that refused the start: the
+            # group cannot complete either way, so stop waiting for it
+            self._pending = None
+            self.phase = Phase.READY
+            self._schedule_initiate(now, self.config.retry_backoff)
+            return []
+        if self._run and abort.group_id == self._run.group_id and peer in self._run.members:
+            # pass it on: the sender may not have told everyone (a withdrawn invitee only
+            # knows the initiator); each member does this at most once per group
+            reason = f"aborted by {peer.short}: {abort.reason}"
+            return self._abort_run(reason, blame=[], notify=True)
+        return []
+
+    def _abort_current(self, reason: str) -> list[Action]:
+        if self._formation:
+            return self._cancel_formation(reason)
+        if self._pending:
+            abort = GroupAbort(group_id=self._pending.group_id, reason=reason)
+            initiator = self._pending.initiator
+            self._pending = None
+            return [Send(initiator, abort)]
+        if self._run:
+            return self._abort_run(reason, blame=[], notify=True)
+        return []
+
+    def _abort_run(
+        self,
+        reason: str,
+        *,
+        blame: Sequence[NodeId],
+        notify: bool,
+        start: GroupStart | None = None,
+    ) -> list[Action]:
+        """Drop the running group (nothing applied) and tell the other members."""
+        run = self._run
+        self._run = None
+        if run is not None:
+            group_id, members = run.group_id, run.members
+        else:
+            assert start is not None
+            group_id = start.group_id
+            members = tuple(NodeId.from_public_key(m.identity_key) for m in start.members)
+        actions: list[Action] = []
+        if notify:
+            abort = GroupAbort(group_id=group_id, reason=reason[:256])
+            actions += [Send(m, abort) for m in members if m != self.node_id]
+        self.phase = Phase.READY if self._contribution is not None else Phase.IDLE
+        if self.phase is Phase.READY:
+            self._schedule_initiate(self._now, self.config.retry_backoff)
+        actions.append(GroupAborted(group_id, reason, tuple(blame), formed=True))
+        return actions

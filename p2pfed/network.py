@@ -1,0 +1,144 @@
+"""The one network interface node code uses: listen, connect, own address, discovery.
+
+Node code never imports ``socket`` or zeroconf directly; it is handed a :class:`Network`.
+:class:`TcpNetwork` is the real one (TCP and mDNS). simnet provides another that runs the
+same node over a virtual network in virtual time, which is why this interface is small
+and speaks only trio streams and memory channels.
+
+Example::
+
+    network = TcpNetwork(mdns=False)
+    listener = await network.listen("127.0.0.1", 0)
+    port = network.listen_port(listener)
+    stream = await network.connect("127.0.0.1", port)
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import trio
+
+from p2pfed.discovery import DiscoveryEvent, MdnsDiscovery, PeerDeparted, PeerDiscovered
+from p2pfed.identity import NodeId
+
+__all__ = [
+    "DiscoveryEvent",
+    "Network",
+    "PeerDeparted",
+    "PeerDiscovered",
+    "TcpNetwork",
+]
+
+
+class Network(abc.ABC):
+    """What a node needs from the world to talk to other nodes."""
+
+    @abc.abstractmethod
+    async def listen(self, host: str, port: int) -> trio.abc.Listener[trio.abc.Stream]:
+        """Start accepting connections on ``host:port`` (port 0: any free port)."""
+
+    @abc.abstractmethod
+    def listen_port(self, listener: trio.abc.Listener[trio.abc.Stream]) -> int:
+        """The port a listener from :meth:`listen` actually accepts on."""
+
+    @abc.abstractmethod
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        """Open a connection; raises ``OSError`` if the peer cannot be reached."""
+
+    @abc.abstractmethod
+    def peer_host(self, stream: trio.abc.Stream) -> str | None:
+        """The remote address of a stream, if the network knows it."""
+
+    @abc.abstractmethod
+    def discover(self, own_id: NodeId, federation_tag: str, port: int) -> AbstractDiscovery:
+        """Announce this node and find others on the local segment."""
+
+
+class AbstractDiscovery(abc.ABC):
+    """A running announcement plus browser: ``async with`` yields a stream of events."""
+
+    @abc.abstractmethod
+    def events(self) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[DiscoveryEvent]]:
+        """Async context manager: announce while open, yield the event channel."""
+
+
+class _NoDiscovery(AbstractDiscovery):
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[trio.abc.ReceiveChannel[DiscoveryEvent]]:
+        send, receive = trio.open_memory_channel[DiscoveryEvent](0)
+        async with send, receive:
+            yield receive
+
+
+class TcpNetwork(Network):
+    """Real TCP connections, and mDNS/DNS-SD discovery through zeroconf.
+
+    ``mdns_interfaces`` are the addresses zeroconf binds to (empty: all interfaces);
+    ``advertise`` are the addresses announced (empty: those zeroconf finds).
+    """
+
+    def __init__(
+        self,
+        *,
+        mdns: bool = True,
+        mdns_interfaces: tuple[str, ...] = (),
+        advertise: tuple[str, ...] = (),
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.mdns = mdns
+        self.mdns_interfaces = mdns_interfaces
+        self.advertise = advertise
+        self.connect_timeout = connect_timeout
+
+    async def listen(self, host: str, port: int) -> trio.abc.Listener[trio.abc.Stream]:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        return listeners[0]
+
+    def listen_port(self, listener: trio.abc.Listener[trio.abc.Stream]) -> int:
+        assert isinstance(listener, trio.SocketListener)
+        return int(listener.socket.getsockname()[1])
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        with trio.fail_after(self.connect_timeout):
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except trio.TooSlowError:
+                raise OSError(f"connecting to {host}:{port} timed out") from None
+        # models are sent as large batches: small-message latency matters more than
+        # Nagle's coalescing for the group protocol's control messages
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
+
+    def peer_host(self, stream: trio.abc.Stream) -> str | None:
+        if isinstance(stream, trio.SocketStream):
+            try:
+                return str(stream.socket.getpeername()[0])
+            except OSError:
+                return None
+        return None
+
+    def discover(self, own_id: NodeId, federation_tag: str, port: int) -> AbstractDiscovery:
+        if not self.mdns:
+            return _NoDiscovery()
+        return _MdnsAdapter(
+            MdnsDiscovery(
+                own_id,
+                federation_tag,
+                port,
+                addresses=list(self.advertise),
+                interfaces=list(self.mdns_interfaces) or None,
+            )
+        )
+
+
+class _MdnsAdapter(AbstractDiscovery):
+    def __init__(self, mdns: MdnsDiscovery) -> None:
+        self._mdns = mdns
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[trio.abc.ReceiveChannel[DiscoveryEvent]]:
+        async with self._mdns as channel:
+            yield channel

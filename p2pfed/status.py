@@ -1,0 +1,589 @@
+"""The node's status file (``<node dir>/status.json``) and the ``p2pfed status`` command.
+
+A running node keeps a small JSON document describing itself up to date in its node
+directory; ``p2pfed status`` (another process, any time) reads and prints it. The file is
+replaced atomically (:mod:`p2pfed.atomicfile`), so a reader never sees half a document.
+
+Writer side, in the node::
+
+    status = StatusWriter(node_dir, node_id=str(identity.node_id), listen="0.0.0.0:7447")
+    status.update(trio.current_time(), state="running")
+    status.record_group(trio.current_time(), group_id=b"...", size=4,
+                        outcome="completed", seconds=1.8)
+    ...
+    status.update(trio.current_time(), state="stopped")   # a state change is always written
+
+Rules of this file: the writer never reads a clock for rate limiting: every call gets the
+caller's monotonic ``now`` (trio's clock, or virtual time in a simulation), and writes at
+most once per ``min_interval`` seconds; changes in between are kept and written by the next
+call that is due, by :meth:`StatusWriter.poll` or by :meth:`StatusWriter.flush`. A change of
+``state`` is written at once. Status is best effort: a failed write (disk full) is logged,
+never raised, so it cannot stop training. Readers treat the file as untrusted text
+(addresses come from peers): :func:`format_status` escapes control characters.
+
+The document (``schema`` 1), keys in this order; unknown values are ``null``::
+
+    schema          1
+    pid             process id of the node
+    node_id         the node id (text form)
+    state           "starting" | "running" | "stopping" | "stopped"
+    started_at      ISO 8601 UTC, e.g. "2026-11-28T01:02:03Z"
+    updated_at      ISO 8601 UTC of this write
+    listen          listen address "host:port"
+    round           current training round (int)
+    accuracy        test accuracy 0..1 of the current model
+    loss            test loss of the current model
+    epsilon_spent   differential-privacy epsilon spent
+    epsilon_budget  configured epsilon budget
+    dp_enabled      whether updates are noised (bool)
+    peers           [{"id": short id, "address": "host:port", "connected": bool}, ...]
+    last_groups     the last 10 groups, oldest first: [{"id": short group id, "size": int,
+                    "outcome": "completed" | "aborted" | "declined", "seconds": float,
+                    "reason": str | null}, ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+from p2pfed.atomicfile import atomic_write_text
+from p2pfed.config import HOME_ENV_VAR, default_node_dir
+from p2pfed.errors import StatusError
+from p2pfed.metrics import GROUP_OUTCOMES
+
+__all__ = [
+    "DEFAULT_MIN_INTERVAL",
+    "GROUP_HISTORY",
+    "NODE_STATES",
+    "STATUS_FILE_NAME",
+    "STATUS_SCHEMA_VERSION",
+    "GroupStatus",
+    "PeerStatus",
+    "StatusWriter",
+    "add_status_parser",
+    "cmd_status",
+    "format_status",
+    "pid_alive",
+    "read_status",
+]
+
+log = logging.getLogger("p2pfed.status")
+
+STATUS_FILE_NAME = "status.json"
+STATUS_SCHEMA_VERSION = 1
+NODE_STATES = ("starting", "running", "stopping", "stopped")
+GROUP_HISTORY = 10
+"""How many recent groups ``last_groups`` keeps."""
+DEFAULT_MIN_INTERVAL = 0.25
+"""Seconds between two writes of status.json (state changes excepted)."""
+EXIT_NOT_RUNNING = 3
+"""Exit status of ``p2pfed status`` when the node is not running (LSB "program is not running")."""
+
+_MAX_STATUS_SIZE = 1024 * 1024
+_GROUP_ID_HEX_CHARS = 12
+
+
+class PeerStatus(TypedDict):
+    """One entry of ``peers``."""
+
+    id: str
+    address: str
+    connected: bool
+
+
+class GroupStatus(TypedDict):
+    """One entry of ``last_groups``."""
+
+    id: str
+    size: int
+    outcome: str
+    seconds: float
+    reason: str | None
+
+
+def _iso_utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _number_or_none(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"status field {name!r} must be a number or None; got {value!r}")
+    v = float(value)
+    return v if math.isfinite(v) else None  # JSON has no NaN: "not measured" is null
+
+
+def _check_int(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"status field {name!r} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_text(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"status field {name!r} must be a str or None; got {value!r}")
+    return value
+
+
+def _check_peers(value: object) -> list[PeerStatus]:
+    if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
+        raise ValueError(f"status field 'peers' must be a list of peer entries; got {value!r}")
+    peers: list[PeerStatus] = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or set(entry) != {"id", "address", "connected"}:
+            raise ValueError(
+                f"a peer entry must be a mapping with keys id, address, connected; got {entry!r}"
+            )
+        peers.append(
+            PeerStatus(
+                id=str(entry["id"]),
+                address=str(entry["address"]),
+                connected=bool(entry["connected"]),
+            )
+        )
+    return peers
+
+
+def _short_group_id(group_id: bytes | str) -> str:
+    if isinstance(group_id, bytes | bytearray):
+        return bytes(group_id).hex()[:_GROUP_ID_HEX_CHARS]
+    if isinstance(group_id, str):
+        return group_id[:_GROUP_ID_HEX_CHARS]
+    raise ValueError(f"group_id must be bytes or str; got {group_id!r}")
+
+
+_VALIDATORS: dict[str, Callable[[object], object]] = {
+    "pid": lambda v: _check_int("pid", v, 1),
+    "node_id": lambda v: _check_text("node_id", v),
+    "state": lambda v: v if v in NODE_STATES else _bad_state(v),
+    "started_at": lambda v: _check_text("started_at", v),
+    "listen": lambda v: _check_text("listen", v),
+    "round": lambda v: None if v is None else _check_int("round", v),
+    "accuracy": lambda v: _number_or_none("accuracy", v),
+    "loss": lambda v: _number_or_none("loss", v),
+    "epsilon_spent": lambda v: _number_or_none("epsilon_spent", v),
+    "epsilon_budget": lambda v: _number_or_none("epsilon_budget", v),
+    "dp_enabled": lambda v: None if v is None else bool(v),
+    "peers": _check_peers,
+}
+"""Fields :meth:`StatusWriter.update` accepts, each with its check-and-normalise function."""
+
+
+def _bad_state(value: object) -> str:
+    raise ValueError(f"status field 'state' must be one of {NODE_STATES}; got {value!r}")
+
+
+class StatusWriter:
+    """Keeps ``<node_dir>/status.json`` up to date, at most once per ``min_interval`` seconds.
+
+    ``wall_clock`` (default :func:`time.time`) gives ``started_at`` and ``updated_at``; the
+    monotonic ``now`` of every call drives rate limiting. ``fields`` set initial values
+    (``node_id``, ``listen``, ...). Nothing is written before the first call with ``now``.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> w = StatusWriter(d, node_id="abc", wall_clock=lambda: 0.0)
+    >>> w.update(10.0, state="running"), w.update(10.1, round=1), w.pending
+    (True, False, True)
+    >>> w.poll(10.3), read_status(d)["round"]
+    (True, 1)
+    """
+
+    def __init__(
+        self,
+        node_dir: str | os.PathLike[str],
+        *,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
+        pid: int | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        **fields: Any,
+    ) -> None:
+        if not (min_interval >= 0 and math.isfinite(min_interval)):
+            raise ValueError(f"min_interval must be a finite number >= 0; got {min_interval!r}")
+        self.path = Path(node_dir) / STATUS_FILE_NAME
+        self.min_interval = min_interval
+        self._wall_clock = wall_clock
+        self._doc: dict[str, Any] = {
+            "schema": STATUS_SCHEMA_VERSION,
+            "pid": _check_int("pid", os.getpid() if pid is None else pid, 1),
+            "node_id": None,
+            "state": "starting",
+            "started_at": _iso_utc(wall_clock()),
+            "updated_at": None,
+            "listen": None,
+            "round": None,
+            "accuracy": None,
+            "loss": None,
+            "epsilon_spent": None,
+            "epsilon_budget": None,
+            "dp_enabled": None,
+            "peers": [],
+            "last_groups": [],
+        }
+        self._doc.update(self._validated(fields))
+        self._last_write: float | None = None
+        self._pending = True
+        self._failing = False
+
+    @staticmethod
+    def _validated(fields: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, value in fields.items():
+            check = _VALIDATORS.get(name)
+            if check is None:
+                known = ", ".join(sorted(_VALIDATORS))
+                hint = " (use record_group)" if name == "last_groups" else ""
+                raise ValueError(f"unknown status field {name!r}{hint}; known fields: {known}")
+            out[name] = check(value)
+        return out
+
+    @property
+    def pending(self) -> bool:
+        """Whether there are changes not yet written."""
+        return self._pending
+
+    @property
+    def write_due_at(self) -> float | None:
+        """The ``now`` at which pending changes may be written; None if nothing is pending."""
+        if not self._pending:
+            return None
+        if self._last_write is None:
+            return -math.inf
+        return self._last_write + self.min_interval
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the current document (including unwritten changes)."""
+        copy: dict[str, Any] = json.loads(json.dumps(self._doc))
+        return copy
+
+    def update(self, now: float, *, force: bool = False, **fields: Any) -> bool:
+        """Merge ``fields`` into the status; write it if due (or ``force``, or ``state`` changed).
+
+        Returns whether the file was written by this call. Raises :class:`ValueError` for an
+        unknown field or a value of the wrong type (a bug in the caller, not a runtime event).
+        """
+        changes = self._validated(fields)
+        state_changed = "state" in changes and changes["state"] != self._doc["state"]
+        for name, value in changes.items():
+            if self._doc[name] != value:
+                self._doc[name] = value
+                self._pending = True
+        return self._maybe_write(now, force or state_changed)
+
+    def record_group(
+        self,
+        now: float,
+        *,
+        group_id: bytes | str,
+        size: int,
+        outcome: str,
+        seconds: float,
+        reason: str | None = None,
+    ) -> bool:
+        """Append a group's outcome to ``last_groups`` (keeping the last 10); write if due."""
+        if outcome not in GROUP_OUTCOMES:
+            raise ValueError(f"unknown group outcome {outcome!r}; use one of {GROUP_OUTCOMES}")
+        entry = GroupStatus(
+            id=_short_group_id(group_id),
+            size=_check_int("size", size),
+            outcome=outcome,
+            seconds=round(float(seconds), 3),
+            reason=_check_text("reason", reason),
+        )
+        groups: list[GroupStatus] = [*self._doc["last_groups"], entry]
+        self._doc["last_groups"] = groups[-GROUP_HISTORY:]
+        self._pending = True
+        return self._maybe_write(now, False)
+
+    def poll(self, now: float) -> bool:
+        """Write pending changes if the rate limit allows; returns whether it wrote."""
+        return self._maybe_write(now, False)
+
+    def flush(self, now: float) -> bool:
+        """Write pending changes now, ignoring the rate limit (for shutdown)."""
+        return self._maybe_write(now, True)
+
+    def _maybe_write(self, now: float, force: bool) -> bool:
+        if not self._pending:
+            return False
+        due = self._last_write is None or now - self._last_write >= self.min_interval
+        if not (due or force):
+            return False
+        self._doc["updated_at"] = _iso_utc(self._wall_clock())
+        text = json.dumps(self._doc, indent=2, allow_nan=False) + "\n"
+        try:
+            atomic_write_text(self.path, text, mode=0o600)
+        except OSError as exc:
+            # Status is for humans; a full disk must not stop training. Retried when next due.
+            if not self._failing:
+                log.warning("cannot write %s: %s", self.path, exc)
+            self._failing = True
+            self._last_write = now
+            return False
+        self._failing = False
+        self._last_write = now
+        self._pending = False
+        return True
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_status(node_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The status document a node wrote in ``node_dir``.
+
+    Raises :class:`~p2pfed.errors.StatusError` if there is none (no node has run with this
+    directory) or it is not a status document.
+    """
+    directory = Path(node_dir)
+    path = directory / STATUS_FILE_NAME
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > _MAX_STATUS_SIZE:
+                raise StatusError(
+                    f"{path} is larger than {_MAX_STATUS_SIZE} bytes; not a status file"
+                )
+            data = f.read(_MAX_STATUS_SIZE + 1)
+    except FileNotFoundError:
+        raise StatusError(
+            f"no {STATUS_FILE_NAME} in {directory}: is a node running with this directory?"
+        ) from None
+    except IsADirectoryError:
+        raise StatusError(f"{path} is a directory, not a status file") from None
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StatusError(
+            f"{path} is not valid JSON ({exc}); a running node rewrites it on its next update"
+        ) from None
+    if not isinstance(doc, dict) or doc.get("schema") != STATUS_SCHEMA_VERSION:
+        raise StatusError(
+            f"{path} is not a p2pfed status document of schema {STATUS_SCHEMA_VERSION} "
+            "(written by another p2pfed version?)"
+        )
+    return doc
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this id exists (and is not a zombie) on this machine."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False  # kill(0) or kill(-n) would test process groups, not a process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    except OverflowError:
+        return False
+    try:
+        # An exited process that its parent has not reaped yet still answers kill(pid, 0).
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+# Status files may hold peer-supplied text: never let it drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 0x7F)} | {
+    c: f"\\x{c:02x}" for c in range(0x80, 0xA0)
+}
+
+
+def _clean(value: object) -> str:
+    return str(value).translate(_CONTROL)
+
+
+def _parse_iso(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def _human_time(text: object) -> str:
+    ts = _parse_iso(text)
+    if ts is None:
+        return _clean(text) if text is not None else "unknown"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def _when(text: object, now: float | None, suffix: str) -> str:
+    out = _human_time(text)
+    ts = _parse_iso(text)
+    if now is not None and ts is not None:
+        out += f" ({_duration(now - ts)} {suffix})"
+    return out
+
+
+def _num(value: object, digits: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return f"{value:.{digits}f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def format_status(
+    status: Mapping[str, Any], *, alive: bool | None = None, now: float | None = None
+) -> str:
+    """A readable multi-line report of a status document (as :func:`read_status` returns).
+
+    ``alive`` (from :func:`pid_alive`) adds whether the process still runs; ``now`` (wall
+    clock seconds) adds how long ago things happened. Tolerates missing or odd fields.
+    """
+    state = status.get("state")
+    pid = status.get("pid")
+    if alive is False:
+        how = "stopped cleanly" if state == "stopped" else f"last state {_clean(state)}"
+        state_text = f"not running ({how}; was pid {_clean(pid)})"
+    else:
+        state_text = f"{_clean(state)} (pid {_clean(pid)})"
+    lines = [
+        f"node {_clean(status.get('node_id') or 'unknown')}",
+        f"  state:      {state_text}",
+        f"  listening:  {_clean(status.get('listen') or 'unknown')}",
+        f"  started:    {_when(status.get('started_at'), now, 'ago')}",
+        f"  updated:    {_when(status.get('updated_at'), now, 'ago')}",
+        f"  round:      {_clean(status.get('round') if status.get('round') is not None else '-')}",
+    ]
+    accuracy: Any = status.get("accuracy")
+    acc = _num(accuracy * 100, 2) if _num(accuracy, 4) is not None else None
+    loss = _num(status.get("loss"), 4)
+    lines.append(
+        f"  model:      accuracy {acc + ' %' if acc else 'not measured yet'}, "
+        f"loss {loss or 'not measured yet'}"
+    )
+    dp = status.get("dp_enabled")
+    spent = _num(status.get("epsilon_spent"), 3)
+    budget = _num(status.get("epsilon_budget"), 3)
+    if dp is False:
+        privacy = "differential privacy OFF (updates are not noised)"
+    else:
+        privacy = f"epsilon {spent or '0.000'} spent"
+        if budget is not None:
+            privacy += f" of {budget}"
+            if spent is not None and float(budget) > 0:
+                privacy += f" ({100 * float(spent) / float(budget):.0f} %)"
+    lines.append(f"  privacy:    {privacy}")
+
+    peers = status.get("peers")
+    peers = [p for p in peers if isinstance(p, Mapping)] if isinstance(peers, list) else []
+    connected = sum(1 for p in peers if p.get("connected") is True)
+    lines.append("")
+    lines.append(f"peers: {connected} connected, {len(peers)} known")
+    if peers:
+        rows = [
+            [
+                _clean(p.get("id", "?")),
+                _clean(p.get("address", "?")),
+                "yes" if p.get("connected") is True else "no",
+            ]
+            for p in peers
+        ]
+        lines.extend(_table(["ID", "ADDRESS", "CONNECTED"], rows))
+
+    groups = status.get("last_groups")
+    groups = [g for g in groups if isinstance(g, Mapping)] if isinstance(groups, list) else []
+    lines.append("")
+    if groups:
+        lines.append(f"last {len(groups)} groups (newest first):")
+        rows = [
+            [
+                _clean(g.get("id", "?")),
+                _clean(g.get("size", "?")),
+                _clean(g.get("outcome", "?")),
+                _num(g.get("seconds"), 2) or "?",
+                _clean(g.get("reason") or ""),
+            ]
+            for g in reversed(groups)
+        ]
+        lines.extend(_table(["GROUP", "SIZE", "OUTCOME", "SECONDS", "REASON"], rows))
+    else:
+        lines.append("no groups yet")
+    return "\n".join(lines) + "\n"
+
+
+# --- p2pfed status ---------------------------------------------------------------------------
+
+# argparse's subparsers action type is private; see p2pfed.cli.
+Subparsers = Any
+
+
+def add_status_parser(subparsers: Subparsers) -> None:
+    """``p2pfed status [DIR] [--json]``."""
+    p = subparsers.add_parser(
+        "status",
+        help="show what the node of a node directory is doing",
+        description=(
+            "Print the status a node keeps in <node dir>/status.json: state, round, model "
+            "quality, privacy budget, peers and recent groups. Exit status: 0 if the node is "
+            f"running, {EXIT_NOT_RUNNING} if it is not, 1 if no node has run with DIR."
+        ),
+    )
+    p.add_argument(
+        "dir",
+        nargs="?",
+        metavar="DIR",
+        help=f"node directory (default: ${HOME_ENV_VAR}, else ~/.p2pfed)",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw status.json document")
+    p.set_defaults(handler=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a node directory's status; 0 if its node runs, 3 if not."""
+    directory = Path(args.dir).expanduser() if args.dir else default_node_dir()
+    status = read_status(directory)
+    alive = pid_alive(status.get("pid")) and status.get("state") != "stopped"
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if alive else EXIT_NOT_RUNNING
+    now = time.time()
+    if not alive:
+        seen = _human_time(status.get("updated_at"))
+        updated = _parse_iso(status.get("updated_at"))
+        if updated is not None:
+            seen += f", {_duration(now - updated)} ago"
+        print(f"node not running (last seen {seen})")
+        print()
+    print(format_status(status, alive=alive, now=now), end="")
+    return 0 if alive else EXIT_NOT_RUNNING

@@ -1,0 +1,245 @@
+"""The task API: what a user writes so that p2pfed can train their model on their data.
+
+A *task* is any object with a ``name`` and four methods (the :class:`Task` protocol). The
+node calls them; p2pfed never looks inside the data and only reads and writes the model's
+parameters (as one float32 vector, :mod:`p2pfed.model_vector`):
+
+``build_model(config) -> torch.nn.Module``
+    The model, with the *same architecture* on every node of the federation (names, order,
+    shapes and dtype float32 of the parameters; the node refuses to average with peers whose
+    :func:`~p2pfed.model_vector.model_fingerprint` differs). Initial values should be the
+    same on every node too: seed them from ``config`` with a local ``torch.Generator``.
+``load_data(config) -> NodeData``
+    *This node's* private data, train and test parts. Never sent anywhere.
+``train(model, data, config, generator) -> TrainResult``
+    Local training, in place, starting from the parameters the node put into ``model``. Use
+    ``generator`` (a seeded ``torch.Generator``) for every random choice, never the global
+    RNG. With differential privacy on, the node clips and noises ``trained - start``
+    afterwards; ``train`` itself does nothing special.
+``evaluate(model, data, config) -> dict[str, float]``
+    Metrics on ``data.test``; at least ``"accuracy"`` (a fraction in [0, 1]) and ``"loss"``.
+    The node logs them; they never leave the node.
+
+``config`` is a plain dict: the node's ``[task]`` settings from ``config.toml`` plus keys the
+runner adds (the demo adds ``node_index``, ``num_nodes`` and ``seed``). A task reads what it
+needs, with defaults, and raises :class:`~p2pfed.errors.ConfigError` for bad values.
+
+The node finds the task from the ``task = "package.module:object"`` setting with
+:func:`load_task`; ``object`` may be a task instance, or a class or factory function that
+returns one when called without arguments. The module must be importable (installed, or its
+directory on ``PYTHONPATH``).
+
+A complete minimal task (linear regression on one node's CSV file)::
+
+    # mytasks/linreg.py          config.toml:  task = "mytasks.linreg:task"
+    #                                          [task]
+    #                                          csv = "/data/mine.csv"
+    import numpy as np
+    import torch
+    from p2pfed.task import NodeData, TrainResult
+
+
+    class LinRegTask:
+        name = "linreg-v1"     # part of the model fingerprint: change it when the model changes
+
+        def build_model(self, config):
+            g = torch.Generator().manual_seed(int(config.get("seed", 0)))
+            model = torch.nn.Linear(3, 1)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            return model
+
+        def load_data(self, config):
+            table = torch.from_numpy(np.loadtxt(config["csv"], delimiter=",", ndmin=2))
+            x, y = table[:, :3].float(), table[:, 3:].float()
+            cut = int(0.8 * len(x))
+            return NodeData(train=(x[:cut], y[:cut]), test=(x[cut:], y[cut:]),
+                            num_train=cut, num_test=len(x) - cut)
+
+        def train(self, model, data, config, generator):
+            x, y = data.train
+            opt = torch.optim.SGD(model.parameters(), lr=float(config.get("lr", 0.05)))
+            total = 0.0
+            for i in torch.randperm(len(x), generator=generator).split(16):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x[i]), y[i])
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(i)
+            return TrainResult(samples=len(x), loss=total / len(x))
+
+        def evaluate(self, model, data, config):
+            x, y = data.test
+            with torch.no_grad():
+                mse = float(torch.nn.functional.mse_loss(model(x), y))
+            return {"loss": mse, "accuracy": 1.0 / (1.0 + mse)}   # any score in [0, 1]
+
+
+    task = LinRegTask()
+
+The built-in demo task, :mod:`p2pfed.tasks.digits`, is a fuller example.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from p2pfed.errors import ConfigError
+
+__all__ = ["TASK_METHODS", "NodeData", "Task", "TrainResult", "load_task"]
+
+TASK_METHODS = ("build_model", "load_data", "train", "evaluate")
+"""The methods every task must have (besides the ``name`` attribute)."""
+
+_SPEC_RE = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+
+
+@dataclass
+class NodeData:
+    """One node's local data. p2pfed treats ``train`` and ``test`` as opaque.
+
+    ``num_train`` is the number of training examples: the node's weight in plain averaging
+    (with DP on, spec/privacy.md recommends a data-independent weight instead).
+    """
+
+    train: Any
+    test: Any
+    num_train: int
+    num_test: int
+
+    def __post_init__(self) -> None:
+        for field_name in ("num_train", "num_test"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"NodeData.{field_name} must be an integer >= 0, got {value!r}; "
+                    "the task's load_data must count its examples"
+                )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :meth:`Task.train` did: examples processed and mean training loss."""
+
+    samples: int
+    loss: float
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The interface a training task implements (see the module docstring for an example)."""
+
+    name: str
+
+    def build_model(self, config: Mapping[str, Any]) -> torch.nn.Module:
+        """The model, with the same architecture (and ideally initial values) on every node."""
+        ...
+
+    def load_data(self, config: Mapping[str, Any]) -> NodeData:
+        """This node's private training and test data."""
+        ...
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        data: NodeData,
+        config: Mapping[str, Any],
+        generator: torch.Generator,
+    ) -> TrainResult:
+        """Train ``model`` in place on ``data.train``, drawing randomness from ``generator``."""
+        ...
+
+    def evaluate(
+        self, model: torch.nn.Module, data: NodeData, config: Mapping[str, Any]
+    ) -> dict[str, float]:
+        """Metrics on ``data.test``: at least ``"accuracy"`` and ``"loss"``."""
+        ...
+
+
+def _missing_members(obj: object) -> list[str]:
+    missing = [m for m in TASK_METHODS if not callable(getattr(obj, m, None))]
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        missing.insert(0, "name (a non-empty str attribute)")
+    return missing
+
+
+def _import_module(module_name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise ConfigError(
+                f"task {spec!r}: module {module_name!r} not found; install the package that "
+                "provides it, or add its directory to PYTHONPATH"
+            ) from exc
+        raise ConfigError(
+            f"task {spec!r}: importing module {module_name!r} failed because it needs "
+            f"module {missing!r}, which is not installed (pip install it)"
+        ) from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"task {spec!r}: importing module {module_name!r} raised "
+            f"{type(exc).__name__}: {exc}; fix the module"
+        ) from exc
+
+
+def load_task(spec: str) -> Task:
+    """Import the task named by ``spec`` (``"package.module:object"``) and return it.
+
+    ``object`` may be a dotted path inside the module (``"pkg.mod:Tasks.mnist"``). If it is a
+    class, it is instantiated without arguments; if it is not itself a task but is callable,
+    it is called without arguments (a factory). The result must have a non-empty ``name``
+    and the methods ``build_model``, ``load_data``, ``train`` and ``evaluate``.
+
+    Every failure raises :class:`~p2pfed.errors.ConfigError` saying what to fix.
+
+    >>> load_task("p2pfed.tasks.digits:task").name
+    'p2pfed-digits-mlp-v1'
+    """
+    if not isinstance(spec, str) or not _SPEC_RE.fullmatch(spec):
+        raise ConfigError(
+            f'task must be "package.module:object" (e.g. "mytasks.mnist:task"), got {spec!r}'
+        )
+    module_name, _, attr_path = spec.partition(":")
+    obj: Any = _import_module(module_name, spec)
+    walked = module_name
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(obj) if not n.startswith("_"))
+            listing = ", ".join(public[:20]) + (", ..." if len(public) > 20 else "")
+            raise ConfigError(
+                f"task {spec!r}: {walked!r} has no attribute {part!r} "
+                f"(it has: {listing or 'nothing public'}); check the name after the colon"
+            )
+        obj = getattr(obj, part)
+        walked = f"{walked}:{part}" if walked == module_name else f"{walked}.{part}"
+
+    if isinstance(obj, type) or (callable(obj) and _missing_members(obj)):
+        kind = "class" if isinstance(obj, type) else "factory"
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise ConfigError(
+                f"task {spec!r}: calling the {kind} {attr_path!r} without arguments raised "
+                f"{type(exc).__name__}: {exc}; point the setting at a task object, or make "
+                "the class/factory callable without arguments"
+            ) from exc
+
+    missing = _missing_members(obj)
+    if missing:
+        raise ConfigError(
+            f"task {spec!r}: the object ({type(obj).__name__}) is not a task, it lacks "
+            f"{', '.join(missing)}; a task needs name, {', '.join(TASK_METHODS)} "
+            "(see the p2pfed.task module documentation)"
+        )
+    task: Task = obj
+    return task

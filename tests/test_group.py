@@ -1,0 +1,313 @@
+"""The group protocol core, many nodes wired together in memory under a virtual clock.
+
+Every message goes through the real CBOR encoding on its way, so these tests exercise
+exactly what crosses the wire, minus the encryption (tested in the channel tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from p2pfed.fixedpoint import FixedPointParams
+from p2pfed.group import (
+    GroupAborted,
+    GroupCompleted,
+    GroupConfig,
+    GroupProtocol,
+    Phase,
+    Send,
+    shard_bounds,
+)
+from p2pfed.identity import NodeId, NodeIdentity
+from p2pfed.messages import (
+    GroupAbort,
+    GroupInvite,
+    Message,
+    Shard,
+    decode_message,
+    encode_message,
+)
+
+D = 50
+FINGERPRINT = bytes(range(32))
+PARAMS = FixedPointParams.for_federation(64, 8.0, 8)
+
+
+class Net:
+    """Nodes, a message queue, a virtual clock and a switch to cut a node off."""
+
+    def __init__(self, n: int, config: GroupConfig, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.now = 0.0
+        self.queue: deque[tuple[NodeId, NodeId, bytes]] = deque()
+        self.dead: set[NodeId] = set()
+        self.drop: Callable[[NodeId, NodeId, Message], bool] = lambda s, r, m: False
+        self.outcomes: dict[NodeId, list[GroupCompleted | GroupAborted]] = {}
+        self.nodes: dict[NodeId, GroupProtocol] = {}
+        identities = [NodeIdentity.from_private_bytes(rng.randbytes(32)) for _ in range(n)]
+        for identity in identities:
+            node = GroupProtocol(
+                identity,
+                config,
+                PARAMS,
+                fingerprint=FINGERPRINT,
+                model_size=D,
+                listen_port=7000,
+                rng=random.Random(rng.random()),
+                randbytes=rng.randbytes,
+                numpy_rng=np.random.default_rng(rng.randrange(1 << 30)),
+            )
+            self.nodes[identity.node_id] = node
+            self.outcomes[identity.node_id] = []
+        for node in self.nodes.values():
+            for other in identities:
+                node.register_peer(other.node_id, other.public_key)
+
+    def handle(self, sender: NodeId, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                if sender in self.dead or self.drop(sender, action.peer, action.message):
+                    continue
+                self.queue.append((sender, action.peer, encode_message(action.message)))
+            else:
+                self.outcomes[sender].append(action)
+
+    def connected(self, node_id: NodeId) -> list[NodeId]:
+        return [p for p in self.nodes if p != node_id and p not in self.dead]
+
+    def run(self, until: float, step: float = 0.01) -> None:
+        while self.now < until:
+            for node_id, node in self.nodes.items():
+                if node_id not in self.dead:
+                    self.handle(node_id, node.poll(self.now, self.connected(node_id)))
+            while self.queue:
+                sender, receiver, data = self.queue.popleft()
+                if receiver in self.dead:
+                    continue
+                message = decode_message(data, borrow=True)
+                self.handle(receiver, self.nodes[receiver].receive(sender, message, self.now))
+            self.now += step
+
+    def offer(self, vectors: dict[NodeId, np.ndarray], weights: dict[NodeId, int]) -> None:
+        for node_id, node in self.nodes.items():
+            node.set_contribution(vectors[node_id], weights[node_id], 1, self.now)
+
+
+def random_models(net: Net, seed: int = 1) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    vectors = {n: rng.uniform(-2, 2, D).astype(np.float32) for n in net.nodes}
+    weights = {n: int(rng.integers(1, 500)) for n in net.nodes}
+    return vectors, weights
+
+
+def completed(net: Net) -> dict[NodeId, GroupCompleted]:
+    return {n: o for n, outs in net.outcomes.items() for o in outs if isinstance(o, GroupCompleted)}
+
+
+def blamed_by(net: Net, nodes: list[NodeId]) -> set[NodeId]:
+    aborts = [o for n in nodes for o in net.outcomes[n] if isinstance(o, GroupAborted)]
+    return {b for o in aborts for b in o.blame}
+
+
+def test_shard_bounds_cover_the_vector() -> None:
+    for length in (1, 7, 51, 1000):
+        for k in range(1, 9):
+            bounds = shard_bounds(length, k)
+            assert bounds[0][0] == 0 and bounds[-1][1] == length
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+
+
+def test_three_nodes_form_a_group_and_agree_on_the_weighted_mean() -> None:
+    net = Net(3, GroupConfig())
+    vectors, weights = random_models(net)
+    net.offer(vectors, weights)
+    net.run(until=1.0)
+    done = completed(net)
+    assert set(done) == set(net.nodes), net.outcomes
+    expected = sum(weights[n] * vectors[n].astype(np.float64) for n in net.nodes) / sum(
+        weights.values()
+    )
+    means = [d.mean for d in done.values()]
+    for mean in means:
+        np.testing.assert_array_equal(mean, means[0])  # every member applies the same
+        np.testing.assert_allclose(mean, expected, atol=1e-6)
+    assert {d.total_weight for d in done.values()} == {sum(weights.values())}
+    assert all(node.phase is Phase.IDLE for node in net.nodes.values())
+
+
+@pytest.mark.parametrize("n", [6, 16])
+def test_everyone_initiating_at_once_still_forms_groups(n: int) -> None:
+    """No livelock: all nodes become ready at the same instant with zero delay."""
+    config = GroupConfig(group_max=4, initiate_delay=0.0, retry_backoff=0.05)
+    net = Net(n, config, seed=n)
+    vectors, weights = random_models(net)
+    net.offer(vectors, weights)
+    net.run(until=3.0)
+    done = completed(net)
+    # every node ends in a completed group of allowed size, or (at most group_min - 1
+    # leftovers) is still trying
+    assert len(done) >= n - 2, {k.short: v for k, v in net.outcomes.items()}
+    for outcome in done.values():
+        assert 3 <= len(outcome.members) <= 4
+
+
+def test_masked_contributions_never_leak_a_single_model() -> None:
+    """What one member sends another is uniform-looking, not its encoded model."""
+    net = Net(3, GroupConfig())
+    vectors, weights = random_models(net)
+    shards = []
+
+    def spy(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+        if isinstance(message, Shard):
+            shards.append(np.frombuffer(message.data, dtype="<u8"))
+        return False
+
+    net.drop = spy
+    net.offer(vectors, weights)
+    net.run(until=1.0)
+    assert len(completed(net)) == 3 and shards
+    top_bits = np.concatenate(shards) >> np.uint64(60)
+    # an unmasked small fixed-point value has its top 4 bits all 0 or all 1
+    assert len(np.unique(top_bits)) > 8
+
+
+def test_member_dying_mid_allreduce_aborts_everyone_without_applying() -> None:
+    config = GroupConfig(allreduce_timeout=1.0)
+    net = Net(3, config)  # the victim is necessarily in the only possible group
+    vectors, weights = random_models(net)
+    victim = sorted(net.nodes)[1]
+
+    def kill_on_first_shard(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+        if isinstance(message, Shard) and sender == victim:
+            net.dead.add(victim)
+            return True
+        return False
+
+    net.drop = kill_on_first_shard
+    net.offer(vectors, weights)
+    net.run(until=3.0)
+    survivors = [n for n in net.nodes if n != victim]
+    assert not completed(net), "a member applied a sum that still contained masks"
+    for n in survivors:
+        aborts = [o for o in net.outcomes[n] if isinstance(o, GroupAborted)]
+        assert aborts, f"{n.short} neither completed nor aborted"
+    blamed = {
+        b
+        for n in survivors
+        for o in net.outcomes[n]
+        if isinstance(o, GroupAborted)
+        for b in o.blame
+    }
+    assert victim in blamed
+    # survivors keep their contribution and are ready to regroup
+    assert all(
+        net.nodes[n].phase in (Phase.READY, Phase.INITIATING, Phase.PENDING) for n in survivors
+    )
+
+
+def test_regrouping_after_an_abort_excluding_the_failed_member() -> None:
+    config = GroupConfig(allreduce_timeout=0.5, group_max=4)
+    net = Net(5, config, seed=3)
+    vectors, weights = random_models(net)
+    victim = sorted(net.nodes)[0]
+
+    def kill(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+        if isinstance(message, Shard) and sender == victim:
+            net.dead.add(victim)
+            return True
+        return False
+
+    net.drop = kill
+    net.offer(vectors, weights)
+    net.run(until=5.0)
+    done = completed(net)
+    assert victim not in done
+    assert len(done) >= 3, net.outcomes
+    for outcome in done.values():
+        assert victim not in outcome.members
+
+
+def test_model_mismatch_is_declined() -> None:
+    net = Net(3, GroupConfig())
+    vectors, weights = random_models(net)
+    odd = sorted(net.nodes)[2]
+    net.nodes[odd].fingerprint = bytes(32)
+    net.offer(vectors, weights)
+    net.run(until=2.0)
+    assert not completed(net)  # two compatible nodes are not enough for a group of 3
+
+
+def test_malformed_shard_aborts_and_blames_the_sender() -> None:
+    net = Net(3, GroupConfig())
+    vectors, weights = random_models(net)
+    liar = sorted(net.nodes)[0]
+
+    def truncate(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+        if isinstance(message, Shard) and sender == liar:
+            bad = Shard(group_id=message.group_id, index=message.index, data=bytes(8))
+            net.queue.append((sender, receiver, encode_message(bad)))
+            return True
+        return False
+
+    net.drop = truncate
+    net.offer(vectors, weights)
+    net.run(until=1.0)
+    assert not completed(net)
+    blamed = {
+        b
+        for outs in net.outcomes.values()
+        for o in outs
+        if isinstance(o, GroupAborted)
+        for b in o.blame
+    }
+    assert liar in blamed
+
+
+def test_stale_abort_of_another_group_is_ignored() -> None:
+    net = Net(3, GroupConfig())
+    node = next(iter(net.nodes.values()))
+    assert node.receive(sorted(net.nodes)[1], GroupAbort(group_id=bytes(16), reason="x"), 0.0) == []
+
+
+def test_busy_node_declines_invites() -> None:
+    net = Net(3, GroupConfig())
+    a, b = sorted(net.nodes)[:2]
+    invite = GroupInvite(
+        group_id=bytes(16), priority=1, round=0, fingerprint=FINGERPRINT, model_size=D
+    )
+    [reply] = net.nodes[a].receive(b, invite, 0.0)  # IDLE: no contribution ready
+    assert isinstance(reply, Send) and not reply.message.accept  # type: ignore[attr-defined]
+
+
+def test_pure_averaging_converges_to_the_sample_weighted_global_mean() -> None:
+    """Training off: repeated random groups conserve sum(w x) and sum(w) (push-sum)."""
+    n = 12
+    config = GroupConfig(group_max=4, initiate_delay=0.02, retry_backoff=0.05)
+    net = Net(n, config, seed=7)
+    vectors, weights = random_models(net, seed=3)
+    target = sum(weights[k] * vectors[k].astype(np.float64) for k in net.nodes) / sum(
+        weights.values()
+    )
+    models = {k: v.copy() for k, v in vectors.items()}
+    push = {k: float(w) for k, w in weights.items()}
+    start_spread = max(np.abs(m - target).max() for m in models.values())
+    for round_ in range(12):
+        for k, node in net.nodes.items():
+            if node.phase is Phase.IDLE:
+                node.set_contribution(models[k], max(1, round(push[k])), round_, net.now)
+        before = {k: len(v) for k, v in net.outcomes.items()}
+        net.run(until=net.now + 1.0)
+        for k, outs in net.outcomes.items():
+            for outcome in outs[before[k] :]:
+                if isinstance(outcome, GroupCompleted):
+                    models[k] = outcome.mean
+                    push[k] = outcome.weight
+    spread = max(np.abs(m - target).max() for m in models.values())
+    assert spread < start_spread / 50, (start_spread, spread)
+    assert spread < 0.05

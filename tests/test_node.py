@@ -1,0 +1,163 @@
+"""Whole nodes in one trio process, talking over real loopback TCP with real Noise.
+
+Discovery here is bootstrap plus peer exchange (mDNS has its own tests); every node
+bootstraps from the first one and learns the rest through peer exchange.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+from support.tiny_task import TinyTask
+
+from p2pfed.config import NodeConfig
+from p2pfed.federation import Federation, ProtocolParams
+from p2pfed.group import GroupConfig
+from p2pfed.identity import NodeIdentity
+from p2pfed.model_vector import model_to_vector
+from p2pfed.network import TcpNetwork
+from p2pfed.node import CHECKPOINT_FILE_NAME, Node, NodeOptions
+
+GROUP = GroupConfig(group_min=3, group_max=4, initiate_delay=0.02, retry_backoff=0.1)
+
+
+def make_node(
+    tmp_path: Path,
+    index: int,
+    federation: Federation,
+    bootstrap: tuple[str, ...],
+    options: NodeOptions,
+) -> Node:
+    node_dir = tmp_path / f"node{index}"
+    node_dir.mkdir(exist_ok=True)
+    config = NodeConfig(listen_host="127.0.0.1", listen_port=0, mdns=False, bootstrap=bootstrap)
+    return Node(
+        identity=NodeIdentity.generate(),
+        federation=federation,
+        config=config,
+        node_dir=node_dir,
+        network=TcpNetwork(mdns=False),
+        task=TinyTask(),
+        options=options,
+    )
+
+
+def options_for(index: int, *, training: bool, rounds: int, samples: int) -> NodeOptions:
+    return NodeOptions(
+        training=training,
+        max_rounds=rounds,
+        linger=True,
+        task_config={"init": index + 1, "samples": samples},
+        group=GROUP,
+        sync_timeout=0.5,
+    )
+
+
+async def run_federation(
+    tmp_path: Path,
+    federation: Federation,
+    all_options: list[NodeOptions],
+    rounds: int,
+    timeout: float = 60.0,
+) -> list[Node]:
+    """Start the nodes, wait until every one has completed ``rounds`` rounds, stop them."""
+    nodes: list[Node] = []
+    async with trio.open_nursery() as nursery:
+        first = make_node(tmp_path, 0, federation, (), all_options[0])
+        port = await nursery.start(first.run)
+        nodes.append(first)
+        for index, options in enumerate(all_options[1:], start=1):
+            node = make_node(tmp_path, index, federation, (f"127.0.0.1:{port}",), options)
+            await nursery.start(node.run)
+            nodes.append(node)
+        with trio.fail_after(timeout):
+            while min(node.round for node in nodes) < rounds:
+                await trio.sleep(0.05)
+        for node in nodes:
+            node.request_stop()
+    return nodes
+
+
+def federation(**params: object) -> Federation:
+    fed = Federation.new("node-test")
+    return dataclasses.replace(fed, params=ProtocolParams(**{"dp_enabled": False, **params}))
+
+
+async def test_pure_secure_averaging_reaches_the_sample_weighted_mean(tmp_path: Path) -> None:
+    samples = [10, 40, 20, 70, 35]
+    opts = [options_for(i, training=False, rounds=6, samples=s) for i, s in enumerate(samples)]
+    fed = federation()
+    initial = [model_to_vector(TinyTask().build_model({"init": i + 1})) for i in range(5)]
+    target = sum(w * x.astype(np.float64) for w, x in zip(samples, initial, strict=True))
+    target /= sum(samples)
+    nodes = await run_federation(tmp_path, fed, opts, rounds=6)
+    start_spread = max(np.abs(x - target).max() for x in initial)
+    for node in nodes:
+        assert node.model is not None
+        assert np.all(np.isfinite(node.model))
+        assert np.abs(node.model - target).max() < start_spread / 20
+        assert node.groups_completed >= 2 and node.round >= 6
+        assert (node.node_dir / CHECKPOINT_FILE_NAME).exists()
+
+
+async def test_training_federation_converges_and_checkpoints(tmp_path: Path) -> None:
+    opts = [options_for(i, training=True, rounds=5, samples=10 + i) for i in range(4)]
+    nodes = await run_federation(tmp_path, federation(), opts, rounds=5)
+    for node in nodes:
+        assert node.model is not None
+        # training pulls every parameter halfway to 0.5 each round; averaging keeps it there
+        assert np.abs(node.model - 0.5).max() < 0.2
+        assert node.round >= 5
+        assert node.last_metrics  # evaluated
+
+
+async def test_late_joiner_adopts_an_aggregated_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2pfed.node")
+    fed = federation()
+    opts = [options_for(i, training=False, rounds=100, samples=10) for i in range(3)]
+    async with trio.open_nursery() as nursery:
+        nodes = [make_node(tmp_path, 0, fed, (), opts[0])]
+        port = await nursery.start(nodes[0].run)
+        for i in (1, 2):
+            nodes.append(make_node(tmp_path, i, fed, (f"127.0.0.1:{port}",), opts[i]))
+            await nursery.start(nodes[i].run)
+        with trio.fail_after(30):
+            while min(n.round for n in nodes) < 3:
+                await trio.sleep(0.05)
+        late_options = options_for(3, training=False, rounds=100, samples=10)
+        late = make_node(tmp_path, 3, fed, (f"127.0.0.1:{port}",), late_options)
+        late.options.sync_timeout = 3.0
+        await nursery.start(late.run)
+        with trio.fail_after(30):
+            while late.round < 1:
+                await trio.sleep(0.05)
+        for node in [*nodes, late]:
+            node.request_stop()
+    assert any("adopted the aggregated model" in r.getMessage() for r in caplog.records)
+
+
+async def test_restart_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    fed = federation()
+    opts = [options_for(i, training=False, rounds=3, samples=10) for i in range(3)]
+    nodes = await run_federation(tmp_path, fed, opts, rounds=3)
+    node = nodes[1]
+    again = Node(
+        identity=node.identity,
+        federation=fed,
+        config=node.config,
+        node_dir=node.node_dir,
+        network=TcpNetwork(mdns=False),
+        task=TinyTask(),
+        options=options_for(1, training=False, rounds=3, samples=10),
+    )
+    again._prepare_task()
+    assert again.round == node.round
+    assert again.model is not None and node.model is not None
+    np.testing.assert_array_equal(again.model, node.model)
