@@ -76,6 +76,8 @@ def add_node_parser(subparsers: Any) -> None:
         help="a peer to connect to at start (repeatable; added to config.toml's list)",
     )
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+    # benchmarks only (bench/allreduce.py): contributions unmasked, the privacy is gone
+    p.add_argument("--insecure-no-masking", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(handler=cmd_node)
 
@@ -109,6 +111,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         max_rounds=args.rounds,
         linger=args.linger,
         task_config=_task_settings(args.task_settings),
+        masking=not args.insecure_no_masking,
     )
     result = trio.run(run_node, node_dir, options, args)
     print(json.dumps(result), flush=True)

@@ -98,7 +98,7 @@ class DemoRun:
     seed: int = 0  # the federation's initial-model seed (the baseline starts from it too)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Ports free on 127.0.0.1 now (bound and released; the nodes bind them next)."""
     sockets, ports = [], []
     for _ in range(count):
@@ -124,17 +124,24 @@ def _config_text(port: int, bootstrap: list[str], mdns: bool, task: str) -> str:
 
 
 def create_local_federation(
-    workdir: Path, federation: Federation, nodes: int, *, mdns: bool, task: str = TASK
+    workdir: Path,
+    federation: Federation,
+    nodes: int,
+    *,
+    mdns: bool,
+    task: str = TASK,
+    bootstrap: bool = True,
 ) -> list[Path]:
     """Node directories for ``nodes`` nodes of ``federation`` on 127.0.0.1.
 
     Each gets a fresh identity, the federation file and a config listening on a free
-    loopback port, with node 0 (node 1 for node 0) as bootstrap address.
+    loopback port, with node 0 (node 1 for node 0) as bootstrap address unless
+    ``bootstrap`` is false (then only mDNS can bring them together).
     """
     from p2pfed.federation import save_federation
     from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, save_identity
 
-    ports = _free_ports(nodes)
+    ports = free_ports(nodes)
     dirs = []
     for index in range(nodes):
         node_dir = workdir / f"node{index}"
@@ -142,6 +149,8 @@ def create_local_federation(
         save_identity(node_dir / IDENTITY_FILE_NAME, NodeIdentity.generate())
         save_federation(node_dir / "federation.toml", federation)
         others = [f"127.0.0.1:{ports[0]}"] if index else [f"127.0.0.1:{ports[1]}"]
+        if not bootstrap:
+            others = []
         atomic_write_text(node_dir / "config.toml", _config_text(ports[index], others, mdns, task))
         dirs.append(node_dir)
     return dirs

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2pfed.errors import InvalidGroupSumError, SecureAggregationError
-from p2pfed.fixedpoint import FixedPointParams, decode_group_sum
+from p2pfed.fixedpoint import FixedPointParams, decode_group_sum, make_contribution
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
 from p2pfed.messages import (
@@ -215,6 +215,10 @@ class GroupProtocol:
     ``fingerprint`` and ``model_size`` describe the model: invites for another model are
     declined. ``address_of(node_id)`` gives the listen address of a peer, if known, for
     the member list of a group this node starts.
+
+    ``masking`` is for benchmarks only: with ``False``, contributions are encoded but not
+    masked (the wire format is unchanged, the privacy is gone). Mask keys are still
+    exchanged and checked, so only the cost of the masks themselves goes away.
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class GroupProtocol:
         rng: random.Random | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
         numpy_rng: np.random.Generator | None = None,
+        masking: bool = True,
     ) -> None:
         if params.max_group_size < config.group_max:
             raise ValueError("the fixed-point parameters must allow groups of group_max")
@@ -240,6 +245,7 @@ class GroupProtocol:
         self.fingerprint = fingerprint
         self.model_size = model_size
         self.listen_port = listen_port
+        self.masking = masking
         self._address_of = address_of
         self._rng = rng or random.Random(int.from_bytes(randbytes(16), "big"))
         self._randbytes = randbytes
@@ -569,7 +575,14 @@ class GroupProtocol:
             start.round,
             self.params,
         )
-        masked = masking.masked_contribution(contribution.vector, contribution.weight, self._np_rng)
+        if self.masking:
+            masked = masking.masked_contribution(
+                contribution.vector, contribution.weight, self._np_rng
+            )
+        else:  # benchmarks only (see the class docstring): the plain encoding
+            masked = make_contribution(
+                contribution.vector, contribution.weight, self.params, self._np_rng
+            )
         index = ids.index(self.node_id)
         bounds = shard_bounds(len(masked), len(ids))
         run = _Run(

@@ -47,11 +47,16 @@ from p2pfed.errors import CloseCode, DecodeError, LocalProtocolError
 __all__ = [
     "BORROW_MIN",
     "FINGERPRINT_SIZE",
+    "GROUP_ID_SIZE",
     "IDENTITY_KEY_SIZE",
+    "MASK_KEY_SIZE",
     "MAX_CLOSE_REASON_BYTES",
+    "MAX_GROUP_MEMBERS",
     "MAX_PEER_HOST_BYTES",
     "MAX_PEX_PEERS",
+    "MAX_REASON_BYTES",
     "MAX_VERSIONS",
+    "NONCE_SIZE",
     "SIGNATURE_SIZE",
     "UINT64_MAX",
     "Bool",
@@ -59,17 +64,26 @@ __all__ = [
     "Close",
     "FieldKind",
     "Float",
+    "GroupAbort",
+    "GroupInvite",
+    "GroupMemberInfo",
+    "GroupReply",
+    "GroupStart",
     "HandshakePayload",
     "Int",
     "IpAddress",
     "Keepalive",
     "Message",
+    "ModelRequest",
     "ModelState",
+    "NodeAnnounce",
     "PeerExchangeRequest",
     "PeerInfo",
     "PeerList",
     "Record",
     "RecordList",
+    "ReducedShard",
+    "Shard",
     "Text",
     "UInt",
     "UIntList",
@@ -488,7 +502,11 @@ class Record:
             if found is not None:
                 raise DecodeError(_field_error(cls, field_name, kind, found))
             values[field_name] = value
-        return cls(**values)
+        try:
+            return cls(**values)
+        except LocalProtocolError as exc:
+            # a rule across fields (__post_init__) broken by the peer, not by us
+            raise DecodeError(str(exc)) from None
 
     @classmethod
     def _known_keys_text(cls) -> str:

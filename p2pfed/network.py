@@ -19,6 +19,7 @@ import abc
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
 import trio
 
 from p2pfed.discovery import DiscoveryEvent, MdnsDiscovery, PeerDeparted, PeerDiscovered

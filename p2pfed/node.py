@@ -97,6 +97,7 @@ __all__ = ["CHECKPOINT_FILE_NAME", "Node", "NodeOptions", "RoundReport", "federa
 log = logging.getLogger("p2pfed.node")
 
 CHECKPOINT_FILE_NAME = "checkpoint.bin"
+PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
 
 
@@ -121,6 +122,9 @@ class NodeOptions:
     """Evaluate the model on local test data every this many rounds (0: never)."""
     sync_timeout: float = 3.0
     """How long a fresh node waits for peers' latest aggregated model before round 1."""
+    masking: bool = True
+    """Benchmarks only: ``False`` sends contributions encoded but not masked (the wire
+    format is unchanged, the privacy is gone); see :class:`~p2pfed.group.GroupProtocol`."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,7 @@ class Node:
             address_of=self._address_of,
             rng=random.Random(self._rng.getrandbits(64)),
             randbytes=self._randbytes,
+            masking=self.options.masking,
         )
         log.info(
             "node %s listening on port %d (federation %s, round %d)",
@@ -792,6 +797,7 @@ class Node:
         bootstrap = [parse_host_port(entry) for entry in self.config.bootstrap]
         while True:
             now = trio.current_time()
+            self.peers.expire(now, max_age=PEER_MAX_AGE)
             connected = set(self._connected())
             known = {r.address for r in self.peers.records() if r.node_id in connected}
             for address in bootstrap:

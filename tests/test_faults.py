@@ -8,6 +8,7 @@ privacy ledger intact, and rejoins.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,7 +49,7 @@ class NodeProcess:
                 f"width={WIDTH}",
                 "--set",
                 f"init={node_dir.name[-1]}",
-            ],  # fmt: skip
+            ],
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
@@ -59,10 +60,8 @@ class NodeProcess:
         out = []
         for line in self.log_path.read_text(encoding="utf-8").splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(json.JSONDecodeError):  # a line being written
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written
         return out
 
     def round(self) -> int:
@@ -134,7 +133,9 @@ def test_kill_9_mid_group_then_regroup_and_resume(tmp_path: Path) -> None:
         assert checkpoint is not None and checkpoint.round >= killed_at
         ledger = PrivacyLedger.open(ledger_path(victim.node_dir))
         releases_before = ledger.releases()
-        assert releases_before >= killed_at  # one release per round it trained, at least
+        # every round the victim completed began with a recorded release (kill -9 or not)
+        completed = sum(1 for r in victim.records() if r.get("event") == "round")
+        assert releases_before >= completed >= 3
 
         restarted = NodeProcess(victim.node_dir)
         nodes[2] = restarted

@@ -21,15 +21,24 @@ from p2pfed.messages import (
     UINT64_MAX,
     Bytes,
     Close,
+    GroupAbort,
+    GroupInvite,
+    GroupMemberInfo,
+    GroupReply,
+    GroupStart,
     HandshakePayload,
     Keepalive,
     Message,
+    ModelRequest,
     ModelState,
+    NodeAnnounce,
     PeerExchangeRequest,
     PeerInfo,
     PeerList,
     Record,
     RecordList,
+    ReducedShard,
+    Shard,
     UIntList,
     Welcome,
     decode_message,
@@ -43,6 +52,21 @@ DESCRIPTION = "deterministic CBOR bytes of every message type and encodings that
 _IDENTITY_KEY = bytes(range(32))
 _SIGNATURE = bytes(range(64, 128))
 _FINGERPRINT = bytes.fromhex("5f" * 16 + "a0" * 16)
+_GROUP_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
+_MASK_KEY = bytes(range(128, 160))
+_NONCE = bytes(range(160, 192))
+
+
+def _member(i: int, host: str, port: int) -> GroupMemberInfo:
+    """Member ``i`` of the GroupStart vectors: fixed bytes, not real keys (the encoding
+    does not check signatures; spec/group.md's vectors do)."""
+    return GroupMemberInfo(
+        identity_key=bytes([i]) * 32,
+        mask_key=bytes([0x80 + i]) * 32,
+        key_signature=bytes([0x40 + i]) * 64,
+        host=host,
+        port=port,
+    )
 
 
 def _samples() -> list[tuple[str, Record]]:
@@ -92,6 +116,77 @@ def _samples() -> list[tuple[str, Record]]:
                 ]
             ),
         ),
+        ("node-announce", NodeAnnounce(listen_port=7447)),
+        ("node-announce-not-listening", NodeAnnounce(listen_port=0)),
+        ("node-announce-max", NodeAnnounce(listen_port=65535)),
+        (
+            "group-invite",
+            GroupInvite(
+                group_id=_GROUP_ID,
+                priority=0x0123456789ABCDEF,
+                round=3,
+                fingerprint=_FINGERPRINT,
+                model_size=101_770,
+            ),
+        ),
+        (
+            "group-invite-edges",
+            GroupInvite(
+                group_id=bytes(16),
+                priority=UINT64_MAX,
+                round=0,
+                fingerprint=bytes(32),
+                model_size=1,
+            ),
+        ),
+        (
+            "group-reply-accept",
+            GroupReply(
+                group_id=_GROUP_ID,
+                accept=True,
+                reason="",
+                mask_key=_MASK_KEY,
+                key_signature=_SIGNATURE,
+                listen_port=7447,
+            ),
+        ),
+        (
+            "group-reply-decline",
+            GroupReply(
+                group_id=_GROUP_ID,
+                accept=False,
+                reason="busy: initiating a group",
+                mask_key=b"",
+                key_signature=b"",
+                listen_port=0,
+            ),
+        ),
+        (
+            "group-start",
+            GroupStart(
+                group_id=_GROUP_ID,
+                round=3,
+                nonce=_NONCE,
+                members=[
+                    _member(1, "", 7447),
+                    _member(2, "192.168.1.7", 7448),
+                    _member(3, "fd00::7", 65535),
+                ],
+            ),
+        ),
+        ("group-start-empty", GroupStart(group_id=bytes(16), round=0, nonce=bytes(32), members=[])),
+        ("group-abort", GroupAbort(group_id=_GROUP_ID, reason="member lost: channel closed")),
+        ("group-abort-empty", GroupAbort(group_id=bytes(16), reason="")),
+        (
+            "shard",
+            Shard(group_id=_GROUP_ID, index=1, data=struct.pack("<3I", 1, 0x80000000, 0xFFFFFFFF)),
+        ),
+        ("shard-empty-max-index", Shard(group_id=_GROUP_ID, index=63, data=b"")),
+        (
+            "reduced-shard",
+            ReducedShard(group_id=_GROUP_ID, index=0, data=struct.pack("<2I", 7, 0xDEADBEEF)),
+        ),
+        ("model-request", ModelRequest()),
     ]
 
 
@@ -129,6 +224,14 @@ def _peer(host: str) -> dict[int, object]:
 
 def _hp_wire() -> dict[int, object]:
     return dict(_samples()[0][1].to_wire())
+
+
+def _reply(accept: object, key: bytes, signature: bytes) -> dict[int, object]:
+    return {0: 21, 1: _GROUP_ID, 2: accept, 3: "", 4: key, 5: signature, 6: 7447}
+
+
+def _start(members: list[dict[int, object]]) -> dict[int, object]:
+    return {0: 22, 1: _GROUP_ID, 2: 3, 3: _NONCE, 4: members}
 
 
 def _invalid() -> list[dict[str, str]]:
@@ -202,6 +305,41 @@ def _invalid() -> list[dict[str, str]]:
          "PeerList of 65 peers (at most 64)", DecodeError),
         ("peer-list-extra-key", "message", encode({0: 18, 1: [{**_peer("10.0.0.1"), 4: 0}]}),
          "peer-info has no key 4", DecodeError),
+        ("node-announce-port-65536", "message", encode({0: 19, 1: 65536}),
+         "NodeAnnounce listen_port 65536 (0..65535)", DecodeError),
+        ("group-invite-model-size-zero", "message",
+         encode({0: 20, 1: _GROUP_ID, 2: 1, 3: 0, 4: _FINGERPRINT, 5: 0}),
+         "GroupInvite model_size 0 (at least 1)", DecodeError),
+        ("group-invite-group-id-size", "message",
+         encode({0: 20, 1: bytes(15), 2: 1, 3: 0, 4: _FINGERPRINT, 5: 1}),
+         "GroupInvite group_id of 15 bytes (exactly 16)", DecodeError),
+        ("group-reply-accept-without-key", "message", encode(_reply(True, b"", b"")),
+         "GroupReply accepts but carries no mask key and signature", DecodeError),
+        ("group-reply-decline-with-key", "message",
+         encode(_reply(False, _MASK_KEY, _SIGNATURE)),
+         "GroupReply declines but carries a mask key and signature", DecodeError),
+        ("group-reply-accept-without-signature", "message", encode(_reply(True, _MASK_KEY, b"")),
+         "GroupReply accepts with a mask key but no signature", DecodeError),
+        ("group-start-repeated-member", "message",
+         encode(_start([_member(1, "", 7447).to_wire()] * 2)),
+         "GroupStart names one identity key twice", DecodeError),
+        ("group-start-65-members", "message",
+         encode(_start([_member(i, "", 1).to_wire() for i in range(65)])),
+         "GroupStart of 65 members (at most 64)", DecodeError),
+        ("group-start-member-host-65", "message",
+         encode(_start([{**_member(1, "", 1).to_wire(), 4: "h" * 65}])),
+         "group-member-info host of 65 bytes (at most 64)", DecodeError),
+        ("group-start-member-extra-key", "message",
+         encode(_start([{**_member(1, "", 1).to_wire(), 6: 0}])),
+         "group-member-info has no key 6", DecodeError),
+        ("shard-3-bytes", "message", encode({0: 24, 1: _GROUP_ID, 2: 0, 3: bytes(3)}),
+         "Shard data of 3 bytes (not a multiple of 4)", DecodeError),
+        ("shard-index-64", "message", encode({0: 24, 1: _GROUP_ID, 2: 64, 3: b""}),
+         "Shard index 64 (0..63)", DecodeError),
+        ("reduced-shard-6-bytes", "message", encode({0: 25, 1: _GROUP_ID, 2: 0, 3: bytes(6)}),
+         "ReducedShard data of 6 bytes (not a multiple of 4)", DecodeError),
+        ("model-request-extra-key", "message", encode({0: 26, 1: 0}),
+         "ModelRequest has no fields", DecodeError),
         ("text-over-limit", "message", encode({0: 3, 1: 0, 2: "x" * 4097}),
          "text string of 4097 bytes over the default max_text 4096", DecodeLimitError),
         ("payload-with-type", "handshake-payload", encode({**hp, 0: 1}),

@@ -1,0 +1,120 @@
+"""`p2pfed node` processes found by real mDNS only, observed as an operator would.
+
+Three node processes on this machine, with no bootstrap address: they must find each
+other by mDNS/DNS-SD on the loopback interface, then train. One serves Prometheus metrics;
+`p2pfed status` reads a running node; SIGTERM stops every node cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from p2pfed.demo import create_local_federation, free_ports
+from p2pfed.federation import Federation, ProtocolParams
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "PYTHONUNBUFFERED": "1"}
+
+
+def rounds_logged(log: Path) -> int:
+    best = 0
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if line.startswith("{") and '"event": "round"' in line:
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                best = max(best, json.loads(line)["round"])
+    return best
+
+
+def test_mdns_discovery_metrics_status_and_clean_stop(tmp_path: Path) -> None:
+    federation = dataclasses.replace(
+        Federation.new("daemon-test"), params=ProtocolParams(dp_enabled=False, group_max=3)
+    )
+    dirs = create_local_federation(
+        tmp_path, federation, 3, mdns=True, task="support.tiny_task:task", bootstrap=False
+    )
+    [metrics_port] = free_ports(1)
+    with open(dirs[0] / "config.toml", "a", encoding="utf-8") as config:
+        config.write(f"metrics = true\nmetrics_port = {metrics_port}\n")
+    processes = []
+    logs = [d / "node.log" for d in dirs]
+    try:
+        for node_dir, log in zip(dirs, logs, strict=True):
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "p2pfed",
+                        "node",
+                        str(node_dir),
+                        "--log-json",
+                        "--rounds",
+                        "3",
+                        "--linger",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=open(log, "w", encoding="utf-8"),  # noqa: SIM115
+                    text=True,
+                    env=ENV,
+                )
+            )
+        deadline = time.monotonic() + 90
+        while min(rounds_logged(log) for log in logs) < 3:
+            assert time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs]
+            assert all(p.poll() is None for p in processes), "a node exited early"
+            time.sleep(0.1)
+
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert values["p2pfed_rounds_total"] >= 3
+        assert values['p2pfed_groups_total{outcome="completed"}'] >= 3
+        assert values["p2pfed_bytes_sent_total"] > 0
+
+        status = subprocess.run(
+            [sys.executable, "-m", "p2pfed", "status", str(dirs[1]), "--json"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=30,
+        )
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["state"] == "running" and report["round"] >= 3
+        assert sum(1 for peer in report["peers"] if peer["connected"]) == 2
+
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        finals = []
+        for process in processes:
+            stdout, _ = process.communicate(timeout=60)
+            assert process.returncode == 0
+            finals.append(json.loads(stdout.splitlines()[-1]))
+        assert all(final["round"] >= 3 for final in finals)
+        stopped = subprocess.run(
+            [sys.executable, "-m", "p2pfed", "status", str(dirs[1])],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=30,
+        )
+        assert stopped.returncode == 3 and "not running" in stopped.stdout
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
