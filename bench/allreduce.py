@@ -4,56 +4,70 @@ Run from the repository root::
 
     .venv/bin/python -m bench.allreduce [--params 10000000] [--record]
 
-Two federations run one after the other, each with fresh node processes (``p2pfed node
---no-train --rounds 1 --linger --log-json``) on 127.0.0.1, bootstrap addresses only (no
-mDNS), the task :mod:`bench.bigmodel` (one float32 tensor of ``--params`` values, seeded
-differently on every node) and the protocol parameters ``group_min = group_max = 8`` (so
-exactly one group of all 8 forms), ``fixed_point_bits = 32`` and DP off:
+Two modes run alternately (``--repeats`` times each), each run with fresh node processes
+(``p2pfed node --no-train --rounds 1 --linger --log-json``) on 127.0.0.1, bootstrap
+addresses only (no mDNS), the task :mod:`bench.bigmodel` (one float32 tensor of
+``--params`` values, seeded differently on every node) and the protocol parameters
+``group_min = group_max = 8`` (so exactly one group of all 8 forms),
+``fixed_point_bits = 32`` and DP off:
 
 * secure: the real protocol (fixed-point encoding, 7 pairwise ChaCha20 masks per member);
 * plain: the same with ``--insecure-no-masking`` (encoded, not masked; the same messages).
 
 Both use the Noise channels; only the masking differs. The all-reduce time of a member is
-the time between its ``group_started`` log record and its ``round`` record; the benchmark
-reports the median and the maximum over the 8 members. A ``round`` record comes after the
-group sum is decoded, the checkpoint (the whole model) written and fsynced and the (no-op)
-evaluation done, so both times include that fixed tail. When every member has logged its
-round, all are stopped with SIGTERM and each prints ``bytes_sent``: the ciphertext bytes of
-all its channels, so the Noise handshakes, peer exchange, model-sync requests and
-keepalives (a few KiB in all) are included.
+the time between its ``group_started`` and its ``round`` log records; a run reports the
+median over the 8 members, the benchmark the median over the runs, and the slowest member
+of any run. ``group_seconds`` is the span from the first ``group_started`` to the last
+``round``. Caveats: a member logs ``group_started`` after it has encoded (and masked) its
+contribution, so the member times exclude each member's own encoding (but not the others',
+which compete for the same cores); a ``round`` record follows the decoding, the checkpoint
+(the whole model, written and fsynced) and a no-op evaluation, a tail both modes share.
 
-The bytes are compared with the butterfly bound ``2(k-1)/k`` model sizes. With a 32-bit
-ring a ring word has the 4 bytes of a float32 parameter, so the bound is unambiguously
-``2 * (k-1)/k * 4 * d`` bytes (a 64-bit ring would send twice the words' bytes). On top
-of the bound a member sends one weight word, CBOR and frame headers, the 16-byte
-ChaCha20-Poly1305 tag of every 64 KiB Noise message (0.02%) and the small messages above.
+When every member has logged its round, all are stopped with SIGTERM and each prints
+``bytes_sent``: the ciphertext bytes of all its channels, so the Noise handshakes, peer
+exchange, model-sync requests and keepalives (a few KiB) are included. The bound is the
+butterfly's ``2(k-1)/k`` model sizes; with a 32-bit ring a ring word has the 4 bytes of a
+float32 parameter, so the bound is unambiguously ``2 * (k-1)/k * 4 * d`` bytes (a 64-bit
+ring doubles the words' bytes). Above the bound a member sends one weight word, CBOR and
+frame headers and the 16-byte tag of every 64 KiB Noise message (0.02%).
 
 The JSON object on the last line of stdout has both times, ``ratio`` = secure / plain
 (target: <= 1.5) and ``bytes_ratio`` = bytes sent per member / bound (target: <= 1.1),
 with the last recorded result (``--record`` stores this one in bench/results/allreduce.json).
-Progress goes to stderr.
+Progress goes to stderr. Three runs of each mode take about 2.5 minutes on 2 cores.
 
-Measuring cleanly: with ``--linger`` a member that has finished its round offers its model
-again at once, so when the last member finishes, a second group of all 8 can form before
-SIGTERM arrives; its traffic would be counted. The benchmark checks every member's log for
-a second ``group_started`` (and the final report for aborted groups) and repeats a run
-that had one (``--attempts``), reporting how many attempts it took. Stopping members
-earlier instead (without ``--linger``, or each as soon as it finishes) is not safe: a member
-that closes its channels right after its own round may still have its reduced shard queued
-for a slower member, which then aborts.
+Measuring one all-reduce only: with ``--linger`` a member that has finished its round
+offers its model again at once, so a second group of all 8 can form within milliseconds of
+the last member's ``round`` record, before SIGTERM arrives (seen in about one run in four,
+even with the signal sent 1-2 ms after that record); its traffic would be counted. The
+benchmark checks every member's log for a second ``group_started`` (and the final report
+for aborted groups) and repeats such a run (``--retries``, reported as ``runs_repeated``).
+Stopping members earlier (without ``--linger``, or each as soon as it finishes) is not
+safe: ``Node._shutdown`` closes the channels without draining their outgoing queues, so a
+slower member could miss the reduced shard of one that stopped, and abort.
 
-Where the time goes (2-core machine, d = 10**7, k = 8; see the report of this module's
-author and ``bench/results/allreduce.json`` for the numbers):
+Where the time goes (2-core VM, d = 10**7, k = 8; recorded: secure 5.2 s, plain 4.6 s per
+member, ratio 1.1, with +-20% between single runs; bytes 1.0004 x the bound):
 
-* Each member's contribution is built synchronously inside the node's trio loop: fixed-point
-  encoding of d values, and in the secure run 7 ChaCha20 keystreams of 4d bytes each
-  (280 MB per member) added into it. ``bench.secagg`` measures one member alone; here 8
-  members compete for 2 cores, so the masking of all 8 (8 x 280 MB of keystream) is the
-  extra work of the secure run, spread over the two cores at about the keystream rate.
-* Both runs then move the same bytes: each member encrypts 7 shards and 7 reduced shards
-  (2 x 7/8 x 4d = 70 MB) and decrypts as much, 1.1 GB of ChaCha20-Poly1305 over all 8
-  members, plus the kernel's loopback copies, the shard sums and the decoding.
-* The checkpoint (4d bytes written and fsynced) closes both.
+* The CPU is saturated for the whole all-reduce (both cores busy, sampled from /proc/stat),
+  about half of it in the kernel. ``perf`` over the window: 23% zeroing fresh pages (page
+  faults on new buffers: each received 5 MB shard body, numpy temporaries of encoding and
+  decoding, the float64 quotient of the decoding) plus the loopback TCP copies; the
+  channels' ChaCha20-Poly1305 only about 5%; the Python interpreter about 16%.
+* Much of that interpreter time is a busy loop: ``Node._act`` always sets ``_wake``, also
+  when ``Node._group_loop`` itself calls it, so the group loop never sleeps and every node
+  process uses a whole core even when idle (a lone node with no peers: 95% of a core). Eight
+  spinning processes share the two cores with the real work. With that one line changed
+  (the event re-armed after ``_act``; tried on a scratch copy, not in this repository) the
+  same benchmark gave 3.1-3.8 s secure and 3.4-4.1 s plain.
+* The masking itself is small: on one core, encoding 10**7 parameters takes 60 ms and
+  encoding plus 7 masks 138 ms, so the group spends 8 x 80 ms = 0.6 CPU-s more in the
+  secure mode, about 0.3 s on two cores, under 10% of the all-reduce. Summing a shard of 8
+  (4 ms), decoding (50 ms) and the checkpoint (140 ms, mostly fsync) are the same in both.
+* Encoding runs synchronously inside the trio loop, and an initiator sends GroupStart only
+  after encoding and masking its own contribution, so the other members start encoding
+  only then: ``start_spread_seconds`` (first to last ``group_started``, ~1.2 s secure and
+  ~0.9 s plain) is mostly that serialisation plus seven members encoding on two cores.
 """
 
 from __future__ import annotations

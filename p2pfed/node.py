@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ __all__ = ["CHECKPOINT_FILE_NAME", "Node", "NodeOptions", "RoundReport", "federa
 
 log = logging.getLogger("p2pfed.node")
 
+_T = TypeVar("_T")
 CHECKPOINT_FILE_NAME = "checkpoint.bin"
 PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
@@ -122,6 +123,10 @@ class NodeOptions:
     """Evaluate the model on local test data every this many rounds (0: never)."""
     sync_timeout: float = 3.0
     """How long a fresh node waits for peers' latest aggregated model before round 1."""
+    threads: bool = True
+    """Run training, evaluation and file writes in worker threads, so channels stay
+    responsive meanwhile. simnet turns this off: under a virtual clock, work outside the
+    event loop would let time jump while it runs."""
     masking: bool = True
     """Benchmarks only: ``False`` sends contributions encoded but not masked (the wire
     format is unchanged, the privacy is gone); see :class:`~p2pfed.group.GroupProtocol`."""
@@ -268,7 +273,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (or ``max_rounds``); reports the listen port when listening."""
-        torch_model, data = await trio.to_thread.run_sync(self._prepare_task)
+        torch_model, data = await self._offload(self._prepare_task)
         listener = await self.network.listen(self.config.listen_host, self.config.listen_port)
         self.listen_port = self.network.listen_port(listener)
         self.group = GroupProtocol(
@@ -301,13 +306,17 @@ class Node:
                 await self._rounds(torch_model, data)
                 if data is not None and self.options.evaluate_every:
                     # the model may have moved since the last evaluation (lingering)
-                    self.last_metrics = await trio.to_thread.run_sync(
-                        self._evaluate, torch_model, data
-                    )
+                    self.last_metrics = await self._offload(self._evaluate, torch_model, data)
             finally:
                 await self._shutdown()
                 self.finished.set()
                 nursery.cancel_scope.cancel()
+
+    async def _offload(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking work (training, evaluation, fsync) off the event loop if allowed."""
+        if self.options.threads:
+            return await trio.to_thread.run_sync(function, *args)
+        return function(*args)
 
     def _prepare_task(self) -> tuple[torch.nn.Module, NodeData | None]:
         assert self.task is not None
@@ -384,11 +393,11 @@ class Node:
             self.weight = outcome.weight
             self.round = max(self.round, outcome.round) + 1
             self._aggregated = (self.round, self.model)
-            await trio.to_thread.run_sync(self._checkpoint)
+            await self._offload(self._checkpoint)
             metrics = {}
             every = self.options.evaluate_every
             if data is not None and every and self.round % every == 0:
-                metrics = await trio.to_thread.run_sync(self._evaluate, torch_model, data)
+                metrics = await self._offload(self._evaluate, torch_model, data)
                 self.last_metrics = metrics
             report = RoundReport(
                 round=self.round,
@@ -435,7 +444,7 @@ class Node:
             log.warning("privacy budget exhausted: contributing the model without training")
             return start, 0.0
         began = trio.current_time()
-        trained = await trio.to_thread.run_sync(self._train, torch_model, data, start, generator)
+        trained = await self._offload(self._train, torch_model, data, start, generator)
         train_seconds = trio.current_time() - began
         if not params.dp_enabled:
             return trained, train_seconds
@@ -444,9 +453,7 @@ class Node:
         ledger = self.ledger
         assert ledger is not None
         # durably record the release before the noisy model can leave this node
-        await trio.to_thread.run_sync(
-            lambda: ledger.record_release(round=self.round, noise_multiplier=z)
-        )
+        await self._offload(lambda: ledger.record_release(round=self.round, noise_multiplier=z))
         return (start + noisy).astype(np.float32), train_seconds
 
     def _train(
@@ -579,9 +586,12 @@ class Node:
             self._wake = trio.Event()
             now = trio.current_time()
             eligible = [p for p in self._connected() if not self.peers.is_excluded(p, now)]
-            self._act(self.group.poll(now, eligible))
+            # the loop recomputes its deadline itself: no need to wake itself up again
+            self._act(self.group.poll(now, eligible), wake=False)
 
-    def _act(self, actions: list[Action]) -> None:
+    def _act(self, actions: list[Action], *, wake: bool = True) -> None:
+        """Carry out the group protocol's actions; ``wake`` the group loop, whose next
+        deadline may have changed (every caller but the loop itself)."""
         now = trio.current_time()
         for action in actions:
             if isinstance(action, Send):
@@ -597,7 +607,8 @@ class Node:
                 for peer in action.blame if isinstance(action, GroupAborted) else ():
                     self.peers.exclude(peer, now + self.group_config.exclusion)
                 self._outcomes_send.send_nowait(action)
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     # -- channels ------------------------------------------------------------------------
 

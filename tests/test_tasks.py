@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,7 +128,18 @@ def test_bad_training_settings() -> None:
 def test_missing_scikit_learn_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes "import sklearn" fail
     with pytest.raises(ConfigError, match=r"pip install 'p2pfed\[demo\]'"):
-        digits._require_sklearn()
+        digits._digits_file()
+
+
+def test_loading_the_data_does_not_import_scikit_learn() -> None:
+    """Node processes read the bundled CSV directly: importing scikit-learn and SciPy
+    would add ~70 MB to every node."""
+    code = (
+        "import sys; from p2pfed.tasks.digits import load_arrays; x, y = load_arrays(); "
+        "assert x.shape == (1797, 64) and 'sklearn' not in sys.modules and 'scipy' not in "
+        "sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 def test_model_is_the_same_on_every_node_and_small() -> None:

@@ -60,8 +60,10 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,22 +112,32 @@ _INPUTS = 64
 _CLASSES = 10
 
 
-def _require_sklearn() -> Any:
+def _digits_file() -> Path:
+    """scikit-learn's bundled ``digits.csv.gz``, found without importing scikit-learn.
+
+    ``sklearn.datasets.load_digits`` reads this very file; importing scikit-learn (and with
+    it SciPy) would add ~70 MB to every node process for nothing else.
+    """
     try:
-        from sklearn import datasets
-    except ImportError as exc:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):  # ValueError: a stub in sys.modules without a spec
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             "the digits demo task needs scikit-learn, which is not installed: "
             "pip install 'p2pfed[demo]'"
-        ) from exc
-    return datasets
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.exists():
+        raise ConfigError(f"scikit-learn's digits data is missing ({path}); reinstall scikit-learn")
+    return path
 
 
 @functools.cache
 def _arrays() -> tuple[np.ndarray, np.ndarray]:
-    bunch = _require_sklearn().load_digits()
-    images = (np.asarray(bunch.data, dtype=np.float64) / 16.0).astype(np.float32)
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    table = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float64)
+    images = (table[:, :-1] / 16.0).astype(np.float32)
+    labels = table[:, -1].astype(np.int64)
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
@@ -238,11 +250,13 @@ class DigitsTask:
     name = TASK_NAME
 
     def build_model(self, config: Mapping[str, Any]) -> torch.nn.Module:
-        """MLP 64-32-10, initialised from ``config["seed"]`` like ``torch.nn.Linear``'s default."""
+        """MLP 64-``hidden``-10 (``hidden`` defaults to 32: 2410 parameters), initialised
+        from ``config["seed"]`` like ``torch.nn.Linear``'s default."""
         seed = _int_setting(config, "seed", 0, 0)
+        hidden = _int_setting(config, "hidden", _HIDDEN, 1)
         generator = torch.Generator().manual_seed(seed)
-        first = torch.nn.Linear(_INPUTS, _HIDDEN)
-        second = torch.nn.Linear(_HIDDEN, _CLASSES)
+        first = torch.nn.Linear(_INPUTS, hidden)
+        second = torch.nn.Linear(hidden, _CLASSES)
         with torch.no_grad():
             for layer in (first, second):
                 bound = 1.0 / math.sqrt(layer.in_features)

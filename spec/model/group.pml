@@ -1,0 +1,587 @@
+/*
+ * group.pml: a Promela model of p2pfed group formation, butterfly all-reduce and abort
+ * (spec/group.md sections 2 to 6; reference state machine p2pfed/group.py).
+ *
+ * Rules of this file (see spec/model/README.md for the full mapping):
+ *
+ *  - One Node process per node, N = 4 nodes. Nodes 0 .. NINIT-1 initiate groups, each at
+ *    most TRIES times, so the state space is finite. Every node holds a contribution.
+ *  - Each ordered pair of nodes has its own FIFO channel link[from*N+to]: like the TCP
+ *    channels of p2pfed, messages between one pair keep their order, messages of
+ *    different pairs overtake each other freely (a Shard can beat the GroupStart).
+ *  - A node handles one input at a time, atomically: a message, a deadline, the loss of a
+ *    peer's channel, a local decision (initiate, withdraw). This is GroupProtocol's
+ *    receive / poll / peer_lost / withdraw. Every deadline may expire at any moment
+ *    (nondeterministic choice): the model says nothing about clocks, so it covers every
+ *    ordering of slow links and early timeouts.
+ *  - Up to MAXCRASH nodes crash at any point between two inputs. Messages already on the
+ *    way from a crashed node may or may not arrive (its connection was reset); its peers
+ *    notice the closed channel at some later point (peer_lost); messages to it vanish.
+ *  - Up to MAXWITHDRAW nodes withdraw their contribution (GroupProtocol.withdraw).
+ *  - The maths is abstract. A contribution is a token: node m's contribution is the bit
+ *    BIT(m). A (reduced) shard carries the set of contributions summed into it, plus
+ *    FOREIGN if a contribution of another group (other masks) was added and DUP if one was
+ *    added twice. Member m's masked contribution carries the pair masks +mask(m,j) for
+ *    j > m and -mask(m,j) for j < m over the members of its group, so a sum over the
+ *    contributor set S has no masks left iff, for every pair of members, both or neither
+ *    are in S (check_no_masks). Applying a sum with masks left is the safety violation.
+ *
+ * Checked (spec/model/check.sh): assertions (no masked sum is ever applied; every member
+ * that completes a group applies the same set of contributions; channels never overflow),
+ * no invalid end state, and a watchdog asserting that whenever the whole system is stuck,
+ * no node is stuck in a phase that waits (INITIATING, PENDING, RUNNING): every wait has a
+ * deadline. With -DPROGRESS (one initiator, no faults, deadlines only expire when nothing
+ * else can happen) the LTL property "eventually every member completes" is checked too.
+ *
+ * Deliberate bugs, each of which spin must catch (check.sh -D<name> must fail):
+ *  BUG_APPLY_EARLY        a member applies the sum when it holds k-1 reduced shards;
+ *  BUG_REDUCE_EARLY       a member reduces its shard when it holds k-1 shards;
+ *  BUG_NO_GROUP_CHECK     Shard/ReducedShard are not checked against the running group id;
+ *  BUG_NO_START_TIMEOUT   a PENDING member waits for GroupStart without a deadline;
+ *  BUG_NO_ABORT_ON_LOSS   a RUNNING member ignores the loss of a member's channel and
+ *                         has no all-reduce deadline.
+ */
+
+#ifndef NINIT
+#define NINIT 2         /* nodes 0 .. NINIT-1 initiate */
+#endif
+#ifndef TRIES
+#define TRIES 1         /* groups each initiator may start */
+#endif
+#ifndef GMIN
+#define GMIN 3          /* group_min */
+#endif
+#ifndef GMAX
+#define GMAX 3          /* group_max: an initiator invites GMAX-1 peers */
+#endif
+#ifndef NPRIO
+#define NPRIO 2         /* priorities are drawn from 1 .. NPRIO (ties included) */
+#endif
+#ifndef MAXCRASH
+#define MAXCRASH 1
+#endif
+#ifndef MAXWITHDRAW
+#define MAXWITHDRAW 0
+#endif
+#ifndef QS
+#define QS 4            /* capacity of each pair channel (overflow is an assertion) */
+#endif
+
+#define N 4
+#define NG (NINIT * TRIES + 1)      /* group ids 1 .. NINIT*TRIES; 0 = none */
+#define EARLY (2 * GMAX)            /* buffered early shards (spec/group.md section 4) */
+
+/* phases (spec/group.md section 2) */
+#define IDLE 0
+#define READY 1
+#define INITIATING 2
+#define PENDING 3
+#define RUNNING 4
+#define DEAD 5
+
+/* contents of a (reduced) shard: contributor bits 0..3, plus */
+#define CONTRIB 15
+#define FOREIGN 16      /* a contribution of another group: its masks never cancel here */
+#define DUP 32          /* a contribution added twice: its masks are counted twice */
+
+#define BIT(i) (1 << (i))
+#define HAS(set, i) (((set) >> (i)) & 1)
+#define POP(x) (HAS(x, 0) + HAS(x, 1) + HAS(x, 2) + HAS(x, 3))
+#define RANK(i, set) POP((set) & (BIT(i) - 1))   /* index of node i in the sorted list */
+#define PH phase[me]
+
+mtype = { INVITE, ACCEPT, DECLINE, START, ABORT, SHARD, RSHARD };
+
+/* fields: type, group id, a, b.  INVITE a=priority; START a=member set;
+   SHARD a=index b=contents; RSHARD a=index b=contents */
+chan link[N * N] = [QS] of { mtype, byte, byte, byte };
+
+byte phase[N];
+byte gmembers[NG];      /* the member list each group was started with (masks derive from it) */
+byte done_gid[N];       /* the group each node completed (0: none) */
+byte done_set[N];       /* the contributions it applied */
+byte ncompleted;
+byte deadset;           /* crashed nodes */
+byte crashes;
+byte withdrawals;
+
+/* ---- helpers (all used inside a node's atomic steps; `me` is the node) ---- */
+
+inline send(to, t, g, x, y) {
+    if
+    :: HAS(deadset, to) -> skip        /* the channel is gone: the message is lost */
+    :: else ->
+        assert(nfull(link[me * N + to]));   /* a full channel would block: enlarge QS */
+        link[me * N + to]!t, g, x, y
+    fi
+}
+
+/* send to every node of `set` except me */
+inline send_all(set, t, g, x, y) {
+    i = 0;
+    do
+    :: i < N ->
+        if
+        :: HAS(set, i) && i != me -> send(i, t, g, x, y)
+        :: else -> skip
+        fi;
+        i++
+    :: else -> break
+    od
+}
+
+/* add shard contents c into acc */
+inline combine(acc, c) {
+    if
+    :: (acc & c & CONTRIB) != 0 -> acc = acc | DUP
+    :: else -> skip
+    fi;
+    acc = acc | c
+}
+
+/* safety: a sum over contents c has no masks left (pair masks of the group's members) */
+inline check_no_masks(c, set) {
+    assert((c & (FOREIGN | DUP)) == 0);
+    assert((c & CONTRIB & ~set) == 0);  /* a non-member's masks are over another member list */
+    x = 0;
+    do
+    :: x < N ->
+        y = x + 1;
+        do
+        :: y < N ->
+            if
+            :: HAS(set, x) && HAS(set, y) ->
+                /* +mask(x,y) from x and -mask(x,y) from y: both or neither */
+                assert(HAS(c, x) == HAS(c, y))
+            :: else -> skip
+            fi;
+            y++
+        :: else -> break
+        od;
+        x++
+    :: else -> break
+    od
+}
+
+/* ---- formation (spec/group.md section 3) ---- */
+
+inline cancel_formation() {
+    send_all(invited | accepted, ABORT, gid, 0, 0);
+    invited = 0;
+    accepted = 0;
+    PH = READY
+}
+
+inline abort_run() {
+    /* spec/group.md section 6: tell every other member, keep the own model, back to READY */
+    send_all(members, ABORT, gid, 0, 0);
+    PH = READY
+}
+
+inline progress() {
+    /* reduce my shard once I hold it from every member */
+    if
+    :: !HAS(rfrom, myidx) && shfrom == members ->
+        reduced[myidx] = shacc;
+        rfrom = rfrom | BIT(myidx);
+        shfrom = 0;
+        shacc = 0;
+        send_all(members, RSHARD, gid, myidx, reduced[myidx])
+#ifdef BUG_REDUCE_EARLY
+    :: !HAS(rfrom, myidx) && POP(shfrom) == k - 1 ->
+        reduced[myidx] = shacc;
+        rfrom = rfrom | BIT(myidx);
+        shfrom = 0;
+        shacc = 0;
+        send_all(members, RSHARD, gid, myidx, reduced[myidx])
+#endif
+    :: else -> skip
+    fi;
+    /* apply only with all k reduced shards: their concatenation is the group sum */
+    if
+    :: rfrom == BIT(k) - 1 -> apply()
+#ifdef BUG_APPLY_EARLY
+    :: POP(rfrom) == k - 1 ->
+        /* the missing reduced shard is filled with my own (masked) shard */
+        j = 0;
+        do
+        :: j < k && HAS(rfrom, j) -> j++
+        :: j < k && !HAS(rfrom, j) -> reduced[j] = BIT(me); rfrom = rfrom | BIT(j); break
+        :: else -> break
+        od;
+        apply()
+#endif
+    :: else -> skip
+    fi
+}
+
+inline apply() {
+    j = 0;
+    t = 0;
+    do
+    :: j < k ->
+        check_no_masks(reduced[j], gmembers[gid]);
+        t = t | (reduced[j] & CONTRIB);
+        j++
+    :: else -> break
+    od;
+#ifdef CANARY_COMPLETION
+    assert(false);      /* sanity run: spin must show that a group can complete */
+#endif
+    done_gid[me] = gid;
+    done_set[me] = t;
+    /* agreement: every member of this group that completed applied the same sum */
+    j = 0;
+    do
+    :: j < N ->
+        assert(j == me || done_gid[j] != gid || done_set[j] == t);
+        j++
+    :: else -> break
+    od;
+    ncompleted++;
+    PH = IDLE
+}
+
+inline begin_run() {
+    k = POP(members);
+    myidx = RANK(me, members);
+    shfrom = BIT(me);
+    shacc = BIT(me);
+    rfrom = 0;
+    j = 0;
+    do
+    :: j < GMAX -> reduced[j] = 0; j++
+    :: else -> break
+    od;
+    PH = RUNNING;
+    /* shard j of my contribution goes to member j */
+    i = 0;
+    do
+    :: i < N ->
+        if
+        :: HAS(members, i) && i != me -> send(i, SHARD, gid, RANK(i, members), BIT(me))
+        :: else -> skip
+        fi;
+        i++
+    :: else -> break
+    od;
+    progress()
+}
+
+inline finish_formation() {
+    if
+    :: POP(accepted) + 1 < GMIN -> cancel_formation()
+    :: else ->
+        members = accepted | BIT(me);
+        gmembers[gid] = members;
+        invited = 0;
+        send_all(accepted, START, gid, members, 0);
+        accepted = 0;
+        begin_run()
+    fi
+}
+
+inline initiate() {
+    /* invite GMAX-1 of the peers whose channel is open, chosen nondeterministically */
+    invited = CONTRIB & ~BIT(me) & ~lost;
+    do
+    :: POP(invited) > GMAX - 1 ->
+        if
+        :: HAS(invited, 0) -> invited = invited & ~BIT(0)
+        :: HAS(invited, 1) -> invited = invited & ~BIT(1)
+        :: HAS(invited, 2) -> invited = invited & ~BIT(2)
+        :: HAS(invited, 3) -> invited = invited & ~BIT(3)
+        fi
+    :: else -> break
+    od;
+    gid = me * TRIES + tries + 1;
+    tries++;
+#ifdef PROGRESS
+    prio = gid;         /* distinct priorities */
+#else
+    select(prio : 1 .. NPRIO);
+#endif
+    accepted = 0;
+    PH = INITIATING;
+    send_all(invited, INVITE, gid, prio, 0)
+}
+
+inline on_invite() {
+    t = 0;  /* 1: decline */
+    if
+    :: PH == INITIATING ->
+        if
+#ifdef BUG_NO_YIELD
+        :: true -> t = 1
+#else
+        :: ma <= prio -> t = 1
+        :: else -> cancel_formation()     /* preempted by a higher priority */
+#endif
+        fi
+    :: PH == PENDING ->
+        if
+        :: ma <= prio || initiator == from -> t = 1
+        :: else ->
+            send(initiator, ABORT, gid, 0, 0);  /* withdrawn for another group */
+            PH = READY
+        fi
+    :: else -> skip
+    fi;
+    if
+    :: t == 0 && PH == READY ->
+        gid = mg;
+        prio = ma;
+        initiator = from;
+        nearly = 0;
+        PH = PENDING;
+        send(from, ACCEPT, mg, 0, 0)
+    :: else -> send(from, DECLINE, mg, 0, 0)
+    fi
+}
+
+inline on_reply() {
+    if
+    :: PH == INITIATING && mg == gid && HAS(invited, from) ->
+        invited = invited & ~BIT(from);
+        if
+        :: mt == ACCEPT -> accepted = accepted | BIT(from)
+        :: else -> skip
+        fi;
+        if
+        :: invited == 0 -> finish_formation()
+        :: else -> skip
+        fi
+    :: else -> skip     /* stale */
+    fi
+}
+
+/* ---- all-reduce (spec/group.md section 4) ---- */
+
+inline on_shard() {
+    if
+    :: !HAS(members, from) -> skip
+#ifndef BUG_NO_GROUP_CHECK
+    :: mg != gid -> skip        /* a shard of an aborted group still in flight */
+#endif
+    :: else ->
+        t = mb | (mg != gid -> FOREIGN : 0);
+        if
+        :: ma != myidx || HAS(shfrom, from) -> abort_run()   /* malformed */
+        :: else ->
+            shfrom = shfrom | BIT(from);
+            combine(shacc, t);
+            progress()
+        fi
+    fi
+}
+
+inline on_rshard() {
+    if
+    :: !HAS(members, from) -> skip
+#ifndef BUG_NO_GROUP_CHECK
+    :: mg != gid -> skip
+#endif
+    :: else ->
+        t = mb | (mg != gid -> FOREIGN : 0);
+        if
+        :: ma != RANK(from, members) || HAS(rfrom, ma) -> abort_run()   /* malformed */
+        :: else ->
+            reduced[ma] = t;
+            rfrom = rfrom | BIT(ma);
+            progress()
+        fi
+    fi
+}
+
+inline refuse_start() {
+    /* tell the members of that group, so they abort now rather than at their deadline */
+    send_all(ma, ABORT, mg, 0, 0)
+}
+
+inline on_start() {
+    if
+    :: PH == RUNNING || mg != gid -> refuse_start()
+    :: else ->
+        if
+        :: from != initiator -> skip
+        :: !HAS(ma, me) || POP(ma) < GMIN || POP(ma) > GMAX ->
+            PH = READY;
+            refuse_start()
+        :: else ->
+            members = ma;
+            begin_run();
+            /* replay the shards that overtook the start */
+            e = 0;
+            do
+            :: e < nearly && PH == RUNNING ->
+                from = early_f[e];
+                ma = early_a[e];
+                mb = early_b[e];
+                mg = gid;
+                if
+                :: early_r[e] -> on_rshard()
+                :: else -> on_shard()
+                fi;
+                e++
+            :: else -> break
+            od;
+            nearly = 0
+        fi
+    fi
+}
+
+/* ---- abort (spec/group.md section 6) ---- */
+
+inline on_abort() {
+    if
+    :: PH == INITIATING && mg == gid ->
+        /* an invitee withdrew before the start */
+        accepted = accepted & ~BIT(from);
+        invited = invited & ~BIT(from);
+        if
+        :: invited == 0 -> finish_formation()
+        :: else -> skip
+        fi
+    :: PH == PENDING && mg == gid -> PH = READY
+    :: PH == RUNNING && mg == gid && HAS(members, from) -> abort_run()  /* forwarded */
+    :: else -> skip
+    fi
+}
+
+inline handle() {
+    if
+    :: mt == INVITE -> on_invite()
+    :: mt == ACCEPT || mt == DECLINE -> on_reply()
+    :: mt == START ->
+        if
+        :: PH == PENDING || PH == RUNNING -> on_start()
+        :: else -> skip
+        fi
+    :: mt == ABORT -> on_abort()
+    :: mt == SHARD || mt == RSHARD ->
+        if
+        :: PH == PENDING && mg == gid ->
+            if
+            :: nearly < EARLY ->
+                early_r[nearly] = (mt == RSHARD);
+                early_f[nearly] = from;
+                early_a[nearly] = ma;
+                early_b[nearly] = mb;
+                nearly++
+            :: else -> skip
+            fi
+        :: PH == RUNNING && mt == SHARD -> on_shard()
+        :: PH == RUNNING && mt == RSHARD -> on_rshard()
+        :: else -> skip
+        fi
+    fi
+}
+
+inline peer_lost() {
+    i = 0;
+    do
+    :: i < N && !(HAS(deadset, i) && !HAS(lost, i)) -> i++
+    :: else -> break
+    od;
+    lost = lost | BIT(i);
+    if
+#ifndef BUG_NO_ABORT_ON_LOSS
+    :: PH == RUNNING && HAS(members, i) -> abort_run()
+#endif
+    :: PH == INITIATING ->
+        invited = invited & ~BIT(i);
+        accepted = accepted & ~BIT(i)
+    :: PH == PENDING && initiator == i -> PH = READY
+    :: else -> skip
+    fi
+}
+
+/* receive the next message from node s */
+#define RECV(s) \
+    :: atomic { s != me && nempty(link[s * N + me]) -> \
+        link[s * N + me]?mt, mg, ma, mb; \
+        from = s; \
+        if \
+        :: HAS(lost, s) -> skip \
+        :: HAS(deadset, s) -> skip \
+        :: else -> handle() \
+        fi }
+
+/* a deadline: any time, or with PROGRESS only when nothing else can happen */
+#ifdef PROGRESS
+#define DEADLINE(cond) :: atomic { (cond) && timeout ->
+#else
+#define DEADLINE(cond) :: atomic { (cond) ->
+#endif
+
+proctype Node(byte me) {
+    byte gid, prio, initiator, invited, accepted, members, myidx, k;
+    byte shfrom, shacc, rfrom, tries, lost, nearly, e;
+    byte reduced[GMAX];
+    bool early_r[EARLY];
+    byte early_f[EARLY], early_a[EARLY], early_b[EARLY];
+    mtype mt;
+    byte from, mg, ma, mb;
+    byte i, j, t, x, y;
+
+    PH = READY;
+end:
+    do
+    RECV(0)
+    RECV(1)
+    RECV(2)
+    RECV(3)
+    :: atomic { PH == READY && me < NINIT && tries < TRIES
+                && POP(CONTRIB & ~BIT(me) & ~lost) >= GMIN - 1 -> initiate() }
+    DEADLINE(PH == INITIATING) finish_formation() }    /* invite_timeout */
+#ifndef BUG_NO_START_TIMEOUT
+    DEADLINE(PH == PENDING) PH = READY }                /* invite + start timeout */
+#endif
+#ifndef BUG_NO_ABORT_ON_LOSS
+    DEADLINE(PH == RUNNING) abort_run() }               /* allreduce_timeout */
+#endif
+    :: atomic { PH != DEAD && (deadset & ~lost & ~BIT(me)) != 0 -> peer_lost() }
+    :: atomic { crashes < MAXCRASH && PH != IDLE && PH != DEAD ->
+        crashes++;
+        deadset = deadset | BIT(me);
+        PH = DEAD;
+        goto crashed }
+    :: atomic { withdrawals < MAXWITHDRAW && PH != IDLE && PH != DEAD ->
+        withdrawals++;
+        if
+        :: PH == INITIATING -> cancel_formation()
+        :: PH == PENDING -> send(initiator, ABORT, gid, 0, 0)
+        :: PH == RUNNING -> abort_run()
+        :: else -> skip
+        fi;
+        PH = IDLE }
+    od;
+crashed:
+    skip
+}
+
+#ifndef PROGRESS
+/* every wait has a deadline: when nothing at all can happen, nobody is left waiting */
+active proctype Watchdog() {
+end:
+    timeout ->
+    assert(phase[0] != INITIATING && phase[0] != PENDING && phase[0] != RUNNING &&
+           phase[1] != INITIATING && phase[1] != PENDING && phase[1] != RUNNING &&
+           phase[2] != INITIATING && phase[2] != PENDING && phase[2] != RUNNING &&
+           phase[3] != INITIATING && phase[3] != PENDING && phase[3] != RUNNING)
+}
+#endif
+
+init {
+    atomic {
+        run Node(0);
+        run Node(1);
+        run Node(2);
+        run Node(3)
+    }
+}
+
+#ifdef PROGRESS
+/* one initiator, no faults: every invited member completes the group */
+ltl all_complete { <> (ncompleted == GMAX) }
+#endif
