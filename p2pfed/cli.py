@@ -32,6 +32,7 @@ from p2pfed.config import (
     default_config_text,
     default_node_dir,
 )
+from p2pfed.conformance import add_conformance_parser
 from p2pfed.daemon import add_node_parser
 from p2pfed.demo import add_demo_parser
 from p2pfed.errors import ConfigError, P2pfedError
@@ -254,6 +255,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_status_parser,
     add_node_parser,
     add_demo_parser,
+    add_conformance_parser,
 ]
 """Functions adding one subcommand each, in help order."""
 

@@ -139,7 +139,12 @@ class RoundReport:
     round: int
     group_size: int
     seconds: float
+    """The whole round: training, DP, then finding a group and the all-reduce."""
     train_seconds: float
+    formation_seconds: float
+    """From offering the contribution to the start of the group that completed."""
+    allreduce_seconds: float
+    """From that group's start to the result (masking, shards, decoding)."""
     metrics: dict[str, float]
     epsilon_spent: float | None
 
@@ -181,6 +186,7 @@ class Node:
         self._on_round = on_round
         self._on_group = on_group
         self._offered_at = 0.0
+        self._group_started_at: dict[bytes, float] = {}  # group id -> when it started here
         params = federation.params
         self.group_config = self.options.group or GroupConfig(
             group_min=params.group_min, group_max=params.group_max
@@ -389,6 +395,8 @@ class Node:
             outcome = await self._await_group()
             if outcome is None:
                 break
+            completed_at = trio.current_time()
+            group_started = self._group_started_at.get(outcome.group_id, completed_at)
             self.model = outcome.mean
             self.weight = outcome.weight
             self.round = max(self.round, outcome.round) + 1
@@ -404,6 +412,8 @@ class Node:
                 group_size=len(outcome.members),
                 seconds=trio.current_time() - started,
                 train_seconds=train_seconds,
+                formation_seconds=group_started - self._offered_at,
+                allreduce_seconds=completed_at - group_started,
                 metrics=metrics,
                 epsilon_spent=self.ledger.spent() if self.ledger else None,
             )
@@ -419,6 +429,9 @@ class Node:
                     "round": report.round,
                     "group_size": report.group_size,
                     "seconds": round(report.seconds, 4),
+                    "train_seconds": round(report.train_seconds, 4),
+                    "formation_seconds": round(report.formation_seconds, 4),
+                    "allreduce_seconds": round(report.allreduce_seconds, 4),
                     **{k: round(v, 6) for k, v in metrics.items()},
                 },
             )
@@ -597,6 +610,7 @@ class Node:
             if isinstance(action, Send):
                 self._send(action.peer, action.message, action.address)
             elif isinstance(action, GroupStarted):
+                self._group_started_at = {action.group_id: now}
                 log.info(
                     "group %s started with %d members",
                     action.group_id.hex()[:8],

@@ -89,6 +89,9 @@
 #define POP(x) (HAS(x, 0) + HAS(x, 1) + HAS(x, 2) + HAS(x, 3))
 #define RANK(i, set) POP((set) & (BIT(i) - 1))   /* index of node i in the sorted list */
 #define PH phase[me]
+#define K POP(members)
+#define MYIDX RANK(me, members)
+#define CAN_INVITE (POP(CONTRIB & ~BIT(me) & ~lost) >= GMIN - 1)
 
 mtype = { INVITE, ACCEPT, DECLINE, START, ABORT, SHARD, RSHARD };
 
@@ -104,6 +107,12 @@ byte ncompleted;
 byte deadset;           /* crashed nodes */
 byte crashes;
 byte withdrawals;
+
+/* scratch of one atomic step (the current message and loop counters): not part of the
+   state, since every step is indivisible and leaves nothing in them that a later step reads */
+hidden mtype mt;
+hidden byte from, mg, ma, mb;
+hidden byte i, j, t, x, y, e;
 
 /* ---- helpers (all used inside a node's atomic steps; `me` is the node) ---- */
 
@@ -163,6 +172,32 @@ inline check_no_masks(c, set) {
     od
 }
 
+/* leave a group: forget everything about it (a new group starts from scratch), which also
+   keeps equal states equal */
+inline enter(p) {
+    PH = p;
+    gid = 0;
+    prio = 0;
+    initiator = 0;
+    invited = 0;
+    accepted = 0;
+    members = 0;
+    shfrom = 0;
+    shacc = 0;
+    rfrom = 0;
+    nearly = 0;
+    j = 0;
+    do
+    :: j < GMAX -> reduced[j] = 0; j++
+    :: else -> break
+    od;
+    j = 0;
+    do
+    :: j < EARLY -> early_r[j] = 0; early_f[j] = 0; early_a[j] = 0; early_b[j] = 0; j++
+    :: else -> break
+    od
+}
+
 /* ---- formation (spec/group.md section 3) ---- */
 
 inline cancel_formation() {
@@ -178,35 +213,35 @@ inline abort_run() {
     PH = READY
 }
 
-inline progress() {
+inline make_progress() {
     /* reduce my shard once I hold it from every member */
     if
-    :: !HAS(rfrom, myidx) && shfrom == members ->
-        reduced[myidx] = shacc;
-        rfrom = rfrom | BIT(myidx);
+    :: !HAS(rfrom, MYIDX) && shfrom == members ->
+        reduced[MYIDX] = shacc;
+        rfrom = rfrom | BIT(MYIDX);
         shfrom = 0;
         shacc = 0;
-        send_all(members, RSHARD, gid, myidx, reduced[myidx])
+        send_all(members, RSHARD, gid, MYIDX, reduced[MYIDX])
 #ifdef BUG_REDUCE_EARLY
-    :: !HAS(rfrom, myidx) && POP(shfrom) == k - 1 ->
-        reduced[myidx] = shacc;
-        rfrom = rfrom | BIT(myidx);
+    :: !HAS(rfrom, MYIDX) && POP(shfrom) == K - 1 ->
+        reduced[MYIDX] = shacc;
+        rfrom = rfrom | BIT(MYIDX);
         shfrom = 0;
         shacc = 0;
-        send_all(members, RSHARD, gid, myidx, reduced[myidx])
+        send_all(members, RSHARD, gid, MYIDX, reduced[MYIDX])
 #endif
     :: else -> skip
     fi;
     /* apply only with all k reduced shards: their concatenation is the group sum */
     if
-    :: rfrom == BIT(k) - 1 -> apply()
+    :: rfrom == BIT(K) - 1 -> apply()
 #ifdef BUG_APPLY_EARLY
-    :: POP(rfrom) == k - 1 ->
+    :: POP(rfrom) == K - 1 ->
         /* the missing reduced shard is filled with my own (masked) shard */
         j = 0;
         do
-        :: j < k && HAS(rfrom, j) -> j++
-        :: j < k && !HAS(rfrom, j) -> reduced[j] = BIT(me); rfrom = rfrom | BIT(j); break
+        :: j < K && HAS(rfrom, j) -> j++
+        :: j < K && !HAS(rfrom, j) -> reduced[j] = BIT(me); rfrom = rfrom | BIT(j); break
         :: else -> break
         od;
         apply()
@@ -219,7 +254,7 @@ inline apply() {
     j = 0;
     t = 0;
     do
-    :: j < k ->
+    :: j < K ->
         check_no_masks(reduced[j], gmembers[gid]);
         t = t | (reduced[j] & CONTRIB);
         j++
@@ -243,8 +278,6 @@ inline apply() {
 }
 
 inline begin_run() {
-    k = POP(members);
-    myidx = RANK(me, members);
     shfrom = BIT(me);
     shacc = BIT(me);
     rfrom = 0;
@@ -265,7 +298,7 @@ inline begin_run() {
         i++
     :: else -> break
     od;
-    progress()
+    make_progress()
 }
 
 inline finish_formation() {
@@ -366,11 +399,11 @@ inline on_shard() {
     :: else ->
         t = mb | (mg != gid -> FOREIGN : 0);
         if
-        :: ma != myidx || HAS(shfrom, from) -> abort_run()   /* malformed */
+        :: ma != MYIDX || HAS(shfrom, from) -> abort_run()   /* malformed */
         :: else ->
             shfrom = shfrom | BIT(from);
             combine(shacc, t);
-            progress()
+            make_progress()
         fi
     fi
 }
@@ -388,7 +421,7 @@ inline on_rshard() {
         :: else ->
             reduced[ma] = t;
             rfrom = rfrom | BIT(ma);
-            progress()
+            make_progress()
         fi
     fi
 }
@@ -515,14 +548,11 @@ inline peer_lost() {
 #endif
 
 proctype Node(byte me) {
-    byte gid, prio, initiator, invited, accepted, members, myidx, k;
-    byte shfrom, shacc, rfrom, tries, lost, nearly, e;
+    byte gid, prio, initiator, invited, accepted, members;
+    byte shfrom, shacc, rfrom, tries, lost, nearly;
     byte reduced[GMAX];
     bool early_r[EARLY];
     byte early_f[EARLY], early_a[EARLY], early_b[EARLY];
-    mtype mt;
-    byte from, mg, ma, mb;
-    byte i, j, t, x, y;
 
     PH = READY;
 end:
@@ -531,8 +561,7 @@ end:
     RECV(1)
     RECV(2)
     RECV(3)
-    :: atomic { PH == READY && me < NINIT && tries < TRIES
-                && POP(CONTRIB & ~BIT(me) & ~lost) >= GMIN - 1 -> initiate() }
+    :: atomic { PH == READY && me < NINIT && tries < TRIES && CAN_INVITE -> initiate() }
     DEADLINE(PH == INITIATING) finish_formation() }    /* invite_timeout */
 #ifndef BUG_NO_START_TIMEOUT
     DEADLINE(PH == PENDING) PH = READY }                /* invite + start timeout */
