@@ -142,6 +142,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
     status = StatusWriter(node_dir, state="starting")
 
     def on_round(report: RoundReport) -> None:
+        refresh()
         metrics.rounds_total.inc()
         metrics.round.set(report.round)
         if "accuracy" in report.metrics:
@@ -179,17 +180,20 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
         on_group=on_group,
     )
     node.config = config
-    sent_before = received_before = 0
+    counted = [0, 0]  # bytes sent and received already added to the counters
+
+    def refresh() -> None:
+        sent, received = node.traffic()
+        metrics.bytes_sent_total.inc(sent - counted[0])
+        metrics.bytes_received_total.inc(received - counted[1])
+        counted[:] = [sent, received]
+        peers = node.peer_summary()
+        metrics.peers_connected.set(sum(1 for p in peers if p["connected"]))
+        status.update(trio.current_time(), peers=peers, round=node.round)
 
     async def publish_periodically() -> None:
-        nonlocal sent_before, received_before
         while True:
-            sent, received = node.traffic()
-            metrics.bytes_sent_total.inc(sent - sent_before)
-            metrics.bytes_received_total.inc(received - received_before)
-            sent_before, received_before = sent, received
-            metrics.peers_connected.set(sum(1 for p in node.peer_summary() if p["connected"]))
-            status.update(trio.current_time(), peers=node.peer_summary(), round=node.round)
+            refresh()
             await trio.sleep(1.0)
 
     async with trio.open_nursery() as nursery:

@@ -206,6 +206,7 @@ class Node:
         self._pex: dict[NodeId, PeerExchangeSession] = {}
         self._dialling: set[tuple[str, int]] = set()
         self._host_of: dict[NodeId, str] = {}  # remote address of each peer's channel
+        self._links_changed = trio.Event()
         self._queued: dict[NodeId, list[Message]] = {}
         self._wake = trio.Event()
         self._outcomes_send, self._outcomes = trio.open_memory_channel[
@@ -641,6 +642,8 @@ class Node:
                 return
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
+        if self._stop.is_set():
+            return  # stopping: no new connections
         # no channel yet: queue and dial (group members may not have met before)
         self._queued.setdefault(peer, []).append(message)
         target = address or self._address_of(peer)
@@ -761,6 +764,7 @@ class Node:
             if link in links:
                 links.remove(link)
             send.close()
+            self._links_changed.set()
             if not links:
                 self._links.pop(peer, None)
                 self._pex.pop(peer, None)
@@ -773,6 +777,8 @@ class Node:
         try:
             async for message in outbox:
                 await channel.send(message)
+            # the outbox was closed: the node is stopping and everything queued is sent
+            await channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
         except ChannelClosed:
             pass
 
@@ -854,15 +860,24 @@ class Node:
         """Leave cleanly: abort (or let finish) the current group, close every channel."""
         assert self.group is not None
         if self.group.phase is Phase.RUNNING:
-            # give the running all-reduce a chance to finish before withdrawing
+            # let the running all-reduce finish (or abort) before withdrawing: its outcome
+            # arrives on the outcome channel like any other
             with trio.move_on_after(self.group_config.allreduce_timeout):
                 while self.group.phase is Phase.RUNNING:
-                    await trio.sleep(0.05)
+                    await self._outcomes.receive()
         self._act(self.group.withdraw())
-        with trio.move_on_after(1.0):
-            for links in list(self._links.values()):
-                for link in list(links):
-                    await link.channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
+        # closing the outboxes lets every writer send what is queued (our last reduced
+        # shard, the aborts just queued), then close its channel with a Close message
+        for links in self._links.values():
+            for link in links:
+                link.outbox.close()
+        with trio.move_on_after(2.0):
+            while self._links:
+                await self._links_changed.wait()
+                self._links_changed = trio.Event()
+        for links in list(self._links.values()):
+            for link in list(links):
+                await link.channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
 
 
 def federation_seed(federation: Federation) -> int:
