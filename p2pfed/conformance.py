@@ -101,7 +101,6 @@ SECTIONS: dict[str, str] = {
     "transport.md §5": "Framing",
     "transport.md §6": "Channel control messages",
     "transport.md §7": "Error handling",
-    "transport.md §8": "Limits and timeouts",
     "encoding.md": "Deterministic CBOR, envelope and closed schemas",
     "discovery.md §4.5": "NodeAnnounce",
     "group.md": "Formation and secure all-reduce with reference peers",
@@ -575,9 +574,8 @@ async def _provoke(
     if kind == "close" and value.code == expected:
         status, detail = Status.PASS, f"Close {wanted}: {value.reason!r}"
     elif kind == "close":
-        detail = f"expected Close {wanted} after {what}, got Close {_code_name(value.code)}: " + (
-            repr(value.reason)
-        )
+        got = _code_name(value.code)
+        detail = f"expected Close {wanted} after {what}, got Close {got}: {value.reason!r}"
     elif kind == "hangup":
         status = Status.WARN
         detail = (
@@ -1177,7 +1175,7 @@ def add_conformance_parser(subparsers: Any) -> None:
 
 def cmd_conformance(args: argparse.Namespace) -> int:
     """Run the kit; exit status 0 if every check passed (warnings and skips allowed)."""
-    from p2pfed.daemon import _task_settings
+    from p2pfed.daemon import parse_task_settings
     from p2pfed.logs import setup_logging
 
     try:
@@ -1190,7 +1188,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         idle=args.idle,
         group_timeout=args.group_timeout,
         task=args.task,
-        task_settings=_task_settings(args.task_settings),
+        task_settings=parse_task_settings(args.task_settings),
         listen_host=args.listen_host,
     )
     setup_logging("text", args.log_level)

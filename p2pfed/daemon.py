@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the node pulls in torch: import it only when a node runs
     from p2pfed.group import GroupAborted, GroupCompleted
     from p2pfed.node import Node, NodeOptions, RoundReport
 
-__all__ = ["add_node_parser", "cmd_node", "run_node"]
+__all__ = ["add_node_parser", "cmd_node", "parse_task_settings", "run_node"]
 
 log = logging.getLogger("p2pfed.daemon")
 
@@ -82,7 +82,7 @@ def add_node_parser(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_node)
 
 
-def _task_settings(pairs: list[str]) -> dict[str, Any]:
+def parse_task_settings(pairs: list[str]) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -110,7 +110,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         training=not args.no_train,
         max_rounds=args.rounds,
         linger=args.linger,
-        task_config=_task_settings(args.task_settings),
+        task_config=parse_task_settings(args.task_settings),
         masking=not args.insecure_no_masking,
     )
     result = trio.run(run_node, node_dir, options, args)

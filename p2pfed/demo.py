@@ -148,9 +148,9 @@ def create_local_federation(
         node_dir.mkdir(parents=True, mode=0o700)
         save_identity(node_dir / IDENTITY_FILE_NAME, NodeIdentity.generate())
         save_federation(node_dir / "federation.toml", federation)
-        others = [f"127.0.0.1:{ports[0]}"] if index else [f"127.0.0.1:{ports[1]}"]
-        if not bootstrap:
-            others = []
+        others: list[str] = []
+        if bootstrap and nodes > 1:
+            others = [f"127.0.0.1:{ports[0 if index else 1]}"]
         atomic_write_text(node_dir / "config.toml", _config_text(ports[index], others, mdns, task))
         dirs.append(node_dir)
     return dirs

@@ -94,6 +94,17 @@ class Net:
                 self.handle(receiver, self.nodes[receiver].receive(sender, message, self.now))
             self.now += step
 
+    def kill_when_sending_a_shard(self, victim: NodeId) -> None:
+        """The victim dies as it sends its first shard: mid all-reduce."""
+
+        def kill(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+            if isinstance(message, Shard) and sender == victim:
+                self.dead.add(victim)
+                return True
+            return False
+
+        self.drop = kill
+
     def offer(self, vectors: dict[NodeId, np.ndarray], weights: dict[NodeId, int]) -> None:
         for node_id, node in self.nodes.items():
             node.set_contribution(vectors[node_id], weights[node_id], 1, self.now)
@@ -182,14 +193,7 @@ def test_member_dying_mid_allreduce_aborts_everyone_without_applying() -> None:
     net = Net(3, config)  # the victim is necessarily in the only possible group
     vectors, weights = random_models(net)
     victim = sorted(net.nodes)[1]
-
-    def kill_on_first_shard(sender: NodeId, receiver: NodeId, message: Message) -> bool:
-        if isinstance(message, Shard) and sender == victim:
-            net.dead.add(victim)
-            return True
-        return False
-
-    net.drop = kill_on_first_shard
+    net.kill_when_sending_a_shard(victim)
     net.offer(vectors, weights)
     net.run(until=3.0)
     survivors = [n for n in net.nodes if n != victim]
@@ -197,14 +201,7 @@ def test_member_dying_mid_allreduce_aborts_everyone_without_applying() -> None:
     for n in survivors:
         aborts = [o for o in net.outcomes[n] if isinstance(o, GroupAborted)]
         assert aborts, f"{n.short} neither completed nor aborted"
-    blamed = {
-        b
-        for n in survivors
-        for o in net.outcomes[n]
-        if isinstance(o, GroupAborted)
-        for b in o.blame
-    }
-    assert victim in blamed
+    assert victim in blamed_by(net, survivors)
     # survivors keep their contribution and are ready to regroup
     assert all(
         net.nodes[n].phase in (Phase.READY, Phase.INITIATING, Phase.PENDING) for n in survivors
@@ -216,14 +213,7 @@ def test_regrouping_after_an_abort_excluding_the_failed_member() -> None:
     net = Net(5, config, seed=3)
     vectors, weights = random_models(net)
     victim = sorted(net.nodes)[0]
-
-    def kill(sender: NodeId, receiver: NodeId, message: Message) -> bool:
-        if isinstance(message, Shard) and sender == victim:
-            net.dead.add(victim)
-            return True
-        return False
-
-    net.drop = kill
+    net.kill_when_sending_a_shard(victim)
     net.offer(vectors, weights)
     net.run(until=5.0)
     done = completed(net)
@@ -259,14 +249,7 @@ def test_malformed_shard_aborts_and_blames_the_sender() -> None:
     net.offer(vectors, weights)
     net.run(until=1.0)
     assert not completed(net)
-    blamed = {
-        b
-        for outs in net.outcomes.values()
-        for o in outs
-        if isinstance(o, GroupAborted)
-        for b in o.blame
-    }
-    assert liar in blamed
+    assert liar in blamed_by(net, list(net.nodes))
 
 
 def test_stale_abort_of_another_group_is_ignored() -> None:
