@@ -202,3 +202,34 @@ def test_federated_averaging_matches_the_centralized_baseline() -> None:
         accuracy = task.evaluate(model, datas[node], configs[node])["accuracy"]
         assert accuracy >= baseline["accuracy"] - 0.03, (node, accuracy, baseline)
     assert first_round_accuracy is not None and first_round_accuracy < baseline["accuracy"] - 0.03
+
+
+def test_training_step_is_torch_sgd_without_its_import_cost() -> None:
+    """The hand-written momentum SGD makes exactly torch.optim.SGD's updates, and training
+    does not pull in TorchDynamo (which torch.optim imports on its first step: ~70 MB)."""
+    settings = {**config(0), "local_epochs": 2}
+    ours, reference = task.build_model(settings), task.build_model(settings)
+    data = task.load_data(settings)
+    task.train(ours, data, settings, torch.Generator().manual_seed(3))
+    x, y = data.train
+    optimizer = torch.optim.SGD(
+        reference.parameters(),
+        lr=float(DEFAULT_TRAINING["lr"]),
+        momentum=float(DEFAULT_TRAINING["momentum"]),
+    )
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        for batch in torch.randperm(len(y), generator=generator).split(
+            int(DEFAULT_TRAINING["batch_size"])
+        ):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]).backward()
+            optimizer.step()
+    assert np.array_equal(model_to_vector(ours), model_to_vector(reference))
+    code = (
+        "import sys, torch; from p2pfed.tasks.digits import task; "
+        "c = {'node_index': 0, 'num_nodes': 4}; m = task.build_model(c); "
+        "task.train(m, task.load_data(c), c, torch.Generator().manual_seed(0)); "
+        "assert 'torch._dynamo' not in sys.modules, 'training imported torch._dynamo'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
