@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from bench.results import report
 from p2pfed.fixedpoint import DEFAULT_PARAMS, make_contribution
 from p2pfed.masking import GroupMember, MaskingContext, mask_public_key, sum_contributions
 
@@ -172,6 +173,7 @@ def bench_size(d: int, repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="d = 10**5 only (smoke test)")
+    parser.add_argument("--record", action="store_true", help="store the result in bench/results/")
     args = parser.parse_args(argv)
     sizes = [(10**5, 3)] if args.quick else [(10**6, 7), (10**7, 5)]
     started = time.perf_counter()
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": results,
         "wall_s": time.perf_counter() - started,
     }
-    print(json.dumps(summary, sort_keys=True))
+    print(json.dumps(report("secagg", summary, record=args.record and not args.quick)))
     return 0
 
 
