@@ -214,8 +214,7 @@ class Node:
         ](math.inf)
         self._connector_wake = trio.Event()
         self._stop = trio.Event()
-        self.finished = trio.Event()
-        """Set when :meth:`run` has shut the node down."""
+        self.finished = trio.Event()  # set when run() has shut the node down
         self._nursery: trio.Nursery | None = None
         self.listen_port = 0
         # model state
@@ -232,7 +231,6 @@ class Node:
         self.groups_completed = 0
         self.groups_aborted = 0
         self._announced_finish = False
-        self._final_data: NodeData | None = None
 
     # -- construction from a node directory ----------------------------------------------
 
