@@ -4,7 +4,7 @@
  *
  * Rules of this file (see spec/model/README.md for the full mapping):
  *
- *  - One Node process per node, N = 4 nodes. Nodes 0 .. NINIT-1 initiate groups, each at
+ *  - One Node process per node, N = 3 or 4 nodes. Nodes 0 .. NINIT-1 initiate groups, each at
  *    most TRIES times, so the state space is finite. Every node holds a contribution.
  *  - Each ordered pair of nodes has its own FIFO channel link[from*N+to]: like the TCP
  *    channels of p2pfed, messages between one pair keep their order, messages of
@@ -14,9 +14,12 @@
  *    receive / poll / peer_lost / withdraw. Every deadline may expire at any moment
  *    (nondeterministic choice): the model says nothing about clocks, so it covers every
  *    ordering of slow links and early timeouts.
- *  - Up to MAXCRASH nodes crash at any point between two inputs. Messages already on the
- *    way from a crashed node may or may not arrive (its connection was reset); its peers
- *    notice the closed channel at some later point (peer_lost); messages to it vanish.
+ *  - Up to MAXCRASH nodes crash at any point between two inputs while they are in a group
+ *    (INITIATING, PENDING or RUNNING; a crash outside a group is, to the others, an
+ *    invitee that never answers, which the nondeterministic deadlines already cover).
+ *    Messages already on the way from a crashed node may or may not arrive (its
+ *    connection was reset); its peers notice the closed channel at some later point
+ *    (peer_lost); messages to it vanish.
  *  - Up to MAXWITHDRAW nodes withdraw their contribution (GroupProtocol.withdraw).
  *  - The maths is abstract. A contribution is a token: node m's contribution is the bit
  *    BIT(m). A (reduced) shard carries the set of contributions summed into it, plus
@@ -33,13 +36,16 @@
  * deadline. With -DPROGRESS (one initiator, no faults, deadlines only expire when nothing
  * else can happen) the LTL property "eventually every member completes" is checked too.
  *
- * Deliberate bugs, each of which spin must catch (check.sh -D<name> must fail):
+ * Deliberate bugs (spec/model/README.md, "Planted bugs"); check.sh -D<name> must fail for
+ * the first four:
  *  BUG_APPLY_EARLY        a member applies the sum when it holds k-1 reduced shards;
  *  BUG_REDUCE_EARLY       a member reduces its shard when it holds k-1 shards;
  *  BUG_NO_GROUP_CHECK     Shard/ReducedShard are not checked against the running group id;
- *  BUG_NO_START_TIMEOUT   a PENDING member waits for GroupStart without a deadline;
  *  BUG_NO_ABORT_ON_LOSS   a RUNNING member ignores the loss of a member's channel and
- *                         has no all-reduce deadline.
+ *                         has no all-reduce deadline;
+ *  BUG_NO_START_TIMEOUT   a PENDING member waits for GroupStart without a deadline (spin
+ *                         finds no violation: see the README's findings);
+ *  BUG_NO_YIELD           an initiator never yields to a higher priority (liveness only).
  */
 
 #ifndef NINIT
@@ -67,7 +73,9 @@
 #define QS 4            /* capacity of each pair channel (overflow is an assertion) */
 #endif
 
-#define N 4
+#ifndef N
+#define N 4         /* 3 or 4 nodes */
+#endif
 #define NG (NINIT * TRIES + 1)      /* group ids 1 .. NINIT*TRIES; 0 = none */
 #define EARLY (2 * GMAX)            /* buffered early shards (spec/group.md section 4) */
 
@@ -79,8 +87,8 @@
 #define RUNNING 4
 #define DEAD 5
 
-/* contents of a (reduced) shard: contributor bits 0..3, plus */
-#define CONTRIB 15
+/* contents of a (reduced) shard: contributor bits 0..N-1, plus */
+#define CONTRIB (BIT(N) - 1)
 #define FOREIGN 16      /* a contribution of another group: its masks never cancel here */
 #define DUP 32          /* a contribution added twice: its masks are counted twice */
 
@@ -89,6 +97,7 @@
 #define POP(x) (HAS(x, 0) + HAS(x, 1) + HAS(x, 2) + HAS(x, 3))
 #define RANK(i, set) POP((set) & (BIT(i) - 1))   /* index of node i in the sorted list */
 #define PH phase[me]
+#define QUIET(n) (phase[n] != INITIATING && phase[n] != PENDING && phase[n] != RUNNING)
 #define K POP(members)
 #define MYIDX RANK(me, members)
 #define CAN_INVITE (POP(CONTRIB & ~BIT(me) & ~lost) >= GMIN - 1)
@@ -112,29 +121,29 @@ byte withdrawals;
    state, since every step is indivisible and leaves nothing in them that a later step reads */
 hidden mtype mt;
 hidden byte from, mg, ma, mb;
-hidden byte i, j, t, x, y, e;
+hidden byte vi, vj, vt, vx, vy, ve;
 
 /* ---- helpers (all used inside a node's atomic steps; `me` is the node) ---- */
 
-inline send(to, t, g, x, y) {
+inline send(to, typ, g, pa, pb) {
     if
     :: HAS(deadset, to) -> skip        /* the channel is gone: the message is lost */
     :: else ->
         assert(nfull(link[me * N + to]));   /* a full channel would block: enlarge QS */
-        link[me * N + to]!t, g, x, y
+        link[me * N + to]!typ, g, pa, pb
     fi
 }
 
 /* send to every node of `set` except me */
-inline send_all(set, t, g, x, y) {
-    i = 0;
+inline send_all(set, typ, g, pa, pb) {
+    vi = 0;
     do
-    :: i < N ->
+    :: vi < N ->
         if
-        :: HAS(set, i) && i != me -> send(i, t, g, x, y)
+        :: HAS(set, vi) && vi != me -> send(vi, typ, g, pa, pb)
         :: else -> skip
         fi;
-        i++
+        vi++
     :: else -> break
     od
 }
@@ -152,22 +161,22 @@ inline combine(acc, c) {
 inline check_no_masks(c, set) {
     assert((c & (FOREIGN | DUP)) == 0);
     assert((c & CONTRIB & ~set) == 0);  /* a non-member's masks are over another member list */
-    x = 0;
+    vx = 0;
     do
-    :: x < N ->
-        y = x + 1;
+    :: vx < N ->
+        vy = vx + 1;
         do
-        :: y < N ->
+        :: vy < N ->
             if
-            :: HAS(set, x) && HAS(set, y) ->
+            :: HAS(set, vx) && HAS(set, vy) ->
                 /* +mask(x,y) from x and -mask(x,y) from y: both or neither */
-                assert(HAS(c, x) == HAS(c, y))
+                assert(HAS(c, vx) == HAS(c, vy))
             :: else -> skip
             fi;
-            y++
+            vy++
         :: else -> break
         od;
-        x++
+        vx++
     :: else -> break
     od
 }
@@ -186,14 +195,14 @@ inline enter(p) {
     shacc = 0;
     rfrom = 0;
     nearly = 0;
-    j = 0;
+    vj = 0;
     do
-    :: j < GMAX -> reduced[j] = 0; j++
+    :: vj < GMAX -> reduced[vj] = 0; vj++
     :: else -> break
     od;
-    j = 0;
+    vj = 0;
     do
-    :: j < EARLY -> early_r[j] = 0; early_f[j] = 0; early_a[j] = 0; early_b[j] = 0; j++
+    :: vj < EARLY -> early_r[vj] = 0; early_f[vj] = 0; early_a[vj] = 0; early_b[vj] = 0; vj++
     :: else -> break
     od
 }
@@ -204,13 +213,13 @@ inline cancel_formation() {
     send_all(invited | accepted, ABORT, gid, 0, 0);
     invited = 0;
     accepted = 0;
-    PH = READY
+    enter(READY)
 }
 
 inline abort_run() {
     /* spec/group.md section 6: tell every other member, keep the own model, back to READY */
     send_all(members, ABORT, gid, 0, 0);
-    PH = READY
+    enter(READY)
 }
 
 inline make_progress() {
@@ -238,10 +247,10 @@ inline make_progress() {
 #ifdef BUG_APPLY_EARLY
     :: POP(rfrom) == K - 1 ->
         /* the missing reduced shard is filled with my own (masked) shard */
-        j = 0;
+        vj = 0;
         do
-        :: j < K && HAS(rfrom, j) -> j++
-        :: j < K && !HAS(rfrom, j) -> reduced[j] = BIT(me); rfrom = rfrom | BIT(j); break
+        :: vj < K && HAS(rfrom, vj) -> vj++
+        :: vj < K && !HAS(rfrom, vj) -> reduced[vj] = BIT(me); rfrom = rfrom | BIT(vj); break
         :: else -> break
         od;
         apply()
@@ -251,51 +260,51 @@ inline make_progress() {
 }
 
 inline apply() {
-    j = 0;
-    t = 0;
+    vj = 0;
+    vt = 0;
     do
-    :: j < K ->
-        check_no_masks(reduced[j], gmembers[gid]);
-        t = t | (reduced[j] & CONTRIB);
-        j++
+    :: vj < K ->
+        check_no_masks(reduced[vj], gmembers[gid]);
+        vt = vt | (reduced[vj] & CONTRIB);
+        vj++
     :: else -> break
     od;
 #ifdef CANARY_COMPLETION
     assert(false);      /* sanity run: spin must show that a group can complete */
 #endif
     done_gid[me] = gid;
-    done_set[me] = t;
+    done_set[me] = vt;
     /* agreement: every member of this group that completed applied the same sum */
-    j = 0;
+    vj = 0;
     do
-    :: j < N ->
-        assert(j == me || done_gid[j] != gid || done_set[j] == t);
-        j++
+    :: vj < N ->
+        assert(vj == me || done_gid[vj] != gid || done_set[vj] == vt);
+        vj++
     :: else -> break
     od;
     ncompleted++;
-    PH = IDLE
+    enter(IDLE)
 }
 
 inline begin_run() {
     shfrom = BIT(me);
     shacc = BIT(me);
     rfrom = 0;
-    j = 0;
+    vj = 0;
     do
-    :: j < GMAX -> reduced[j] = 0; j++
+    :: vj < GMAX -> reduced[vj] = 0; vj++
     :: else -> break
     od;
     PH = RUNNING;
     /* shard j of my contribution goes to member j */
-    i = 0;
+    vi = 0;
     do
-    :: i < N ->
+    :: vi < N ->
         if
-        :: HAS(members, i) && i != me -> send(i, SHARD, gid, RANK(i, members), BIT(me))
+        :: HAS(members, vi) && vi != me -> send(vi, SHARD, gid, RANK(vi, members), BIT(me))
         :: else -> skip
         fi;
-        i++
+        vi++
     :: else -> break
     od;
     make_progress()
@@ -329,8 +338,8 @@ inline initiate() {
     od;
     gid = me * TRIES + tries + 1;
     tries++;
-#ifdef PROGRESS
-    prio = gid;         /* distinct priorities */
+#if defined(PROGRESS) || defined(FIXED_PRIO)
+    prio = gid;         /* distinct priorities, the later initiator's is higher */
 #else
     select(prio : 1 .. NPRIO);
 #endif
@@ -340,28 +349,28 @@ inline initiate() {
 }
 
 inline on_invite() {
-    t = 0;  /* 1: decline */
+    vt = 0;  /* 1: decline */
     if
     :: PH == INITIATING ->
         if
 #ifdef BUG_NO_YIELD
-        :: true -> t = 1
+        :: true -> vt = 1
 #else
-        :: ma <= prio -> t = 1
+        :: ma <= prio -> vt = 1
         :: else -> cancel_formation()     /* preempted by a higher priority */
 #endif
         fi
     :: PH == PENDING ->
         if
-        :: ma <= prio || initiator == from -> t = 1
+        :: ma <= prio || initiator == from -> vt = 1
         :: else ->
             send(initiator, ABORT, gid, 0, 0);  /* withdrawn for another group */
-            PH = READY
+            enter(READY)
         fi
     :: else -> skip
     fi;
     if
-    :: t == 0 && PH == READY ->
+    :: vt == 0 && PH == READY ->
         gid = mg;
         prio = ma;
         initiator = from;
@@ -397,12 +406,12 @@ inline on_shard() {
     :: mg != gid -> skip        /* a shard of an aborted group still in flight */
 #endif
     :: else ->
-        t = mb | (mg != gid -> FOREIGN : 0);
+        vt = mb | (mg != gid -> FOREIGN : 0);
         if
         :: ma != MYIDX || HAS(shfrom, from) -> abort_run()   /* malformed */
         :: else ->
             shfrom = shfrom | BIT(from);
-            combine(shacc, t);
+            combine(shacc, vt);
             make_progress()
         fi
     fi
@@ -415,11 +424,11 @@ inline on_rshard() {
     :: mg != gid -> skip
 #endif
     :: else ->
-        t = mb | (mg != gid -> FOREIGN : 0);
+        vt = mb | (mg != gid -> FOREIGN : 0);
         if
         :: ma != RANK(from, members) || HAS(rfrom, ma) -> abort_run()   /* malformed */
         :: else ->
-            reduced[ma] = t;
+            reduced[ma] = vt;
             rfrom = rfrom | BIT(ma);
             make_progress()
         fi
@@ -438,24 +447,24 @@ inline on_start() {
         if
         :: from != initiator -> skip
         :: !HAS(ma, me) || POP(ma) < GMIN || POP(ma) > GMAX ->
-            PH = READY;
+            enter(READY);
             refuse_start()
         :: else ->
             members = ma;
             begin_run();
             /* replay the shards that overtook the start */
-            e = 0;
+            ve = 0;
             do
-            :: e < nearly && PH == RUNNING ->
-                from = early_f[e];
-                ma = early_a[e];
-                mb = early_b[e];
+            :: ve < nearly && PH == RUNNING ->
+                from = early_f[ve];
+                ma = early_a[ve];
+                mb = early_b[ve];
                 mg = gid;
                 if
-                :: early_r[e] -> on_rshard()
+                :: early_r[ve] -> on_rshard()
                 :: else -> on_shard()
                 fi;
-                e++
+                ve++
             :: else -> break
             od;
             nearly = 0
@@ -475,7 +484,7 @@ inline on_abort() {
         :: invited == 0 -> finish_formation()
         :: else -> skip
         fi
-    :: PH == PENDING && mg == gid -> PH = READY
+    :: PH == PENDING && mg == gid -> enter(READY)
     :: PH == RUNNING && mg == gid && HAS(members, from) -> abort_run()  /* forwarded */
     :: else -> skip
     fi
@@ -511,34 +520,48 @@ inline handle() {
 }
 
 inline peer_lost() {
-    i = 0;
+    vi = 0;
     do
-    :: i < N && !(HAS(deadset, i) && !HAS(lost, i)) -> i++
+    :: vi < N && !(HAS(deadset, vi) && !HAS(lost, vi)) -> vi++
     :: else -> break
     od;
-    lost = lost | BIT(i);
+    lost = lost | BIT(vi);
     if
 #ifndef BUG_NO_ABORT_ON_LOSS
-    :: PH == RUNNING && HAS(members, i) -> abort_run()
+    :: PH == RUNNING && HAS(members, vi) -> abort_run()
 #endif
     :: PH == INITIATING ->
-        invited = invited & ~BIT(i);
-        accepted = accepted & ~BIT(i)
-    :: PH == PENDING && initiator == i -> PH = READY
+        invited = invited & ~BIT(vi);
+        accepted = accepted & ~BIT(vi)
+    :: PH == PENDING && initiator == vi -> enter(READY)
     :: else -> skip
     fi
 }
 
-/* receive the next message from node s */
-#define RECV(s) \
-    :: atomic { s != me && nempty(link[s * N + me]) -> \
-        link[s * N + me]?mt, mg, ma, mb; \
-        from = s; \
-        if \
-        :: HAS(lost, s) -> skip \
-        :: HAS(deadset, s) -> skip \
-        :: else -> handle() \
-        fi }
+/* receive the next message, from any node whose channel to me is not empty */
+#define INBOX(s) len(link[(s) * N + me])
+#if N > 3
+#define ANY_MAIL (INBOX(0) + INBOX(1) + INBOX(2) + INBOX(3) > 0)
+#else
+#define ANY_MAIL (INBOX(0) + INBOX(1) + INBOX(2) > 0)
+#endif
+
+inline receive() {
+    if
+    :: INBOX(0) > 0 -> from = 0
+    :: INBOX(1) > 0 -> from = 1
+    :: INBOX(2) > 0 -> from = 2
+#if N > 3
+    :: INBOX(3) > 0 -> from = 3
+#endif
+    fi;
+    link[from * N + me]?mt, mg, ma, mb;
+    if
+    :: HAS(lost, from) -> skip         /* after the channel closed: never delivered */
+    :: HAS(deadset, from) -> skip      /* in flight when the sender crashed: lost ... */
+    :: else -> handle()                /* ... or delivered */
+    fi
+}
 
 /* a deadline: any time, or with PROGRESS only when nothing else can happen */
 #ifdef PROGRESS
@@ -557,23 +580,20 @@ proctype Node(byte me) {
     PH = READY;
 end:
     do
-    RECV(0)
-    RECV(1)
-    RECV(2)
-    RECV(3)
+    :: atomic { ANY_MAIL -> receive() }
     :: atomic { PH == READY && me < NINIT && tries < TRIES && CAN_INVITE -> initiate() }
     DEADLINE(PH == INITIATING) finish_formation() }    /* invite_timeout */
 #ifndef BUG_NO_START_TIMEOUT
-    DEADLINE(PH == PENDING) PH = READY }                /* invite + start timeout */
+    DEADLINE(PH == PENDING) enter(READY) }                /* invite + start timeout */
 #endif
 #ifndef BUG_NO_ABORT_ON_LOSS
     DEADLINE(PH == RUNNING) abort_run() }               /* allreduce_timeout */
 #endif
     :: atomic { PH != DEAD && (deadset & ~lost & ~BIT(me)) != 0 -> peer_lost() }
-    :: atomic { crashes < MAXCRASH && PH != IDLE && PH != DEAD ->
+    :: atomic { crashes < MAXCRASH && (PH == INITIATING || PH == PENDING || PH == RUNNING) ->
         crashes++;
         deadset = deadset | BIT(me);
-        PH = DEAD;
+        enter(DEAD);
         goto crashed }
     :: atomic { withdrawals < MAXWITHDRAW && PH != IDLE && PH != DEAD ->
         withdrawals++;
@@ -583,7 +603,7 @@ end:
         :: PH == RUNNING -> abort_run()
         :: else -> skip
         fi;
-        PH = IDLE }
+        enter(IDLE) }
     od;
 crashed:
     skip
@@ -594,10 +614,11 @@ crashed:
 active proctype Watchdog() {
 end:
     timeout ->
-    assert(phase[0] != INITIATING && phase[0] != PENDING && phase[0] != RUNNING &&
-           phase[1] != INITIATING && phase[1] != PENDING && phase[1] != RUNNING &&
-           phase[2] != INITIATING && phase[2] != PENDING && phase[2] != RUNNING &&
-           phase[3] != INITIATING && phase[3] != PENDING && phase[3] != RUNNING)
+    assert(QUIET(0) && QUIET(1) && QUIET(2)
+#if N > 3
+           && QUIET(3)
+#endif
+    )
 }
 #endif
 
@@ -606,7 +627,9 @@ init {
         run Node(0);
         run Node(1);
         run Node(2);
+#if N > 3
         run Node(3)
+#endif
     }
 }
 
