@@ -39,6 +39,7 @@ from p2pfed.errors import ConfigError, P2pfedError
 from p2pfed.federation import Federation, load_federation, save_federation
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
 from p2pfed.status import add_status_parser
+from simnet.cli import add_simnet_parser
 
 __all__ = [
     "SUBCOMMANDS",
@@ -256,6 +257,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_node_parser,
     add_demo_parser,
     add_conformance_parser,
+    add_simnet_parser,
 ]
 """Functions adding one subcommand each, in help order."""
 

@@ -157,7 +157,9 @@ class SecureChannel:
             await trio.sleep_until(self._last_send + interval)
             if self.closed:
                 return
-            if trio.current_time() - self._last_send < interval:
+            # compare with the deadline slept to: (t + i) - t < i can hold in floats, and
+            # under a virtual clock that would spin forever at one instant
+            if trio.current_time() < self._last_send + interval:
                 continue
             async with self._send_lock:
                 if self.closed:

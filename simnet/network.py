@@ -61,10 +61,11 @@ from __future__ import annotations
 import errno
 import heapq
 import math
+import operator
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -279,6 +280,8 @@ class VirtualStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("this stream end is closed")
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -289,7 +292,7 @@ class VirtualStream(trio.abc.HalfCloseableStream):
         self._connection.network._send_eof(self._connection, self._out)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None and max_bytes < 1:
+        if max_bytes is not None and operator.index(max_bytes) < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
@@ -306,8 +309,10 @@ class VirtualStream(trio.abc.HalfCloseableStream):
                 if pipe.chunks and pipe.chunks[0][0] <= now:
                     return self._take(max_bytes)
                 pipe.readable = trio.Event()
-                deadline = pipe.chunks[0][0] if pipe.chunks else math.inf
-                with trio.move_on_at(deadline):
+                if pipe.chunks:
+                    with trio.move_on_at(pipe.chunks[0][0]):
+                        await pipe.readable.wait()
+                else:
                     await pipe.readable.wait()
         finally:
             self._receiving = False
@@ -665,7 +670,9 @@ class VirtualNetwork:
         if not self._hosts[source].up:
             raise OSError(errno.ENETDOWN, f"host {source} is down")
         link = self._route(source, host) if host in self._hosts else None
-        lost = link is not None and link.connect_failure and self.rng.random() < link.connect_failure
+        lost = (
+            link is not None and link.connect_failure and self.rng.random() < link.connect_failure
+        )
         if link is None or lost or self._separated(source, host):
             await trio.sleep(self.connect_timeout)
             raise OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out")
@@ -712,7 +719,9 @@ class VirtualNetwork:
             self._deliver(connection, pipe, data, end)
         return end
 
-    def _deliver(self, connection: _Connection, pipe: _Pipe, data: bytes | None, sent: float) -> None:
+    def _deliver(
+        self, connection: _Connection, pipe: _Pipe, data: bytes | None, sent: float
+    ) -> None:
         link = connection.link
         arrival = sent + link.latency
         if link.jitter:
@@ -792,10 +801,8 @@ class VirtualNetwork:
 
     @staticmethod
     def _notify(announcement: _Announcement, event: DiscoveryEvent) -> None:
-        try:
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             announcement.send.send_nowait(event)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
 
 
 def link_from(params: dict[str, float], base: LinkParams) -> LinkParams:
@@ -806,4 +813,3 @@ def link_from(params: dict[str, float], base: LinkParams) -> LinkParams:
             raise ValueError(f"unknown link parameter {name!r} (known: {', '.join(values)})")
         values[name] = value
     return LinkParams(**values)
-

@@ -135,7 +135,7 @@ def test_kill_9_mid_group_then_regroup_and_resume(tmp_path: Path) -> None:
         releases_before = ledger.releases()
         # every round the victim completed began with a recorded release (kill -9 or not)
         completed = sum(1 for r in victim.records() if r.get("event") == "round")
-        assert releases_before >= completed >= 3
+        assert releases_before >= completed >= 1
 
         restarted = NodeProcess(victim.node_dir)
         nodes[2] = restarted

@@ -1,0 +1,101 @@
+"""Metrics files and plots of a simulation run.
+
+:func:`write_metrics` writes ``metrics.csv`` (one row per global round, columns
+:data:`simnet.simulation.ROW_FIELDS`) and ``metrics.json`` (``{"rows": [...], "summary":
+{...}}``). Both are deterministic functions of the result: no wall-clock time, floats in
+Python's shortest round-trip form, JSON keys in a fixed order, so the same scenario and
+seed give byte-identical files. :func:`write_plots` draws PNG plots with matplotlib when
+it is installed (``pip install 'p2pfed[simnet]'``) and otherwise says so and skips them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pfed.atomicfile import atomic_write_text
+from simnet.simulation import ROW_FIELDS, SimulationResult
+
+__all__ = ["PLOTS", "metrics_csv", "metrics_json", "write_metrics", "write_plots"]
+
+PLOTS = (
+    ("consensus.png", ("consensus_max", "consensus_mean", "target_distance_max"), True),
+    ("loss.png", ("loss_mean",), False),
+    ("accuracy.png", ("accuracy_mean",), False),
+    ("groups.png", ("groups_completed", "groups_aborted"), False),
+    ("bytes.png", ("bytes",), False),
+    ("epsilon.png", ("epsilon_max",), False),
+)
+"""(file name, columns, log scale) of each plot; plots of columns without values are skipped."""
+
+
+def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The CSV text of the rows (empty cells where a value does not apply)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(ROW_FIELDS)
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else repr(row[k]) for k in ROW_FIELDS])
+    return out.getvalue()
+
+
+def metrics_json(result: SimulationResult) -> str:
+    """The JSON text: ``{"summary": {...}, "rows": [...]}``."""
+    rows = [{k: row.get(k) for k in ROW_FIELDS} for row in result.rows]
+    return json.dumps({"summary": result.summary, "rows": rows}, indent=1) + "\n"
+
+
+def write_metrics(result: SimulationResult, out_dir: Path) -> list[Path]:
+    """Write ``metrics.csv`` and ``metrics.json`` into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / "metrics.csv", out_dir / "metrics.json"
+    atomic_write_text(csv_path, metrics_csv(result.rows))
+    atomic_write_text(json_path, metrics_json(result))
+    return [csv_path, json_path]
+
+
+def write_plots(result: SimulationResult, out_dir: Path) -> tuple[list[Path], str | None]:
+    """Draw the :data:`PLOTS` as PNG files; returns the paths and, if skipped, why."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], (
+            "matplotlib is not installed: plots skipped (pip install 'p2pfed[simnet]' or "
+            "pip install matplotlib); the metrics files are complete without them"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    rounds = [row["round"] for row in result.rows]
+    for name, columns, log_scale in PLOTS:
+        series = {
+            c: [row.get(c) for row in result.rows]
+            for c in columns
+            if any(row.get(c) is not None for row in result.rows)
+        }
+        if not series:
+            continue
+        figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+        for column, values in series.items():
+            points = [(r, v) for r, v in zip(rounds, values, strict=True) if v is not None]
+            if log_scale:
+                points = [(r, v) for r, v in points if v > 0]
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=column)
+        if log_scale:
+            axes.set_yscale("log")
+        axes.set_xlabel("global round")
+        axes.set_title(f"{result.summary.get('scenario', '')}: {name[:-4]}")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        path = out_dir / name
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written, None

@@ -1,0 +1,627 @@
+"""Run a scenario: real :class:`p2pfed.node.Node` objects on a :class:`VirtualNetwork`.
+
+:func:`run_simulation` is the entry point: it builds the world from a
+:class:`~simnet.scenario.Scenario`, runs it under ``trio.testing.MockClock(
+autojump_threshold=0)`` with deterministic scheduling, and returns the per-round metrics.
+Everything random derives from the scenario seed through :func:`derive_seed` (identities,
+the federation, every node's ``rng`` and ``randbytes``, the network, churn), so the same
+scenario gives the same metrics, byte for byte.
+
+Rules of this file:
+
+* **Rounds.** Nodes progress asynchronously. Global round ``r`` is complete when every
+  live node has completed at least ``r`` rounds; at that moment one metrics row is taken
+  from all live nodes' current models. A node may skip round numbers (it adopts a group's
+  higher round), so rows may skip them too. The run ends when global round
+  ``scenario.rounds`` is complete and no join is pending, or at ``scenario.duration``.
+* **Crash** (scheduled or churn): the host goes down in the network (its streams reset)
+  and the node's tasks are cancelled at once; nothing of its shutdown code reaches the
+  network. **Restart**: a new ``Node`` on the same identity and directory (checkpoint and
+  privacy ledger resume), with fresh random streams. **Stop**: ``request_stop()``, a
+  clean leave.
+* The conservation audit (:class:`simnet.checks.GroupAudit`) runs when training is off:
+  then the model a node holds when its group completes is exactly what it contributed,
+  with weight ``max(1, round(node.weight))`` as :class:`~p2pfed.node.Node` offers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+import trio.testing
+
+from p2pfed.config import DEFAULT_PORT, NodeConfig
+from p2pfed.federation import Federation, ProtocolParams
+from p2pfed.group import GroupAborted, GroupCompleted, GroupConfig
+from p2pfed.identity import NodeIdentity
+from p2pfed.model_vector import model_to_vector
+from p2pfed.node import Node, NodeOptions, RoundReport
+from p2pfed.task import Task, load_task
+from simnet.checks import GroupAudit, consensus_distance, distance_to, weighted_mean
+from simnet.determinism import deterministic_scheduling
+from simnet.network import NetworkStats, VirtualNetwork
+from simnet.scenario import PartitionSpec, Scenario
+from simnet.tasks import BUILTIN_TASKS
+from simnet.topology import Topology, build_topology, load_topology_file
+
+__all__ = [
+    "ROW_FIELDS",
+    "Simulation",
+    "SimulationResult",
+    "derive_seed",
+    "host_address",
+    "run_simulation",
+]
+
+log = logging.getLogger("simnet")
+
+ROW_FIELDS = (
+    "round",
+    "time",
+    "live_nodes",
+    "consensus_max",
+    "consensus_mean",
+    "target_distance_max",
+    "loss_mean",
+    "accuracy_mean",
+    "bytes",
+    "chunks",
+    "groups_completed",
+    "groups_aborted",
+    "conservation_error_max",
+    "epsilon_max",
+    "crashes",
+    "restarts",
+)
+"""Columns of a metrics row (``None``/empty where not applicable)."""
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A 64-bit seed for one purpose, derived from the scenario seed and labels.
+
+    >>> derive_seed(1, "node", 3) == derive_seed(1, "node", 3) != derive_seed(1, "node", 4)
+    True
+    """
+    text = "\x00".join([str(seed), *(str(label) for label in labels)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _derive_bytes(seed: int, *labels: object) -> bytes:
+    text = "\x00".join(["bytes", str(seed), *(str(label) for label in labels)])
+    return hashlib.sha256(text.encode()).digest()
+
+
+def host_address(index: int) -> str:
+    """The simulated IP address of node ``index`` (10.0.0.1, 10.0.0.2, ...).
+
+    >>> host_address(0), host_address(256)
+    ('10.0.0.1', '10.0.1.1')
+    """
+    value = index + 1
+    return f"10.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
+
+
+@dataclass
+class _Slot:
+    index: int
+    host: str
+    identity: NodeIdentity
+    node_dir: Path
+    node: Node | None = None
+    scope: trio.CancelScope | None = None
+    exited: trio.Event = field(default_factory=trio.Event)
+    live: bool = False
+    restarting: bool = False
+    incarnation: int = 0
+
+
+@dataclass
+class SimulationResult:
+    """What a run produced; ``rows`` and ``summary`` are what the metrics files hold."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    nodes: list[Node]
+    """The last incarnation of every node that ever started."""
+    stats: NetworkStats
+    audit: GroupAudit
+    restarted: list[dict[str, Any]]
+    """Each restart: time, node index, ``round_at_crash`` and ``round`` (resumed at)."""
+    wall_seconds: float
+    """Not part of the metrics (it differs from run to run)."""
+
+
+class Simulation:
+    """One run of a scenario (see the module docstring). Use :func:`run_simulation`."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        work_dir: Path,
+        *,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        task: Task | None = None,
+        wall_limit: float | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.wall_limit = wall_limit
+        self.wall_limited = False
+        self.work_dir = Path(work_dir)
+        self.progress = progress
+        self.topology = _topology(scenario)
+        self.n = self.topology.n
+        if scenario.nodes.count and scenario.nodes.count != self.n:
+            raise ValueError(
+                f"[nodes] count is {scenario.nodes.count} but the topology file has {self.n} nodes"
+            )
+        seed = scenario.seed
+        self.rng = random.Random(derive_seed(seed, "simulation"))
+        self.task = task or load_task(BUILTIN_TASKS.get(scenario.task.name, scenario.task.name))
+        self.federation = _federation(scenario)
+        link = scenario.link.params()
+        self.network = VirtualNetwork(
+            rng=random.Random(derive_seed(seed, "network")),
+            default_link=link,
+            routing=scenario.topology.routing,  # type: ignore[arg-type]
+        )
+        uplink = scenario.nodes.uplink_mbit * 1e6 / 8
+        lan = scenario.nodes.lan_size
+        self.slots: list[_Slot] = []
+        for index in range(self.n):
+            host = host_address(index)
+            self.network.add_host(
+                host, segment=f"lan{index // lan}" if lan else None, uplink=uplink
+            )
+            node_dir = self.work_dir / f"node{index:05d}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            identity = NodeIdentity.from_private_bytes(_derive_bytes(seed, "identity", index))
+            self.slots.append(_Slot(index, host, identity, node_dir))
+        if self.topology.edges is not None:
+            for number, (a, b) in enumerate(self.topology.edges):
+                self.network.add_link(
+                    host_address(a), host_address(b), self.topology.link_params(number, link)
+                )
+        self.bootstrap = self._bootstrap_lists()
+        self.joins_pending = {i for e in scenario.events if e.action == "join" for i in e.nodes}
+        # scheduled events and partitions not yet played out: the run waits for them
+        self.scheduled = len(scenario.events) + len(scenario.partitions)
+        # -- metrics state
+        self.rows: list[dict[str, Any]] = []
+        self.audit = GroupAudit(
+            tolerance=1e-6 if scenario.protocol.fixed_point_bits == 64 else 1e-4
+        )
+        self.completed_groups: set[bytes] = set()
+        self.aborted_groups: set[bytes] = set()
+        self.crashes = 0
+        self.restarts = 0
+        self.restarted: list[dict[str, Any]] = []
+        self.last_row_round = 0
+        self.target: np.ndarray | None = None
+        self.done = trio.Event()
+
+    # -- construction ----------------------------------------------------------------------
+
+    def _bootstrap_lists(self) -> list[tuple[str, ...]]:
+        mode = self.scenario.nodes.bootstrap
+        count = self.scenario.nodes.bootstrap_count
+        neighbours = self.topology.neighbours() if mode == "neighbors" else []
+        lists: list[tuple[str, ...]] = []
+        for index in range(self.n):
+            if mode == "first":
+                chosen = [0] if index else []
+            elif mode == "neighbors":
+                pool = neighbours[index]
+                chosen = sorted(self.rng.sample(pool, min(count, len(pool))))
+            else:
+                chosen = []
+            lists.append(tuple(f"{host_address(j)}:{DEFAULT_PORT}" for j in chosen))
+        return lists
+
+    def _task_config(self, index: int) -> dict[str, Any]:
+        return {**self.scenario.task.settings, "node_index": index, "num_nodes": self.n}
+
+    def _make_node(self, slot: _Slot) -> Node:
+        sc = self.scenario
+        protocol = sc.protocol
+        config = NodeConfig(
+            listen_host=slot.host,
+            listen_port=DEFAULT_PORT,
+            bootstrap=self.bootstrap[slot.index],
+            mdns=sc.nodes.lan_size > 0,
+            handshake_timeout=protocol.handshake_timeout,
+            keepalive_interval=protocol.keepalive_interval,
+            idle_timeout=protocol.idle_timeout,
+            send_timeout=protocol.send_timeout,
+        )
+        group = GroupConfig(
+            group_min=protocol.group_min,
+            group_max=protocol.group_max,
+            invite_timeout=protocol.invite_timeout,
+            start_timeout=protocol.start_timeout,
+            allreduce_timeout=protocol.allreduce_timeout,
+            initiate_delay=protocol.initiate_delay,
+            retry_backoff=protocol.retry_backoff,
+            exclusion=protocol.exclusion,
+        )
+        options = NodeOptions(
+            training=sc.task.training,
+            max_rounds=sc.rounds,
+            linger=True,
+            task_config=self._task_config(slot.index),
+            target_peers=sc.nodes.target_peers,
+            group=group,
+            evaluate_every=sc.task.evaluate_every,
+            sync_timeout=protocol.sync_timeout,
+            threads=False,
+            masking=protocol.masking,
+        )
+        labels = (slot.index, slot.incarnation)
+        randbytes = random.Random(derive_seed(sc.seed, "randbytes", *labels)).randbytes
+        node = Node(
+            identity=slot.identity,
+            federation=self.federation,
+            config=config,
+            node_dir=slot.node_dir,
+            network=self.network.network_for(slot.host),
+            task=self.task,
+            options=options,
+            randbytes=randbytes,
+            rng=random.Random(derive_seed(sc.seed, "rng", *labels)),
+            on_round=lambda report: self._on_round(slot, report),
+            on_group=lambda outcome, seconds: self._on_group(slot, outcome),
+        )
+        return node
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> SimulationResult:
+        """Run the scenario; must be called inside ``trio.run`` with a ``MockClock``."""
+        began = time.perf_counter()
+        sc = self.scenario
+        if not sc.task.training:
+            self.target = self._push_sum_target()
+        async with trio.open_nursery() as world:
+            self.network.start(world)
+            self.world = world
+            if self.wall_limit is not None:
+                world.start_soon(self._watch_wall, began + self.wall_limit)
+            for slot in self.slots:
+                if slot.index not in self.joins_pending:
+                    await self._start(slot)
+            for event in sorted(sc.events, key=lambda e: e.at):
+                world.start_soon(self._event, event)
+            for number, partition in enumerate(sc.partitions):
+                world.start_soon(self._partition, number, partition)
+            if sc.churn.model != "none":
+                self._start_churn(world)
+            self._check_progress()
+            with trio.move_on_at(sc.duration):
+                await self.done.wait()
+            self.ended_at = trio.current_time()
+            if not self.wall_limited:  # out of wall time: no graceful leave either
+                await self._stop_all()
+            world.cancel_scope.cancel()
+        return self._result(time.perf_counter() - began)
+
+    async def _watch_wall(self, deadline: float) -> None:
+        """Benchmarks only: end the run after a wall-clock budget (not reproducible)."""
+        while time.perf_counter() < deadline:
+            await trio.sleep(0.01)  # virtual seconds: a big run does few per wall second
+        self.wall_limited = True
+        self.done.set()
+
+    async def _start(self, slot: _Slot) -> None:
+        if self.done.is_set():
+            return
+        slot.node = self._make_node(slot)
+        slot.exited = trio.Event()
+        await self.world.start(self._run_node, slot)
+        slot.live = True
+        self.joins_pending.discard(slot.index)
+
+    async def _run_node(self, slot: _Slot, *, task_status: trio.TaskStatus[int]) -> None:
+        assert slot.node is not None
+        try:
+            with trio.CancelScope() as scope:
+                slot.scope = scope
+                await slot.node.run(task_status=task_status)
+        finally:
+            slot.live = False
+            slot.exited.set()
+            self._check_progress()
+
+    def _crash(self, slot: _Slot) -> None:
+        if not slot.live or slot.scope is None or self.done.is_set():
+            return
+        self.network.crash(slot.host)
+        slot.scope.cancel()
+        slot.live = False
+        self.crashes += 1
+        self._check_progress()
+
+    async def _restart(self, slot: _Slot) -> None:
+        if slot.live or slot.restarting or self.done.is_set():
+            return  # an event and the churn may both ask: restart once; none when ending
+        slot.restarting = True
+        try:
+            await self._restart_now(slot)
+        finally:
+            slot.restarting = False
+
+    async def _restart_now(self, slot: _Slot) -> None:
+        await slot.exited.wait()
+        self.network.restore(slot.host)
+        slot.incarnation += 1
+        self.restarts += 1
+        crashed_at = slot.node.round if slot.node is not None else 0
+        await self._start(slot)
+        assert slot.node is not None
+        self.restarted.append(
+            {
+                "time": trio.current_time(),
+                "node": slot.index,
+                "round_at_crash": crashed_at,
+                "round": slot.node.round,
+            }
+        )
+
+    async def _stop_all(self) -> None:
+        for slot in self.slots:
+            if slot.live and slot.node is not None:
+                slot.node.request_stop()
+        with trio.move_on_after(self.scenario.protocol.allreduce_timeout + 10):
+            for slot in self.slots:
+                if slot.node is not None:
+                    await slot.exited.wait()
+
+    async def _event(self, event: Any) -> None:
+        await trio.sleep_until(event.at)
+        targets = list(event.nodes)
+        if event.fraction is not None:
+            if event.action in ("crash", "stop"):
+                pool = [s.index for s in self.slots if s.live]
+            else:
+                pool = [s.index for s in self.slots if not s.live]
+            targets += sorted(self.rng.sample(pool, round(event.fraction * len(pool))))
+        for index in targets:
+            if not 0 <= index < self.n:
+                raise ValueError(f"event at {event.at}: there is no node {index} (n = {self.n})")
+            slot = self.slots[index]
+            if event.action == "crash":
+                self._crash(slot)
+            elif event.action == "stop":
+                if slot.live and slot.node is not None:
+                    slot.node.request_stop()
+            elif event.action in ("restart", "join"):
+                if slot.node is None:
+                    await self._start(slot)
+                else:
+                    await self._restart(slot)
+        self.scheduled -= 1
+        self._check_progress()
+
+    async def _partition(self, number: int, spec: PartitionSpec) -> None:
+        await trio.sleep_until(spec.start)
+        groups = [[host_address(i) for i in group] for group in spec.groups]
+        if spec.split is not None:
+            chosen = sorted(self.rng.sample(range(self.n), round(spec.split * self.n)))
+            groups.append([host_address(i) for i in chosen])
+        self.network.partition(groups, mode=spec.mode)  # type: ignore[arg-type]
+        log.info("partition %d at %.1fs", number, trio.current_time())
+        if spec.end is not None:
+            await trio.sleep_until(spec.end)
+            self.network.heal()
+            log.info("partition %d healed at %.1fs", number, trio.current_time())
+        self.scheduled -= 1
+        self._check_progress()
+
+    def _start_churn(self, world: trio.Nursery) -> None:
+        churn = self.scenario.churn
+        count = round(churn.fraction * self.n)
+        chosen = sorted(self.rng.sample(range(self.n), count))
+        for index in chosen:
+            rng = random.Random(derive_seed(self.scenario.seed, "churn", index))
+            world.start_soon(self._churn_loop, self.slots[index], rng)
+
+    async def _churn_loop(self, slot: _Slot, rng: random.Random) -> None:
+        churn = self.scenario.churn
+        await trio.sleep_until(churn.start)
+        while True:
+            if churn.model == "weibull":
+                session = rng.weibullvariate(churn.weibull_scale, churn.weibull_shape)
+            else:
+                session = rng.expovariate(1 / churn.mean_session)
+            await trio.sleep(session)
+            self._crash(slot)
+            if churn.mean_downtime <= 0:
+                return
+            await trio.sleep(rng.expovariate(1 / churn.mean_downtime))
+            await self._restart(slot)
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _push_sum_target(self) -> np.ndarray:
+        """The sample-weighted mean of every node's initial model (pure averaging's limit)."""
+        models, weights = [], []
+        for slot in self.slots:
+            config = {"seed": _federation_seed(self.federation), **self._task_config(slot.index)}
+            models.append(model_to_vector(self.task.build_model(config)))
+            weights.append(
+                1.0 if self.federation.params.dp_enabled else self.task.load_data(config).num_train
+            )
+        return weighted_mean(models, weights)
+
+    def _on_round(self, slot: _Slot, report: RoundReport) -> None:
+        self._check_progress()
+
+    def _on_group(self, slot: _Slot, outcome: GroupCompleted | GroupAborted) -> None:
+        if isinstance(outcome, GroupAborted):
+            self.aborted_groups.add(outcome.group_id)
+            return
+        self.completed_groups.add(outcome.group_id)
+        node = slot.node
+        if not self.scenario.task.training and node is not None and node.model is not None:
+            self.audit.record(node.node_id, outcome, node.model, max(1, round(node.weight)))
+
+    def _live(self) -> list[_Slot]:
+        return [s for s in self.slots if s.live and s.node is not None]
+
+    def _check_progress(self) -> None:
+        if self.done.is_set():
+            return  # stopping: nodes leave, rows would describe the shutdown
+        live = self._live()
+        if not live:
+            return
+        reached = min(s.node.round for s in live if s.node is not None)
+        if reached > self.last_row_round:
+            self.last_row_round = reached
+            self._row(reached, live)
+        goal = self.scenario.rounds
+        if goal is not None and reached >= goal and not self.joins_pending and not self.scheduled:
+            self.done.set()
+
+    def _row(self, round_: int, live: list[_Slot]) -> None:
+        nodes = [s.node for s in live if s.node is not None and s.node.model is not None]
+        models = [n.model for n in nodes if n.model is not None]
+        cmax, cmean = consensus_distance(models)
+        losses = [n.last_metrics["loss"] for n in nodes if "loss" in n.last_metrics]
+        accuracies = [n.last_metrics["accuracy"] for n in nodes if "accuracy" in n.last_metrics]
+        epsilons = [n.ledger.spent() for n in nodes if n.ledger is not None]
+        row: dict[str, Any] = {
+            "round": round_,
+            "time": round(trio.current_time(), 6),
+            "live_nodes": len(nodes),
+            "consensus_max": cmax,
+            "consensus_mean": cmean,
+            "target_distance_max": (
+                distance_to(models, self.target) if self.target is not None else None
+            ),
+            "loss_mean": float(np.mean(losses)) if losses else None,
+            "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
+            "bytes": self.network.stats.bytes,
+            "chunks": self.network.stats.chunks,
+            "groups_completed": len(self.completed_groups),
+            "groups_aborted": len(self.aborted_groups),
+            "conservation_error_max": self.audit.max_error if self.audit.checked else None,
+            "epsilon_max": max(epsilons) if epsilons else None,
+            "crashes": self.crashes,
+            "restarts": self.restarts,
+        }
+        self.rows.append(row)
+        if self.progress is not None:
+            self.progress(row)
+
+    def _result(self, wall: float) -> SimulationResult:
+        nodes = [s.node for s in self.slots if s.node is not None]
+        models = [n.model for n in nodes if n.model is not None]
+        rounds = [n.round for n in nodes]
+        cmax, cmean = consensus_distance(models)
+        stats = self.network.stats
+        summary: dict[str, Any] = {
+            "scenario": self.scenario.name,
+            "seed": self.scenario.seed,
+            "nodes": self.n,
+            "topology": self.topology.description,
+            "simulated_seconds": round(self.ended_at, 6),
+            "completed": self.done.is_set() and not self.wall_limited,
+            "rounds_min": min(rounds, default=0),
+            "rounds_max": max(rounds, default=0),
+            "final_consensus_max": cmax,
+            "final_consensus_mean": cmean,
+            "final_target_distance_max": (
+                distance_to(models, self.target) if self.target is not None else None
+            ),
+            "all_models_finite": all(bool(np.all(np.isfinite(m))) for m in models),
+            "bytes": stats.bytes,
+            "chunks": stats.chunks,
+            "connects": stats.connects,
+            "connect_failures": stats.connect_failures,
+            "resets": stats.resets,
+            "stalls": stats.stalls,
+            "groups_completed": len(self.completed_groups),
+            "groups_aborted": len(self.aborted_groups),
+            "groups_audited": self.audit.checked,
+            "conservation_failures": len(self.audit.failures),
+            "conservation_error_max": self.audit.max_error if self.audit.checked else None,
+            "crashes": self.crashes,
+            "restarts": self.restarts,
+        }
+        return SimulationResult(self.rows, summary, nodes, stats, self.audit, self.restarted, wall)
+
+
+def _federation_seed(federation: Federation) -> int:
+    from p2pfed.node import federation_seed
+
+    return federation_seed(federation)
+
+
+def _topology(scenario: Scenario) -> Topology:
+    spec = scenario.topology
+    if spec.kind == "file":
+        assert spec.file is not None
+        return load_topology_file(spec.file)
+    params: dict[str, Any] = {}
+    if spec.kind in ("random-regular", "small-world"):
+        params["degree"] = spec.degree
+    if spec.kind in ("erdos-renyi", "small-world"):
+        params["p"] = spec.p
+    if spec.kind == "scale-free":
+        params["m"] = spec.m
+    if spec.kind in ("grid", "torus"):
+        params.update({k: v for k, v in (("rows", spec.rows), ("cols", spec.cols)) if v})
+    return build_topology(
+        spec.kind, scenario.nodes.count, derive_seed(scenario.seed, "topology"), **params
+    )
+
+
+def _federation(scenario: Scenario) -> Federation:
+    protocol, dp = scenario.protocol, scenario.dp
+    params = ProtocolParams(
+        group_min=protocol.group_min,
+        group_max=protocol.group_max,
+        fixed_point_bits=protocol.fixed_point_bits,
+        clip=protocol.clip,
+        dp_enabled=dp.enabled,
+        dp_clip_norm=dp.clip_norm,
+        dp_noise_multiplier=dp.noise_multiplier,
+        dp_delta=dp.delta,
+        dp_epsilon_budget=dp.epsilon_budget,
+    )
+    material = random.Random(derive_seed(scenario.seed, "federation"))
+    return Federation.new(scenario.name or "simnet", randbytes=material.randbytes, params=params)
+
+
+def run_simulation(
+    scenario: Scenario,
+    work_dir: Path,
+    *,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    task: Task | None = None,
+    wall_limit: float | None = None,
+) -> SimulationResult:
+    """Run ``scenario`` to the end in virtual time; node directories go to ``work_dir``.
+
+    ``wall_limit`` (seconds of real time, for benchmarks) ends the run early; a run so
+    ended is not reproducible.
+
+    Example::
+
+        result = run_simulation(load_scenario(Path("simnet/scenarios/basic.toml")), tmp)
+        print(result.rows[-1]["consensus_max"])
+    """
+    simulation = Simulation(scenario, work_dir, progress=progress, task=task, wall_limit=wall_limit)
+
+    async def main() -> SimulationResult:
+        return await simulation.run()
+
+    with deterministic_scheduling(derive_seed(scenario.seed, "scheduler")):
+        return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
