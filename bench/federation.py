@@ -24,10 +24,11 @@ The last line is one JSON object; ``last_recorded`` holds the previous ``--recor
 
 What we learned (16 nodes on the 2-core development machine, 2026-11-28):
 
-* Rounds are fast: pure secure averaging takes 0.12 s per round (median; p90 0.30 s),
-  about half of it forming the group (invite, replies, start: three message latencies on
-  CPUs shared by 16 Python processes) and a third in the all-reduce itself; with training
-  on, a round costs the training (0.03 s) plus about 0.16 s. Everything is event driven:
+* Rounds are fast: pure secure averaging takes 0.07 s per round (median, p90 0.16 s, on
+  a quiet machine; 0.12 s while other work ran), about half of it forming the group
+  (invite, replies, start: three message latencies on CPUs shared by 16 Python processes)
+  and a quarter in the all-reduce itself; with training on, a round costs the training
+  (0.01-0.03 s) plus 0.06-0.16 s. Everything is event driven:
   the only delays on the path are the random initiation jitter (at most 50 ms) and, after
   a failed formation, the retry backoff.
 * A group loop that woke itself after every action made idle nodes spin at a full core
