@@ -398,7 +398,9 @@ class Node:
             group_started = self._group_started_at.get(outcome.group_id, completed_at)
             self.model = outcome.mean
             self.weight = outcome.weight
-            self.round = max(self.round, outcome.round) + 1
+            # one completed group = one round of this node: taking the group's highest
+            # round instead would skip local training steps (rounds racing ahead)
+            self.round += 1
             self._aggregated = (self.round, self.model)
             await self._offload(self._checkpoint)
             metrics = {}
