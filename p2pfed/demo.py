@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 TASK = "p2pfed.tasks.digits:task"
-DEFAULT_ROUNDS = 20
+DEFAULT_ROUNDS = 30
 DEFAULT_EPSILON = 8.0
 DEFAULT_DP_CLIP = 1.0
 DELTA = 1e-5
