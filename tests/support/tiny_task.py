@@ -2,7 +2,8 @@
 
 ``init`` (task setting) seeds the initial parameters, so that pure averaging has something
 to average; ``samples`` sets the node's training-set size, hence its averaging weight.
-Training nudges every parameter towards ``target`` (a real, deterministic optimiser step).
+Training and evaluation are simnet's tiny task's: every parameter moves halfway towards
+``target``; the loss is the mean squared distance to it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 
 import torch
 
-from p2pfed.task import NodeData, TrainResult
+from p2pfed.task import NodeData
+from simnet.tasks import TinyTask as SimnetTinyTask
 
 
-class TinyTask:
+class TinyTask(SimnetTinyTask):
     name = "tiny-linear-v1"
 
     def build_model(self, config: Mapping[str, Any]) -> torch.nn.Module:
@@ -31,25 +33,6 @@ class TinyTask:
         samples = int(config.get("samples", 10))
         x = torch.ones(samples, int(config.get("width", 8)))
         return NodeData(train=x, test=x, num_train=samples, num_test=samples)
-
-    def train(
-        self,
-        model: torch.nn.Module,
-        data: NodeData,
-        config: Mapping[str, Any],
-        generator: torch.Generator,
-    ) -> TrainResult:
-        target = float(config.get("target", 0.5))
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.mul_(0.5).add_(0.5 * target)
-        return TrainResult(samples=data.num_train, loss=0.0)
-
-    def evaluate(
-        self, model: torch.nn.Module, data: NodeData, config: Mapping[str, Any]
-    ) -> dict[str, float]:
-        values = torch.cat([p.detach().flatten() for p in model.parameters()])
-        return {"accuracy": 0.0, "loss": float(values.abs().mean()), "mean": float(values.mean())}
 
 
 task = TinyTask()
