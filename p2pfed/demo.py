@@ -1,13 +1,14 @@
 """``p2pfed demo``: a small real federation on this machine, against centralized training.
 
 The demo creates a federation and ``--nodes`` node directories, starts one real
-``p2pfed node`` process per node (mDNS on the loopback interface plus bootstrap
-addresses, Noise channels over TCP, secure aggregation), trains the built-in digits task
-split non-IID across the nodes, and shows progress as rounds complete. When every node has
-done ``--rounds`` rounds it stops them (SIGTERM: a clean stop) and prints a table of each
-node's accuracy on the held-out test set next to the same model trained centrally on the
-union of all nodes' data. A second federation then runs with local differential privacy at
-``--epsilon`` and its accuracy is reported too.
+``p2pfed node`` process per node (forked from one process that imported torch once, see
+:mod:`p2pfed.launcher`, so co-located nodes share those pages; mDNS on the loopback
+interface plus bootstrap addresses, Noise channels over TCP, secure aggregation), trains
+the built-in digits task split non-IID across the nodes, and shows progress as rounds
+complete. When every node has done ``--rounds`` rounds it stops them (SIGTERM: a clean
+stop) and prints a table of each node's accuracy on the held-out test set next to the same
+model trained centrally on the union of all nodes' data. A second federation then runs
+with local differential privacy at ``--epsilon`` and its accuracy is reported too.
 
 Example::
 
@@ -22,11 +23,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.errors import ConfigError, P2pfedError
+from p2pfed.launcher import NodeLauncher, NodeProcess
 
 if TYPE_CHECKING:
     from p2pfed.federation import Federation
@@ -237,28 +236,21 @@ def run_federation(
         workdir, label, nodes, dp=dp, noise=noise, epsilon=epsilon, mdns=mdns
     )
     progress = _Progress(label, nodes, rounds, out)
-    processes: list[subprocess.Popen[str]] = []
+    # One fork server imports torch and the task once; the nodes share those pages.
+    launcher = NodeLauncher(preload=["p2pfed.tasks.digits"])
+    processes: list[NodeProcess] = []
     logs = []
     started = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for index, node_dir in enumerate(dirs):
-            log_file = open(node_dir / "node.log", "w+", encoding="utf-8")  # noqa: SIM115
-            logs.append(log_file)
-            command = [
-                sys.executable, "-m", "p2pfed", "node", str(node_dir),
-                "--rounds", str(rounds), "--linger", "--log-json",
+            (node_dir / "node.log").touch()
+            logs.append(open(node_dir / "node.log", encoding="utf-8"))  # noqa: SIM115
+            argv = [
+                "node", str(node_dir), "--rounds", str(rounds), "--linger", "--log-json",
                 "--set", f"node_index={index}", "--set", f"num_nodes={nodes}",
             ]  # fmt: skip
             processes.append(
-                subprocess.Popen(
-                    command,
-                    stdout=subprocess.PIPE,
-                    stderr=log_file,
-                    text=True,
-                    env=env,
-                    start_new_session=True,  # Ctrl-C on the demo is handled by the demo
-                )
+                launcher.start(argv, stdout=node_dir / "node.out", stderr=node_dir / "node.log")
             )
         positions = [0] * nodes
         while min(progress.done) < rounds:
@@ -277,13 +269,14 @@ def run_federation(
             time.sleep(0.2)
         progress.finish()
         for process in processes:
-            process.send_signal(signal.SIGTERM)
+            process.terminate()
         for index, process in enumerate(processes):
-            stdout, _ = process.communicate(timeout=120)
+            code = process.wait(timeout=120)
+            stdout = (dirs[index] / "node.out").read_text(encoding="utf-8")
             lines = [line for line in stdout.splitlines() if line.startswith("{")]
-            if process.returncode != 0 or not lines:
+            if code != 0 or not lines:
                 raise P2pfedError(
-                    f"node {index} did not stop cleanly (code {process.returncode}); see "
+                    f"node {index} did not stop cleanly (code {code}); see "
                     f"{dirs[index] / 'node.log'}"
                 )
             result = json.loads(lines[-1])
