@@ -7,7 +7,6 @@ other by mDNS/DNS-SD on the loopback interface, then train. One serves Prometheu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -18,21 +17,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from support.node_logs import rounds_logged
+
 from p2pfed.demo import create_local_federation, free_ports
 from p2pfed.federation import Federation, ProtocolParams
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "PYTHONUNBUFFERED": "1"}
-
-
-def rounds_logged(log: Path) -> int:
-    best = 0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        if line.startswith("{") and '"event": "round"' in line:
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
-                best = max(best, json.loads(line)["round"])
-    return best
 
 
 def test_mdns_discovery_metrics_status_and_clean_stop(tmp_path: Path) -> None:

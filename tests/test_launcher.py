@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
+
+from support.node_logs import rounds_logged
 
 from p2pfed.demo import create_local_federation
 from p2pfed.federation import Federation, ProtocolParams
@@ -20,15 +21,6 @@ def private_and_resident(pid: int) -> tuple[int, int]:
         key, _, value = line.partition(":")
         fields[key] = int(value.split()[0])
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Rss"]
-
-
-def rounds_logged(log: Path) -> int:
-    best = 0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        if '"event": "round"' in line:
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
-                best = max(best, json.loads(line)["round"])
-    return best
 
 
 def test_launched_nodes_federate_share_torch_and_stop_cleanly(tmp_path: Path) -> None:
