@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python -m bench.simnet [--sizes 100,1000] [--rounds 20] [--params 1000]
-                                     [--wall-limit 300] [--tiny-size 5000]
+                                     [--wall-limit 300] [--tiny-size 5000] [--record]
 
 For each size, a scenario of that many nodes (complete reachability, 5 ms links with 1 ms
 jitter, 100 Mbit/s, group size 3..8, secure aggregation on, 64-bit ring, DP off, pure
@@ -15,27 +15,69 @@ seconds, ``sim_seconds_per_wall_second``, ``messages_per_wall_second`` (a messag
 chunk handed to the virtual network: one ``send_all`` of the secure channel, a batch of
 frames), rounds reached and whether the round goal was met.
 
-Where the time goes (cProfile, 100 nodes, 2 rounds, 47 s wall under the profiler): it is
-spread thin over the real node code, as intended: trio's scheduler and cancel scopes
-(~30%: every channel read has an idle-timeout scope, every send a send-timeout scope),
-Noise handshakes with X25519/Ed25519 (~20%, mostly the connection churn while peer
-exchange settles: ~16 connections per node), CBOR message decoding and validation
-(~10%), the peer table (``PeerTable.get`` copies a record with ``dataclasses.replace``
-on every lookup, and ``build_peer_list`` scans the table: ~6%), and the virtual network
-itself (~12%: ``receive_some``/``send_all``). Masking and the fixed-point codec are
-small at 1000 parameters.
+Where the time goes (cProfile; 300 nodes for the first 70 wall seconds, about 0.64
+simulated seconds, and 100 nodes for 6 rounds). What was cut, and by how much:
 
-Measured on the 2-core development machine (1000 parameters, 20 rounds, secure
-aggregation on, another test run sharing the machine part of the time):
+* finished nodes no longer form groups among themselves: a node past its rounds lingers
+  *passively* (``NodeOptions.linger_passive``, spec/group.md), answering invites but never
+  initiating. Before, the run to "every node has 20 rounds" gave the average node 37
+  rounds (the fastest 86); now 24. At 100 nodes: 146k messages and 888 groups became 86k
+  and 491, and 13.5 simulated seconds became 3.3;
+* the secure channel's clocks: one task per channel (its keepalive task) enforces the idle
+  and send timeouts, instead of a cancel scope around every read and every send;
+* messages queued for one peer go out in one write, packed into shared Noise messages
+  (spec/transport.md allows several frames per Noise message): a new channel's
+  NodeAnnounce, queued group messages and PEX request, or GroupStart with the
+  initiator's shard, are one chunk instead of three or two;
+* a node asks for peers (PeerExchangeRequest) only while it has at most ``target_peers``
+  channels, as spec/discovery.md recommends: PEX had been a third of a channel's cost;
+* one Noise static key per node (with its signature) instead of one per channel, and the
+  pure signature checks cached (in simnet every member of a group checked the same k
+  mask-key signatures, and every peer the same static-key signature);
+* the virtual network: a reader sleeps until its first chunk *arrives* (one wake-up, not
+  one at send time and one at arrival), and a stream has a 64 KiB send buffer like a
+  kernel socket, so a small ``send_all`` returns at once instead of sleeping for its
+  serialisation time (arrival times are unchanged);
+* the peer table returns records without copying them, and node ids are sorted by their
+  bytes (NodeId's generated ``__lt__`` was millions of calls); the group loop is woken
+  only when a deadline moved earlier, not for every group message; node directories live
+  in /dev/shm (a checkpoint fsync per node per round had cost seconds).
 
-* 100 nodes: done in 92 s wall for 1.8 simulated seconds (0.020 simulated s per wall s),
-  78k messages (850 per wall second), 331 groups completed, 0 conservation failures;
-* 1000 nodes: stopped by a 240 s wall limit at 0.59 simulated seconds, before every node
-  had finished round 1 (920 messages per wall second; 544 groups completed). Messages per
-  wall second stay flat from 100 to 1000 nodes, so the cost is per message, not per node:
-  by extrapolation 20 rounds at 1000 nodes need about 15 minutes, three times the
-  5-minute target. The start (16 Noise handshakes per node while peer exchange settles)
-  is a large share at this size.
+What remains, per wall second at 300 nodes: trio's scheduler about a quarter (task
+switches, and a cancel scope wherever a wait has a deadline: one per chunk received);
+Noise handshakes about a fifth (``noise.py`` rebuilds an X25519 key object from its bytes
+for every DH, about 0.1 ms each, 12 per handshake; Ed25519 checks); CBOR encoding,
+decoding and message validation about a tenth; channel framing and encryption, the
+virtual network, node dispatch and the group protocol the rest, each a few percent.
+
+At 1000 nodes the cost is dominated by *connections*: the butterfly all-reduce needs a
+channel between every two members of a group, and groups are drawn at random from each
+initiator's peers, so almost every group opens new channels (37k connections, 37 per node,
+by the time the slowest node had 2 rounds), each costing a Noise handshake (about 3.5 ms
+of CPU for both sides) and six chunks. And 43% of the groups that start abort (a member
+left for a higher-priority invite after accepting), wasting their shards and connections.
+
+Measured on the 2-core development machine (1000 parameters, 20 rounds, secure aggregation
+on, other work sharing the machine; ``cpu_seconds`` is this process's share):
+
+* 100 nodes: done in 56 s wall (53 s CPU) for 3.3 simulated seconds, 86k messages (1550
+  per wall second), 5.2k connections, 491 groups completed, 0 conservation failures
+  (before these changes: 137-165 s wall, 146k messages);
+* 1000 nodes: stopped by the 300 s wall limit at 1.43 simulated seconds, when the slowest
+  node had finished round 2 (many others far more): 456k messages (1125 per wall second,
+  20% more per second than before), 37k connections, 2342 groups completed, 0
+  conservation failures; ``wall_seconds`` (405) includes about 100 s of tearing down
+  37k channels' tasks after the limit. The 5-minute target is not reached. A longer run
+  (stopped after 1000 s) had the slowest node at round 1 after 226 wall seconds, round 4
+  after 359, round 8 after 576 and round 11 after 822 (1.75M messages, 74k connections
+  by then). From round 5 on the slowest nodes also wait 10 to 40 *simulated* seconds
+  between rounds, growing (round 5 at 11 s, round 10 at 42 s, round 11 at 84 s), while
+  the rest are done: a liveness problem of the last few nodes in the protocol (100 nodes
+  show no such gap now; before these changes one 10 s gap), not simulator speed;
+* 5000 nodes, 10 parameters (``--tiny-size 5000``): runs, but 300 wall seconds cover only
+  the start (0.26 simulated seconds: 31.6k connections and 343k messages while nodes
+  bootstrap and exchange peers; no node finished a round), with 6.6 GB resident at the
+  peak and 115 s of teardown.
 """
 
 from __future__ import annotations
@@ -45,9 +87,11 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from bench.results import report
 from simnet.scenario import parse_scenario
 from simnet.simulation import run_simulation
 
@@ -88,8 +132,14 @@ def measure(nodes: int, rounds: int, params: int, wall_limit: float) -> dict[str
             flush=True,
         )
 
-    with tempfile.TemporaryDirectory(prefix="bench-simnet-") as work:
+    # node directories (a checkpoint per node per round, each fsynced) in memory if the
+    # machine has a tmpfs: the simulator's speed, not the disk's, is what is measured
+    shm = Path("/dev/shm")
+    where = str(shm) if shm.is_dir() else None
+    cpu_before = time.process_time()
+    with tempfile.TemporaryDirectory(prefix="bench-simnet-", dir=where) as work:
         result = run_simulation(scenario, Path(work), progress=progress, wall_limit=wall_limit)
+    cpu = time.process_time() - cpu_before
     wall = result.wall_seconds
     simulated = result.summary["simulated_seconds"]
     return {
@@ -99,10 +149,14 @@ def measure(nodes: int, rounds: int, params: int, wall_limit: float) -> dict[str
         "rounds_reached": max((row["round"] for row in result.rows), default=0),
         "completed": result.summary["completed"],
         "wall_seconds": round(wall, 2),
+        # the machine is shared: CPU seconds of this process show how much of the wall
+        # time was the simulator's own work
+        "cpu_seconds": round(cpu, 2),
         "simulated_seconds": round(simulated, 3),
         "sim_seconds_per_wall_second": round(simulated / wall, 4),
         "messages": result.stats.chunks,
         "messages_per_wall_second": round(result.stats.chunks / wall, 1),
+        "connects": result.stats.connects,
         "bytes": result.stats.bytes,
         "groups_completed": result.summary["groups_completed"],
         "groups_aborted": result.summary["groups_aborted"],
@@ -117,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=int, default=1000)
     parser.add_argument("--wall-limit", type=float, default=300.0, help="seconds per size")
     parser.add_argument("--tiny-size", type=int, default=0, help="extra run, 10 parameters")
+    parser.add_argument(
+        "--record", action="store_true", help="store the result in bench/results/simnet.json"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("p2pfed").setLevel(logging.ERROR)
@@ -127,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny_size:
         print(f"simnet bench: {args.tiny_size} nodes, tiny model", file=sys.stderr, flush=True)
         runs.append(measure(args.tiny_size, args.rounds, 10, args.wall_limit))
-    print(json.dumps({"benchmark": "simnet", "runs": runs}))
+    result = report("simnet", {"benchmark": "simnet", "runs": runs}, record=args.record)
+    print(json.dumps(result))
     return 0
 
 

@@ -34,6 +34,7 @@ Example, two connections wired back to back in memory::
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ __all__ = [
     "MessageReceived",
     "Role",
     "State",
+    "StaticKey",
     "prologue",
     "static_key_signature_input",
 ]
@@ -104,6 +106,37 @@ def prologue(federation_id: bytes) -> bytes:
 def static_key_signature_input(noise_static_public: bytes) -> bytes:
     """What a node signs with its Ed25519 identity to vouch for its Noise static key."""
     return SIGNATURE_CONTEXT + noise_static_public
+
+
+@functools.lru_cache(maxsize=4096)
+def _static_key_signed(identity_key: bytes, signature: bytes, static: bytes) -> bool:
+    """Whether ``signature`` by ``identity_key`` vouches for the Noise static key ``static``.
+
+    A pure function, cached: a node keeps one static key for all its channels, so when
+    many nodes share a process (simnet) the same signature comes by once per connection.
+    """
+    return verify_signature(identity_key, signature, static_key_signature_input(static))
+
+
+@dataclass(frozen=True)
+class StaticKey:
+    """A node's Noise static key pair and its identity's signature over the public key.
+
+    spec/transport.md lets the static key be fresh per process start: making it once per
+    node and handing it to every channel saves a key generation and a signature per
+    connection (a busy node opens hundreds).
+    """
+
+    private: bytes
+    public: bytes
+    signature: bytes
+
+    @classmethod
+    def generate(
+        cls, identity: NodeIdentity, randbytes: Callable[[int], bytes] = os.urandom
+    ) -> StaticKey:
+        private, public = generate_keypair("25519", randbytes)
+        return cls(private, public, identity.sign(static_key_signature_input(public)))
 
 
 def _chunks(parts: list[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
@@ -253,8 +286,9 @@ class ChannelConnection:
 
     ``identity`` is this node's Ed25519 identity; ``federation_id`` and ``psk`` come from the
     federation file; ``max_message_size`` is the largest message this side accepts (announced
-    to the peer). ``noise_static`` is this node's X25519 private key for Noise (a fresh one if
-    omitted); ``randbytes`` supplies the handshake's ephemeral keys.
+    to the peer). ``noise_static`` is this node's X25519 private key for Noise, or a
+    :class:`StaticKey` (which also holds the signature for it); a fresh one if omitted.
+    ``randbytes`` supplies the handshake's ephemeral keys.
     """
 
     def __init__(
@@ -266,7 +300,7 @@ class ChannelConnection:
         psk: bytes,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         versions: Sequence[int] = SUPPORTED_VERSIONS,
-        noise_static: bytes | None = None,
+        noise_static: bytes | StaticKey | None = None,
         noise_ephemeral: bytes | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -281,7 +315,11 @@ class ChannelConnection:
         self._identity = identity
         self._versions = tuple(versions)
         self.max_message_size = max_message_size
-        if noise_static is None:
+        self._static_signature: tuple[bytes, bytes] | None = None  # (public, signature)
+        if isinstance(noise_static, StaticKey):
+            self._static_signature = (noise_static.public, noise_static.signature)
+            noise_static = noise_static.private
+        elif noise_static is None:
             noise_static, _ = generate_keypair("25519", randbytes)
         self._handshake: HandshakeState | None = HandshakeState(
             NOISE_PROTOCOL_NAME,
@@ -352,16 +390,31 @@ class ChannelConnection:
         batch is only valid until the next is requested, so write it out first (as a
         driver does anyway). Consume the iterator completely before sending anything else.
         """
+        return self.send_messages_batches((message,), batch_size)
+
+    def send_messages_batches(
+        self, messages: Sequence[Message], batch_size: int = 1 << 20
+    ) -> Iterator[memoryview]:
+        """Like :meth:`send_message_batches` for several messages in order: their frames
+        are packed together, so small messages share Noise messages (and the driver's
+        writes) instead of taking one each. One message gives exactly the bytes
+        :meth:`send_message_batches` gives."""
         self._transition(Input.SEND, remote=False)
-        parts = encode_message_parts(message)
-        size = sum(len(part) for part in parts)
         limit = self.peer_max_message_size or 0
-        if size > limit:
-            raise LocalProtocolError(
-                f"{type(message).__name__} encodes to {size} bytes but the peer accepts "
-                f"at most {limit}; send less per message"
-            )
-        return self._encrypt_frame(parts, batch_size)
+        stream: list[bytes | memoryview] = []
+        for message in messages:
+            parts = encode_message_parts(message)
+            size = sum(len(part) for part in parts)
+            if size > limit:
+                raise LocalProtocolError(
+                    f"{type(message).__name__} encodes to {size} bytes but the peer accepts "
+                    f"at most {limit}; send less per message"
+                )
+            stream.append(size.to_bytes(FRAME_HEADER, "big"))
+            stream += parts
+        if not stream:
+            return iter(())
+        return self._encrypt_stream(stream, batch_size)
 
     def send_keepalive(self) -> None:
         """Queue a Keepalive (the driver sends one when it has been quiet for a while)."""
@@ -452,9 +505,14 @@ class ChannelConnection:
     def _own_payload(self, handshake: HandshakeState) -> bytes:
         static = handshake.local_static_public
         assert static is not None
+        known = self._static_signature
+        if known is not None and known[0] == static:
+            signature = known[1]
+        else:
+            signature = self._identity.sign(static_key_signature_input(static))
         return HandshakePayload(
             identity_key=self._identity.public_key,
-            signature=self._identity.sign(static_key_signature_input(static)),
+            signature=signature,
             versions=list(self._versions),
             max_message_size=self.max_message_size,
         ).encode()
@@ -519,8 +577,7 @@ class ChannelConnection:
             self._fail(HandshakeError(f"handshake message {step} payload is invalid: {exc}"))
         static = handshake.remote_static
         assert static is not None
-        signed = static_key_signature_input(static)
-        if not verify_signature(peer.identity_key, peer.signature, signed):
+        if not _static_key_signed(bytes(peer.identity_key), bytes(peer.signature), bytes(static)):
             self._fail(
                 HandshakeError(
                     f"handshake message {step}: the identity signature over the peer's Noise "
@@ -556,13 +613,15 @@ class ChannelConnection:
         self._queue_frame(encode_message(message))
 
     def _queue_frame(self, payload: bytes) -> None:
-        for batch in self._encrypt_frame([payload], 1 << 20):
+        stream: list[bytes | memoryview] = [len(payload).to_bytes(FRAME_HEADER, "big"), payload]
+        for batch in self._encrypt_stream(stream, 1 << 20):
             self._outbuf.append(bytes(batch))  # batches share one buffer: copy to keep
 
-    def _encrypt_frame(
+    def _encrypt_stream(
         self, parts: list[bytes | memoryview], batch_size: int
     ) -> Iterator[memoryview]:
-        """Frame the concatenation of ``parts`` and encrypt it, yielding wire bytes in batches.
+        """Encrypt the frame-stream bytes ``parts`` (frame headers included), yielding wire
+        bytes in batches: Noise messages filled to the largest plaintext, the last shorter.
 
         Every batch is a view of one reused buffer, valid until the next one is asked for:
         encrypting in place saves allocating (and page-faulting) a fresh ciphertext per
@@ -573,9 +632,9 @@ class ChannelConnection:
         assert transport is not None
         encrypt_into = transport.send.encrypt_into
         total = sum(len(part) for part in parts)
-        chunks = _chunks([total.to_bytes(FRAME_HEADER, "big"), *parts], MAX_TRANSPORT_PLAINTEXT)
+        chunks = _chunks(parts, MAX_TRANSPORT_PLAINTEXT)
         slot = MAX_NOISE_MESSAGE + 2
-        count = -(-(total + FRAME_HEADER) // MAX_TRANSPORT_PLAINTEXT)
+        count = -(-total // MAX_TRANSPORT_PLAINTEXT)
         buffer = memoryview(bytearray(min(max(1, batch_size // slot), count) * slot))
         filled = 0
         for chunk in chunks:

@@ -23,10 +23,13 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from p2pfed.errors import ConfigError
 from p2pfed.federation import ProtocolParams
+
+if TYPE_CHECKING:
+    from p2pfed.group import GridPosition
 
 __all__ = [
     "CONFIG_FILE_NAME",
@@ -105,9 +108,19 @@ _DOCS: dict[str, str] = {
     "metrics_port": "TCP port of the metrics endpoint.",
     "metrics_host": "Address of the metrics endpoint (127.0.0.1 = this machine only).",
     "task": 'Training task to run, as "package.module:object".',
+    "grid_side": "Grid grouping (Moshpit, spec/group.md): the side of the federation's grid;\n"
+    "every node of the federation then sets the same side and its own grid_coordinate\n"
+    "(unset = random grouping).",
+    "grid_coordinate": "This node's cell on the grid, one integer in 0..grid_side-1 per\n"
+    "dimension, e.g. [0, 4, 2] on a 9x9x9 grid; a round averages along one dimension.",
 }
 # Example values written (commented out) for keys whose default is "unset".
-_EXAMPLES: dict[str, Any] = {"max_message_size": 64 * 1024 * 1024, "task": "mypackage.tasks:task"}
+_EXAMPLES: dict[str, Any] = {
+    "max_message_size": 64 * 1024 * 1024,
+    "task": "mypackage.tasks:task",
+    "grid_side": 9,
+    "grid_coordinate": [0, 4, 2],
+}
 
 
 class _KeyError(ValueError):
@@ -178,6 +191,8 @@ class NodeConfig:
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
     task: str | None = field(default=None)
+    grid_side: int | None = None
+    grid_coordinate: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -236,11 +251,40 @@ class NodeConfig:
                 "task",
                 f'must be "package.module:object" (e.g. "mytasks.mnist:task"), got {self.task!r}',
             )
+        if self.grid_coordinate is not None:
+            if not isinstance(self.grid_coordinate, list | tuple) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in self.grid_coordinate
+            ):
+                raise _KeyError(
+                    "grid_coordinate", f"must be a list of integers, got {self.grid_coordinate!r}"
+                )
+            self._set("grid_coordinate", tuple(self.grid_coordinate))
+        if self.grid_side is None:
+            if self.grid_coordinate is not None:
+                raise _KeyError("grid_coordinate", "is set but grid_side is not; set both")
+        else:
+            from p2pfed.group import MAX_GRID_SIDE
+
+            _check_int("grid_side", self.grid_side, 2, MAX_GRID_SIDE)
+            if self.grid_coordinate is None:
+                raise _KeyError("grid_side", "is set but grid_coordinate is not; set both")
+            try:
+                self.grid_position()
+            except (TypeError, ValueError) as exc:
+                raise _KeyError("grid_coordinate", str(exc)) from None
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
         """The keys ``config.toml`` may contain, in file order."""
         return [f.name for f in fields(cls)]
+
+    def grid_position(self) -> GridPosition | None:
+        """The node's place on the grid, or ``None`` for random grouping."""
+        from p2pfed.group import GridPosition
+
+        if self.grid_side is None or self.grid_coordinate is None:
+            return None
+        return GridPosition(self.grid_side, self.grid_coordinate)
 
     def federation_path(self, node_dir: str | os.PathLike[str]) -> Path:
         """The federation file's path: ``federation_file`` resolved against ``node_dir``."""

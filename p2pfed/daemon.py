@@ -136,6 +136,8 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             parse_host_port(entry)  # a clear error now rather than a failed dial later
         overrides["bootstrap"] = (*config.bootstrap, *args.bootstrap)
     config = dataclasses.replace(config, **overrides)
+    if options.grid is None:
+        options = dataclasses.replace(options, grid=config.grid_position())
     network = TcpNetwork(mdns=config.mdns, mdns_interfaces=tuple(config.mdns_interfaces))
     registry = MetricsRegistry()
     metrics = NodeMetrics(registry)

@@ -143,6 +143,9 @@ def _check_encodable(obj: object, depth: int) -> None:
     )
 
 
+_SMALL_UINTS = tuple(bytes([value]) for value in range(24))
+
+
 def encode(obj: object) -> bytes:
     """Encode ``obj`` as deterministic CBOR (RFC 8949 section 4.2.1).
 
@@ -152,6 +155,9 @@ def encode(obj: object) -> bytes:
     >>> encode([1, -1, b"\\x00", "a", 1.5, None]).hex()
     '86012041006161f93e00f6'
     """
+    if type(obj) is int and 0 <= obj < 24:
+        # the commonest item (every map key, most small fields): one byte, no checks needed
+        return _SMALL_UINTS[obj]
     _check_encodable(obj, 0)
     try:
         return cbor2.dumps(obj, canonical=True, encoders=_ENCODERS)

@@ -18,6 +18,13 @@ Rules of this file:
   priority abandons its own group and accepts, so among concurrent initiators the
   highest-priority one always collects its invitees: no livelock. Every wait has a
   deadline: no deadlock.
+* Grid grouping (optional, Moshpit SGD): a node with a :class:`GridPosition` averages in
+  round ``r`` only with its *grid mates* of that round, the peers whose announced
+  coordinate differs from its own in dimension ``r mod d`` alone. The mate with the lowest
+  node id is the only initiator; it invites every mate once all are connected and starts
+  only the full line of ``side`` members, so after ``d`` rounds every node holds the exact
+  global mean. A node still without a group ``invite_timeout + start_timeout`` after
+  offering its contribution falls back to random grouping for that contribution.
 * All-reduce (butterfly): the contribution (``d`` model words and one weight word,
   masked) is cut into ``k`` shards; member ``j`` receives shard ``j`` from everyone, sums
   it, and sends the reduced shard to everyone. A member applies a result only when it
@@ -29,6 +36,7 @@ Rules of this file:
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -41,6 +49,8 @@ from p2pfed.fixedpoint import FixedPointParams, decode_group_sum, make_contribut
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
 from p2pfed.messages import (
+    MAX_GRID_DIMS,
+    MAX_GROUP_MEMBERS,
     GroupAbort,
     GroupInvite,
     GroupMemberInfo,
@@ -55,6 +65,7 @@ __all__ = [
     "MASK_KEY_SIGNATURE_CONTEXT",
     "PHASES",
     "Action",
+    "GridPosition",
     "GroupAborted",
     "GroupCompleted",
     "GroupConfig",
@@ -68,6 +79,14 @@ __all__ = [
 
 MASK_KEY_SIGNATURE_CONTEXT = b"p2pfed-group-mask-key:v1\x00"
 GROUP_ID_BYTES = 16
+MAX_GRID_SIDE = MAX_GROUP_MEMBERS  # a full grid line is one group
+
+
+@functools.lru_cache(maxsize=1024)
+def _signed(identity_key: bytes, signature: bytes, data: bytes) -> bool:
+    """:func:`verify_signature`, cached: a pure function, and every member of a group
+    checks the same k signatures (in simnet all in one process, k times over)."""
+    return verify_signature(identity_key, signature, data)
 
 
 def mask_key_signature_input(group_id: bytes, mask_public_key: bytes) -> bytes:
@@ -104,6 +123,54 @@ class GroupConfig:
             raise ValueError("group_min must be at least 3: a group of 2 reveals the other model")
         if self.group_max < self.group_min:
             raise ValueError("group_max must be at least group_min")
+
+
+@dataclass(frozen=True)
+class GridPosition:
+    """Where a node sits on a Moshpit grid of ``side ** len(coordinate)`` cells.
+
+    In round ``r`` the node's group is the line through its cell along dimension
+    ``r mod d``: the ``side`` nodes whose coordinates equal its own in every other
+    dimension (spec/group.md, "Grid grouping").
+
+    >>> GridPosition(3, (0, 2, 1)).is_mate((0, 0, 1), round=1)
+    True
+    >>> GridPosition(3, (0, 2, 1)).is_mate((0, 0, 1), round=0)
+    False
+    """
+
+    side: int
+    coordinate: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coordinate", tuple(int(c) for c in self.coordinate))
+        if not 2 <= self.side <= MAX_GRID_SIDE:
+            raise ValueError(f"grid side must be between 2 and {MAX_GRID_SIDE}, got {self.side}")
+        if not 1 <= len(self.coordinate) <= MAX_GRID_DIMS:
+            raise ValueError(
+                f"a grid coordinate has 1 to {MAX_GRID_DIMS} dimensions, got {self.coordinate}"
+            )
+        if not all(0 <= c < self.side for c in self.coordinate):
+            raise ValueError(f"grid coordinate {self.coordinate} is outside 0..{self.side - 1}")
+
+    @property
+    def dims(self) -> int:
+        """The number of grid dimensions ``d``."""
+        return len(self.coordinate)
+
+    def is_mate(self, other: Sequence[int], round: int) -> bool:
+        """Whether a peer at ``other`` is in this node's group of ``round``."""
+        axis = round % self.dims
+        return (
+            len(other) == self.dims
+            and all(0 <= c < self.side for c in other)
+            and other[axis] != self.coordinate[axis]
+            and all(
+                o == c
+                for i, (o, c) in enumerate(zip(other, self.coordinate, strict=True))
+                if i != axis
+            )
+        )
 
 
 class Phase(enum.Enum):
@@ -182,6 +249,7 @@ class _Formation:
     deadline: float
     invited: set[NodeId]
     accepted: dict[NodeId, GroupReply] = field(default_factory=dict)
+    required: int = 0  # a grid line: every one of these invitees must accept (0: random)
 
 
 @dataclass
@@ -219,6 +287,10 @@ class GroupProtocol:
     ``masking`` is for benchmarks only: with ``False``, contributions are encoded but not
     masked (the wire format is unchanged, the privacy is gone). Mask keys are still
     exchanged and checked, so only the cost of the masks themselves goes away.
+
+    ``grid`` places the node on a Moshpit grid (grid grouping, see the module docstring);
+    the driver reports each peer's announced coordinate with :meth:`set_peer_grid`.
+    ``None`` (the default): random grouping.
     """
 
     def __init__(
@@ -235,9 +307,15 @@ class GroupProtocol:
         randbytes: Callable[[int], bytes] = os.urandom,
         numpy_rng: np.random.Generator | None = None,
         masking: bool = True,
+        grid: GridPosition | None = None,
     ) -> None:
         if params.max_group_size < config.group_max:
             raise ValueError("the fixed-point parameters must allow groups of group_max")
+        if grid is not None and not config.group_min <= grid.side <= config.group_max:
+            raise ValueError(
+                f"a grid line of {grid.side} nodes is one group: the side must be between "
+                f"group_min ({config.group_min}) and group_max ({config.group_max})"
+            )
         self.identity = identity
         self.node_id = identity.node_id
         self.config = config
@@ -246,6 +324,10 @@ class GroupProtocol:
         self.model_size = model_size
         self.listen_port = listen_port
         self.masking = masking
+        self.grid = grid
+        self._peer_grid: dict[NodeId, tuple[int, ...]] = {}
+        self._grid_until = 0.0  # grid grouping for the current contribution until then
+        self._passive = False  # answer invites only, never initiate (set_contribution)
         self._address_of = address_of
         self._rng = rng or random.Random(int.from_bytes(randbytes(16), "big"))
         self._randbytes = randbytes
@@ -265,18 +347,47 @@ class GroupProtocol:
         """Remember a connected peer's identity key (from its channel handshake)."""
         self._identity_keys[peer] = identity_key
 
+    def set_peer_grid(self, peer: NodeId, coordinate: Sequence[int]) -> None:
+        """Remember the grid coordinate a peer announced (empty: not on a grid)."""
+        if coordinate:
+            self._peer_grid[peer] = tuple(coordinate)
+        else:
+            self._peer_grid.pop(peer, None)
+
+    def grid_mates(self, peers: Sequence[NodeId], round: int) -> list[NodeId]:
+        """Those of ``peers`` in this node's grid group of ``round`` (sorted by id)."""
+        grid = self.grid
+        if grid is None:
+            return []
+        return sorted(
+            p for p in peers if p in self._peer_grid and grid.is_mate(self._peer_grid[p], round)
+        )
+
+    def _grid_grouping(self, now: float) -> bool:
+        """Whether the current contribution is still grouped on the grid (not fallen back)."""
+        return self.grid is not None and now < self._grid_until
+
     # -- local decisions -----------------------------------------------------------------
 
-    def set_contribution(self, vector: np.ndarray, weight: int, round: int, now: float) -> None:
+    def set_contribution(
+        self, vector: np.ndarray, weight: int, round: int, now: float, *, initiate: bool = True
+    ) -> None:
         """Offer ``vector`` (the model as released: after DP) with push-sum ``weight``.
 
         The node becomes READY: it accepts invites and will initiate a group itself after a
-        short random delay. The same contribution is reused if a group aborts.
+        short random delay. The same contribution is reused if a group aborts. With
+        ``initiate=False`` the node only answers invites (a node that finished its rounds
+        and lingers to help others: groups among finished nodes would be traffic for
+        nothing).
         """
         self._now = now
+        self._passive = not initiate
         if vector.shape != (self.model_size,) or vector.dtype != np.float32:
             raise ValueError(f"expected a float32 vector of {self.model_size} values")
         self._contribution = _Contribution(vector, int(weight), round)
+        # a grid group must form within the formation bound, else random grouping takes
+        # over for this contribution (mates that lag or crashed must not stall the node)
+        self._grid_until = now + self.config.invite_timeout + self.config.start_timeout
         if self.phase is Phase.IDLE:
             self.phase = Phase.READY
             self._schedule_initiate(now, self.config.initiate_delay)
@@ -373,16 +484,43 @@ class GroupProtocol:
     # -- formation -----------------------------------------------------------------------
 
     def _schedule_initiate(self, now: float, spread: float) -> None:
+        if self._passive:
+            self._initiate_at = None
+            return
         self._initiate_at = now + self._rng.uniform(0.0, spread)
 
     def _initiate(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
         self._initiate_at = None
+        if self._grid_grouping(now):
+            return self._initiate_grid(now, connected)
         candidates = sorted(p for p in connected if p != self.node_id)
         if len(candidates) < self.config.group_min - 1:
             # not enough peers yet: try again later rather than spin
             self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
             return []
         chosen = self._rng.sample(candidates, min(len(candidates), self.config.group_max - 1))
+        return self._invite(now, chosen, full=False)
+
+    def _initiate_grid(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
+        """Invite the whole grid line if this node is its initiator and all mates are here.
+
+        The initiator is the mate with the lowest node id, so lines never contend for
+        members. A node that is not the initiator waits for its invite: it looks again
+        only when random grouping takes over (or after an abort reschedules it).
+        """
+        grid, contribution = self.grid, self._contribution
+        assert grid is not None and contribution is not None
+        mates = self.grid_mates([p for p in connected if p != self.node_id], contribution.round)
+        if mates and mates[0] < self.node_id:
+            self._initiate_at = self._grid_until
+            return []
+        if len(mates) < grid.side - 1:
+            # not every mate is connected (or announced) yet: look again shortly
+            self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+            return []
+        return self._invite(now, mates[: self.config.group_max - 1], full=True)
+
+    def _invite(self, now: float, chosen: Sequence[NodeId], *, full: bool) -> list[Action]:
         contribution = self._contribution
         assert contribution is not None
         formation = _Formation(
@@ -390,6 +528,7 @@ class GroupProtocol:
             priority=self._rng.getrandbits(64),
             deadline=now + self.config.invite_timeout,
             invited=set(chosen),
+            required=len(chosen) if full else 0,
         )
         self._formation = formation
         self.phase = Phase.INITIATING
@@ -416,6 +555,17 @@ class GroupProtocol:
     def _on_invite(self, peer: NodeId, invite: GroupInvite, now: float) -> list[Action]:
         if invite.fingerprint != self.fingerprint or invite.model_size != self.model_size:
             return self._decline(peer, invite.group_id, "model mismatch: different task or model")
+        contribution = self._contribution
+        if (
+            contribution is not None
+            and self._grid_grouping(now)
+            and not (invite.round == contribution.round and self.grid_mates([peer], invite.round))
+        ):
+            return self._decline(
+                peer,
+                invite.group_id,
+                f"not in this node's grid group of round {contribution.round}",
+            )
         actions: list[Action] = []
         if self.phase is Phase.INITIATING:
             assert self._formation is not None
@@ -462,8 +612,8 @@ class GroupProtocol:
         formation.invited.discard(peer)
         if reply.accept:
             formation.accepted[peer] = reply
-        if not formation.invited:
-            return self._finish_formation(now)
+        if not formation.invited or (formation.required and not reply.accept):
+            return self._finish_formation(now)  # a grid line with a decline cannot start
         return []
 
     def _cancel_formation(self, reason: str) -> list[Action]:
@@ -478,6 +628,14 @@ class GroupProtocol:
     def _finish_formation(self, now: float) -> list[Action]:
         formation = self._formation
         assert formation is not None and self._contribution is not None
+        if formation.required and len(formation.accepted) < formation.required:
+            # a grid line is all or nothing: a partial line would lose the exact mean
+            cancel = self._cancel_formation(
+                f"grid line incomplete ({len(formation.accepted) + 1} of "
+                f"{formation.required + 1} members)"
+            )
+            self._schedule_initiate(now, self.config.retry_backoff)
+            return cancel
         if len(formation.accepted) + 1 < self.config.group_min:
             cancel = self._cancel_formation(
                 f"too few members accepted ({len(formation.accepted) + 1} of at least "
@@ -560,7 +718,7 @@ class GroupProtocol:
             raise SecureAggregationError(f"group of {len(ids)} is outside the allowed sizes")
         for member_id, info in zip(ids, start.members, strict=True):
             signed = mask_key_signature_input(start.group_id, info.mask_key)
-            if not verify_signature(info.identity_key, info.key_signature, signed):
+            if not _signed(bytes(info.identity_key), bytes(info.key_signature), signed):
                 raise SecureAggregationError(
                     f"the mask key of member {member_id.short} is not signed by its identity"
                 )
@@ -696,7 +854,7 @@ class GroupProtocol:
             # an invitee withdrew before the start
             self._formation.accepted.pop(peer, None)
             self._formation.invited.discard(peer)
-            if not self._formation.invited:
+            if not self._formation.invited or self._formation.required:
                 return self._finish_formation(now)
             return []
         if self._pending and abort.group_id == self._pending.group_id:

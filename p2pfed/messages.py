@@ -51,6 +51,7 @@ __all__ = [
     "IDENTITY_KEY_SIZE",
     "MASK_KEY_SIZE",
     "MAX_CLOSE_REASON_BYTES",
+    "MAX_GRID_DIMS",
     "MAX_GROUP_MEMBERS",
     "MAX_PEER_HOST_BYTES",
     "MAX_PEX_PEERS",
@@ -793,6 +794,9 @@ MASK_KEY_SIZE = 32
 NONCE_SIZE = 32
 MAX_GROUP_MEMBERS = 64
 MAX_REASON_BYTES = 256
+MAX_GRID_DIMS = 16
+"""Most dimensions a grid coordinate may have (NodeAnnounce); each coordinate is below
+:data:`MAX_GROUP_MEMBERS`, since a grid line is one group."""
 
 
 @_message
@@ -904,7 +908,11 @@ class ModelRequest(Message):
 @dataclass(frozen=True, repr=False)
 class NodeAnnounce(Message):
     """The first node message on a channel: the port this node accepts connections on
-    (0: none), so that the peer can share a dialable address in peer exchange."""
+    (0: none), so that the peer can share a dialable address in peer exchange, and the
+    node's grid coordinate (empty: not on a grid; spec/group.md, "Grid grouping")."""
 
     TYPE: ClassVar[int] = 19
     listen_port: Annotated[int, UInt(1, max=65535)]
+    grid: Annotated[
+        tuple[int, ...], UIntList(2, max_len=MAX_GRID_DIMS, item_max=MAX_GROUP_MEMBERS - 1)
+    ] = ()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import operator
 import os
 import random
 from collections.abc import Callable
@@ -38,7 +39,7 @@ import torch
 import trio
 
 from p2pfed import dp
-from p2pfed.channel import Role
+from p2pfed.channel import Role, StaticKey
 from p2pfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfed.config import NodeConfig, load_config, parse_host_port
 from p2pfed.errors import (
@@ -51,6 +52,7 @@ from p2pfed.federation import Federation, load_federation
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import (
     Action,
+    GridPosition,
     GroupAborted,
     GroupCompleted,
     GroupConfig,
@@ -99,6 +101,7 @@ log = logging.getLogger("p2pfed.node")
 _T = TypeVar("_T")
 CHECKPOINT_FILE_NAME = "checkpoint.bin"
 PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
+_id_bytes = operator.attrgetter("raw")
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
 
 
@@ -113,6 +116,10 @@ class NodeOptions:
     linger: bool = False
     """After ``max_rounds``, keep averaging (without training) until stopped, so that
     peers still short of their rounds find groups."""
+    linger_passive: bool = False
+    """While lingering, only answer invites and never initiate a group: peers short of
+    rounds still find groups, but finished nodes stop averaging among themselves (much
+    less traffic; their models then move only when a peer short of rounds invites them)."""
     task_config: dict[str, Any] = field(default_factory=dict)
     """The task's settings (config.toml's [task] table plus runner keys)."""
     target_peers: int = 16
@@ -130,6 +137,9 @@ class NodeOptions:
     masking: bool = True
     """Benchmarks only: ``False`` sends contributions encoded but not masked (the wire
     format is unchanged, the privacy is gone); see :class:`~p2pfed.group.GroupProtocol`."""
+    grid: GridPosition | None = None
+    """This node's place on a Moshpit grid (grid grouping, spec/group.md); announced to
+    every peer. ``None``: random grouping."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +212,8 @@ class Node:
             send_timeout=config.send_timeout,
         )
         self.peers = PeerTable(self.node_id)
+        # one Noise static key for all this node's channels (spec/transport.md allows it)
+        self._static_key = StaticKey.generate(identity, self._randbytes)
         self._links: dict[NodeId, list[_Link]] = {}
         self._pex: dict[NodeId, PeerExchangeSession] = {}
         self._dialling: set[tuple[str, int]] = set()
@@ -209,6 +221,7 @@ class Node:
         self._links_changed = trio.Event()
         self._queued: dict[NodeId, list[Message]] = {}
         self._wake = trio.Event()
+        self._loop_deadline = 0.0  # when the group loop wakes by itself (math.inf: never)
         self._outcomes_send, self._outcomes = trio.open_memory_channel[
             GroupCompleted | GroupAborted | None
         ](math.inf)
@@ -292,6 +305,7 @@ class Node:
             rng=random.Random(self._rng.getrandbits(64)),
             randbytes=self._randbytes,
             masking=self.options.masking,
+            grid=self.options.grid,
         )
         log.info(
             "node %s listening on port %d (federation %s, round %d)",
@@ -367,7 +381,9 @@ class Node:
 
     async def _rounds(self, torch_model: torch.nn.Module, data: NodeData | None) -> None:
         assert self.group is not None and self.model is not None
-        if self.round == 0:
+        if self.round == 0 and self.options.grid is None:
+            # a grid node starts from its own model: adopting a peer's aggregate would
+            # count it twice in the grid's exact mean and put this node out of step
             await self._sync_model()
         generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
         noise_rng = dp.noise_generator(self._randbytes)
@@ -388,7 +404,15 @@ class Node:
                 )
             self._offered_at = trio.current_time()
             self.group.set_contribution(
-                released, max(1, round(self.weight)), self.round, self._offered_at
+                released,
+                max(1, round(self.weight)),
+                self.round,
+                self._offered_at,
+                # lingering only helps peers short of rounds: they invite, we answer
+                # (a grid line needs its initiator, whatever its round)
+                initiate=not (
+                    finished and self.options.linger_passive and self.options.grid is None
+                ),
             )
             self._wake.set()
             outcome = await self._await_group()
@@ -595,7 +619,8 @@ class Node:
         assert self.group is not None
         while True:
             deadline = self.group.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            self._loop_deadline = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._loop_deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
@@ -623,12 +648,18 @@ class Node:
                     self.peers.exclude(peer, now + self.group_config.exclusion)
                 self._outcomes_send.send_nowait(action)
         if wake:
-            self._wake.set()
+            # only an earlier deadline needs the loop now: at its current one, it polls and
+            # looks again anyway (waking it for every group message was most of its cost)
+            deadline = self.group.next_deadline() if self.group is not None else None
+            if deadline is not None and deadline < self._loop_deadline:
+                self._wake.set()
 
     # -- channels ------------------------------------------------------------------------
 
     def _connected(self) -> list[NodeId]:
-        return sorted(peer for peer, links in self._links.items() if links)
+        # sorted by the id bytes directly: NodeId's generated __lt__ is slow, and this
+        # runs on every wake of the group loop
+        return sorted((peer for peer, links in self._links.items() if links), key=_id_bytes)
 
     def _address_of(self, peer: NodeId) -> tuple[str, int] | None:
         record = self.peers.get(peer)
@@ -677,6 +708,7 @@ class Node:
                     self.federation,
                     self.channel_config,
                     randbytes=self._randbytes,
+                    static_key=self._static_key,
                 ) as channel:
                     if expect is not None and channel.peer_id != expect:
                         log.warning(
@@ -719,6 +751,7 @@ class Node:
             self.channel_config,
             max_connections=self.config.max_connections,
             randbytes=self._randbytes,
+            static_key=self._static_key,
             task_status=task_status,  # type: ignore[arg-type]
         )
 
@@ -738,10 +771,14 @@ class Node:
         self.peers.mark_connected(peer, now)
         self.group.register_peer(peer, channel.peer_identity_key)
         session = self._pex.setdefault(peer, PeerExchangeSession())
-        send.send_nowait(NodeAnnounce(listen_port=self.listen_port))
+        grid = self.options.grid.coordinate if self.options.grid is not None else ()
+        send.send_nowait(NodeAnnounce(listen_port=self.listen_port, grid=grid))
         for message in self._queued.pop(peer, []):
             send.send_nowait(message)
-        if session.may_request(now):
+        # ask for more peers only while short of them (spec/discovery.md: a node SHOULD ask
+        # only when it wants more): group members connect to each other, so a busy node
+        # opens many channels, and a PeerList on each one was a large part of their cost
+        if session.may_request(now) and len(self._links) <= self.options.target_peers:
             send.send_nowait(session.make_request(now))
         self._wake.set()
         try:
@@ -776,7 +813,14 @@ class Node:
     ) -> None:
         try:
             async for message in outbox:
-                await channel.send(message)
+                # everything queued meanwhile goes out with it, packed into one write
+                batch = [message]
+                while True:
+                    try:
+                        batch.append(outbox.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await channel.send_many(batch)
             # the outbox was closed: the node is stopping and everything queued is sent
             await channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
         except ChannelClosed:
@@ -788,6 +832,7 @@ class Node:
         if isinstance(message, _GROUP_MESSAGES):
             self._act(self.group.receive(peer, message, now))
         elif isinstance(message, NodeAnnounce):
+            self.group.set_peer_grid(peer, message.grid)
             host = self._host_of.get(peer)
             if host and message.listen_port:
                 self.peers.observe(peer, host, message.listen_port, "inbound", now)

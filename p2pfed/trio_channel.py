@@ -24,8 +24,8 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import trio
@@ -37,6 +37,7 @@ from p2pfed.channel import (
     HandshakeComplete,
     MessageReceived,
     Role,
+    StaticKey,
 )
 from p2pfed.errors import ChannelClosed, CloseCode, HandshakeError, RemoteProtocolError
 from p2pfed.federation import Federation
@@ -98,6 +99,13 @@ class SecureChannel:
         self._receiving = False
         self._closed: ChannelClosed | None = None
         self._last_send = trio.current_time()
+        # The clocks of the channel live in one task (:meth:`keepalive_loop`), not in a
+        # cancel scope around every read and send: a scope per message was a large share
+        # of a big simulation's time. A read or send in progress records when it began;
+        # the clock task closes the channel when one has waited too long.
+        self._read_since: float | None = None
+        self._send_since: float | None = None
+        self._clock: trio.CancelScope | None = None  # the clock task's current sleep
         self.peer_id: NodeId = peer.peer_id
         self.peer_identity_key: bytes = peer.peer_identity_key
         self.version: int = peer.version
@@ -125,23 +133,37 @@ class SecureChannel:
         Raises :class:`~p2pfed.errors.ChannelClosed` if the channel is (or becomes) closed,
         including when the peer stops reading for longer than the send timeout.
         """
+        await self.send_many((message,))
+
+    async def send_many(self, messages: Sequence[Message]) -> None:
+        """Send ``messages`` in order, small ones packed together into as few Noise
+        messages and stream writes as possible (spec/transport.md allows several frames in
+        one Noise message). Same errors as :meth:`send`."""
         self._raise_if_closed()
         async with self._send_lock:
             self._raise_if_closed()
-            with trio.move_on_after(self._config.send_timeout) as scope:
-                try:
-                    for batch in self._conn.send_message_batches(message):
-                        await self._stream.send_all(batch)
-                        self.bytes_sent += len(batch)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    await self._abort(CloseCode.PROTOCOL_ERROR, f"send failed: {exc!r}")
-            if scope.cancelled_caught:
-                await self._abort(
-                    CloseCode.IDLE_TIMEOUT,
-                    f"peer did not accept data for {self._config.send_timeout}s",
-                )
+            self._send_started(trio.current_time())
+            try:
+                for batch in self._conn.send_messages_batches(messages):
+                    await self._stream.send_all(batch)
+                    self.bytes_sent += len(batch)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                # (after a send timeout the clock task closed the stream: _closed says so)
+                await self._abort(CloseCode.PROTOCOL_ERROR, f"send failed: {exc!r}")
+            finally:
+                self._send_since = None
             self._last_send = trio.current_time()
         self._raise_if_closed()
+
+    def _send_started(self, now: float) -> None:
+        self._send_since = now
+        self._wake_clock(now + self._config.send_timeout)
+
+    def _wake_clock(self, deadline: float) -> None:
+        """Make the clock task look again by ``deadline`` (a new wait began)."""
+        clock = self._clock
+        if clock is not None and deadline < clock.deadline:
+            clock.deadline = deadline
 
     async def _flush(self) -> None:
         data = self._conn.data_to_send()
@@ -151,25 +173,79 @@ class SecureChannel:
             self._last_send = trio.current_time()
 
     async def keepalive_loop(self) -> None:
-        """Send a Keepalive whenever nothing was sent for ``keepalive_interval`` seconds."""
-        interval = self._config.keepalive_interval
+        """The channel's clocks, run by :func:`open_secure_channel` while the channel is open.
+
+        Sends a Keepalive whenever nothing was sent for ``keepalive_interval`` seconds;
+        closes the channel (``IDLE_TIMEOUT``) when a receive waited ``idle_timeout`` seconds
+        without data (sending a Close first) or a send waited ``send_timeout`` seconds for
+        the peer to accept data.
+        """
+        config = self._config
+        interval = config.keepalive_interval
         while not self.closed:
-            await trio.sleep_until(self._last_send + interval)
-            if self.closed:
+            now = trio.current_time()
+            read_since, send_since = self._read_since, self._send_since
+            if read_since is not None and now >= read_since + config.idle_timeout:
+                await self._expire_receive()
                 return
-            # compare with the deadline slept to: (t + i) - t < i can hold in floats, and
-            # under a virtual clock that would spin forever at one instant
-            if trio.current_time() < self._last_send + interval:
+            if send_since is not None and now >= send_since + config.send_timeout:
+                await self._expire_send()
+                return
+            # a send in progress is traffic: the keepalive is due an interval after it
+            # (comparing with the deadline slept to: (t + i) - t < i can hold in floats,
+            # and under a virtual clock that would spin forever at one instant)
+            keepalive_at = now + interval if send_since is not None else self._last_send + interval
+            if now >= keepalive_at:
+                await self._send_keepalive()
                 continue
-            async with self._send_lock:
-                if self.closed:
-                    return
-                self._conn.send_keepalive()
-                try:
-                    with trio.fail_after(self._config.send_timeout):
-                        await self._flush()
-                except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-                    await self._abort(CloseCode.IDLE_TIMEOUT, f"keepalive failed: {exc!r}")
+            deadline = keepalive_at
+            if read_since is not None:
+                deadline = min(deadline, read_since + config.idle_timeout)
+            if send_since is not None:
+                deadline = min(deadline, send_since + config.send_timeout)
+            with trio.CancelScope(deadline=deadline) as self._clock:
+                await trio.sleep_forever()
+            self._clock = None
+
+    async def _send_keepalive(self) -> None:
+        async with self._send_lock:
+            if (
+                self.closed
+                or trio.current_time() < self._last_send + self._config.keepalive_interval
+            ):
+                return  # closed, or a message went out while we waited for the lock
+            self._conn.send_keepalive()
+            try:
+                with trio.fail_after(self._config.send_timeout):
+                    await self._flush()
+            except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                await self._abort(CloseCode.IDLE_TIMEOUT, f"keepalive failed: {exc!r}")
+            # even if the core had nothing to send (the peer's Close arrived and is not read
+            # yet): the next attempt is an interval away, never at this same instant
+            self._last_send = trio.current_time()
+
+    async def _expire_receive(self) -> None:
+        """A receive waited ``idle_timeout``: tell the peer why, then hang up. The waiting
+        reader sees the stream closed and raises the recorded ChannelClosed."""
+        reason = f"nothing received for {self._config.idle_timeout}s"
+        log.info("closing channel to %s: %s", self.peer_id.short, reason)
+        self._closed = ChannelClosed(CloseCode.IDLE_TIMEOUT, reason, by_peer=False)
+        self._conn.close(CloseCode.IDLE_TIMEOUT, reason)
+        await self._try_flush()
+        # nothing is unread (the reader was waiting all along), so closing cannot make the
+        # kernel reset the connection and destroy the Close
+        with trio.move_on_after(1.0):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                    await self._stream.send_eof()
+        await trio.aclose_forcefully(self._stream)
+
+    async def _expire_send(self) -> None:
+        """A send waited ``send_timeout``: the peer stopped reading. Drop the connection;
+        the blocked sender sees the stream closed and raises the recorded ChannelClosed."""
+        await self._abort(
+            CloseCode.IDLE_TIMEOUT, f"peer did not accept data for {self._config.send_timeout}s"
+        )
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -214,19 +290,17 @@ class SecureChannel:
                 raise
 
     async def _read_more(self) -> None:
-        data: bytes | bytearray = b""
-        with trio.move_on_after(self._config.idle_timeout) as scope:
-            try:
-                data = await self._stream.receive_some(self._config.read_size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                await self._abort(CloseCode.PROTOCOL_ERROR, f"connection lost: {exc!r}")
-                return
-        if scope.cancelled_caught:
-            reason = f"nothing received for {self._config.idle_timeout}s"
-            log.info("closing channel to %s: %s", self.peer_id.short, reason)
-            self._conn.close(CloseCode.IDLE_TIMEOUT, reason)
-            await self._abort(CloseCode.IDLE_TIMEOUT, reason, send_close=True)
+        # the clock task enforces the idle timeout (see __init__); a new read starts the
+        # clock's idle deadline no earlier than before, so it needs no wake-up
+        self._read_since = trio.current_time()
+        try:
+            data = await self._stream.receive_some(self._config.read_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # (after an idle timeout the clock task closed the stream: _closed says so)
+            await self._abort(CloseCode.PROTOCOL_ERROR, f"connection lost: {exc!r}")
             return
+        finally:
+            self._read_since = None
         if not data:
             await self._abort(CloseCode.PROTOCOL_ERROR, "connection closed without a Close message")
             return
@@ -303,6 +377,7 @@ async def _handshake(
     federation: Federation,
     config: ChannelConfig,
     randbytes: Callable[[int], bytes],
+    static_key: StaticKey | None = None,
 ) -> SecureChannel:
     conn = ChannelConnection(
         role,
@@ -310,6 +385,7 @@ async def _handshake(
         federation_id=federation.federation_id,
         psk=federation.secret,
         max_message_size=config.max_message_size,
+        noise_static=static_key,
         randbytes=randbytes,
     )
     conn.start()
@@ -360,8 +436,12 @@ async def open_secure_channel(
     config: ChannelConfig | None = None,
     *,
     randbytes: Callable[[int], bytes] = os.urandom,
+    static_key: StaticKey | None = None,
 ) -> AsyncIterator[SecureChannel]:
     """Run the handshake on ``stream`` and yield the open channel.
+
+    ``static_key``: this node's Noise static key, made once and reused (a fresh one per
+    channel if omitted).
 
     The keepalive runs in the background while the block runs; leaving the block closes
     the channel in order. Raises :class:`~p2pfed.errors.HandshakeError` (or another
@@ -370,7 +450,9 @@ async def open_secure_channel(
     """
     config = config or ChannelConfig()
     try:
-        channel = await _handshake(stream, role, identity, federation, config, randbytes)
+        channel = await _handshake(
+            stream, role, identity, federation, config, randbytes, static_key
+        )
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -402,6 +484,7 @@ async def serve_secure_channels(
     *,
     max_connections: int | float = math.inf,
     randbytes: Callable[[int], bytes] = os.urandom,
+    static_key: StaticKey | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept peers forever, running ``handler(channel)`` for each one that authenticates.
@@ -419,7 +502,13 @@ async def serve_secure_channels(
         async with limiter:
             try:
                 async with open_secure_channel(
-                    stream, Role.RESPONDER, identity, federation, config, randbytes=randbytes
+                    stream,
+                    Role.RESPONDER,
+                    identity,
+                    federation,
+                    config,
+                    randbytes=randbytes,
+                    static_key=static_key,
                 ) as channel:
                     log.debug("channel open with %s at %s", channel.peer_id.short, peer)
                     await handler(channel)

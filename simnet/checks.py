@@ -7,11 +7,24 @@ All pure functions and small accumulators over numpy arrays; usable from tests a
 * **Weighted-sum conservation** (push-sum): with training off, a completed group's members
   contributed their current model ``x_i`` with integer weight ``w_i``; the group protocol
   must give every member the mean ``m`` with ``sum(w_i) == total_weight`` exactly and
-  ``sum(w_i * x_i) == total_weight * m`` up to fixed-point rounding.
+  ``sum(w_i * x_i) == total_weight * m`` up to fixed-point rounding
+  (:func:`conservation_tolerance` derives the tolerance). The weights are the integers the
+  members actually offered, ``max(1, round(w))`` of their push-sum weight ``w``: a member
+  leaves a group with the float ``W / k`` and offers it rounded next time, so the push-sum
+  *mass* drifts by up to ``k / 2`` per group (the run's limit moves slightly off the
+  sample-weighted mean: ``target_distance_max`` levels off instead of reaching 0), but
+  each group's own sum is exact in its weights, and that is what the audit checks.
 * **Consensus distance**: the L2 distance of each model to the unweighted mean of all
   models (max and mean over nodes).
 * **Convergence target**: pure averaging converges to the sample-weighted global mean of
   the initial models (:func:`weighted_mean`).
+* **No corrupted model** (:func:`range_excess`): with training off every model a node can
+  hold (initial, group mean, checkpoint, synced) is a convex combination of the initial
+  models, so each coordinate stays within their range up to fixed-point rounding. A group
+  sum whose masks did not cancel, or a mixed-up vector, lands far outside.
+* **Run verdicts** (:func:`run_checks`): the pass/fail lines ``p2pfed simnet run`` prints
+  (round goal, finite and uncorrupted models, conservation, progress and consensus after
+  the last heal), with thresholds from the scenario's ``[checks]`` table.
 
 Example::
 
@@ -23,19 +36,27 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import GroupCompleted
 from p2pfed.identity import NodeId
+from simnet.scenario import Scenario
 
 __all__ = [
+    "Check",
     "GroupAudit",
     "consensus_distance",
+    "conservation_tolerance",
     "distance_to",
     "grid_rounds_to_exact_mean",
+    "range_excess",
+    "run_checks",
+    "step_error",
     "weighted_mean",
 ]
 
@@ -71,6 +92,50 @@ def weighted_mean(models: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     return acc / total
 
 
+def range_excess(models: Sequence[np.ndarray], low: np.ndarray, high: np.ndarray) -> float:
+    """How far (max over models and coordinates) any model lies outside ``[low, high]``.
+
+    >>> range_excess([np.array([0.5, 2.5])], np.zeros(2), np.full(2, 2.0))
+    0.5
+    """
+    if not models:
+        return 0.0
+    stacked = np.stack([np.asarray(m, dtype=np.float64) for m in models])
+    below = np.asarray(low, np.float64) - stacked
+    above = stacked - np.asarray(high, np.float64)
+    return float(max(0.0, below.max(initial=0.0), above.max(initial=0.0)))
+
+
+def step_error(params: FixedPointParams) -> float:
+    """The most one group average can move a coordinate (in ``[-clip, clip]``) off the
+    exact weighted mean: :func:`p2pfed.fixedpoint.error_bound` at ``|mean| = clip``,
+    ``1/scale + 2**-23 * (clip + 1/scale) + 2**-149`` (stochastic rounding, then the
+    float32 result)."""
+    inv = 1.0 / params.scale
+    return inv + 2.0**-23 * (params.clip + inv) + 2.0**-149
+
+
+def conservation_tolerance(params: FixedPointParams) -> float:
+    """The :class:`GroupAudit` tolerance for a federation's fixed-point parameters.
+
+    The audit measures ``|sum(w_i x_i) - W m|_inf / (W * max(1, |m|_inf))``. Per coordinate
+    the decoded mean ``m`` is within ``1/scale + 2**-23 * (|m| + 1/scale) + 2**-149`` of the
+    exact ``sum(w_i x_i) / W`` (:func:`p2pfed.fixedpoint.error_bound`; inputs within the
+    clip), so the relative error is at most ``1/scale + 2**-23 * (1 + 1/scale)`` plus
+    subnormal dust: about ``1.2e-7`` in the 64-bit ring (float32 rounding dominates) and
+    ``1.5e-5`` in a 32-bit ring of scale ``2**16``. The tolerance is twice that (float64
+    accumulation in the audit itself); a wrong weight or an uncancelled mask is off by
+    orders of magnitude more. An input beyond ``clip`` is clipped before it is sent, so a
+    model outside ``[-clip, clip]`` fails the audit, rightly: the group did not average
+    what the member held.
+
+    >>> conservation_tolerance(FixedPointParams.for_federation(64, 8.0, 8)) < 3e-7
+    True
+    """
+    inv = 1.0 / params.scale
+    return 2.0 * (inv + 2.0**-23 * (1.0 + inv) + 2.0**-149)
+
+
 def grid_rounds_to_exact_mean(n: int, k: int) -> int:
     """Rounds Moshpit's grid arrangement of ``n = k^d`` nodes needs for the exact mean:
     ``ceil(log_k n)`` (each round averages along one grid dimension).
@@ -85,6 +150,44 @@ def grid_rounds_to_exact_mean(n: int, k: int) -> int:
         size *= k
         rounds += 1
     return rounds
+
+
+def random_regrouping_factor(group_size: float) -> float:
+    """Theory: the factor by which the consensus distance shrinks per round when every
+    node averages with ``group_size - 1`` peers drawn at random each round.
+
+    Averaging ``k`` independent deviations divides their variance by ``k``, so the
+    root-mean-square distance to the mean shrinks by ``1 / sqrt(k)`` per round (an
+    idealisation: real groups overlap and form asynchronously, so measured factors
+    scatter around it).
+
+    >>> round(random_regrouping_factor(4), 3)
+    0.5
+    """
+    if group_size < 2:
+        raise ValueError(f"a group has at least 2 members, got {group_size}")
+    return float(1.0 / math.sqrt(group_size))
+
+
+def consensus_decay(rounds: Sequence[float], distances: Sequence[float]) -> tuple[float, float]:
+    """Fit ``distance ~ c * factor ** round``; return ``(factor, r_squared)``.
+
+    A least-squares line through ``log(distance)``: ``factor`` is the measured shrink per
+    round (compare with :func:`random_regrouping_factor`), ``r_squared`` how exponential
+    the decay is (1: a straight line in log scale).
+
+    >>> factor, r2 = consensus_decay([1, 2, 3], [1.0, 0.5, 0.25])
+    >>> round(factor, 6), round(r2, 6)
+    (0.5, 1.0)
+    """
+    x = np.asarray(rounds, dtype=float)
+    y = np.log(np.asarray(distances, dtype=float))
+    if len(x) < 3 or not np.all(np.isfinite(y)):
+        raise ValueError("need at least 3 rounds with positive, finite distances")
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = float(((y - (slope * x + intercept)) ** 2).sum())
+    spread = float(((y - y.mean()) ** 2).sum())
+    return math.exp(slope), (1.0 - residual / spread if spread > 0 else 1.0)
 
 
 @dataclass
@@ -153,3 +256,143 @@ class GroupAudit:
     def incomplete(self) -> int:
         """Completed groups not every member has reported (a member crashed first)."""
         return len(self._open)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict on a finished run: a short name, pass or fail, and the numbers behind it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        """``PASS name: detail`` (or ``FAIL``), as ``p2pfed simnet run`` prints it."""
+        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.detail}"
+
+
+def _last_heal(scenario: Scenario, ended_at: float) -> float | None:
+    ends = [p.end for p in scenario.partitions if p.end is not None and p.end <= ended_at]
+    return max(ends) if ends else None
+
+
+def _row_before(rows: Sequence[Mapping[str, Any]], at: float) -> Mapping[str, Any] | None:
+    before = [row for row in rows if row["time"] <= at]
+    return before[-1] if before else None
+
+
+def run_checks(
+    scenario: Scenario,
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    failures: Sequence[str] = (),
+) -> list[Check]:
+    """The verdicts on a run (its metrics ``rows`` and ``summary``, and the audit's
+    ``failures``); thresholds come from ``scenario.checks``.
+
+    Always: the models of the nodes live at the end are finite. With a round goal: it was
+    reached before ``duration``. With training off: no model left the initial models'
+    range by more than the fixed-point rounding of ``rounds_max + 1`` averaging steps
+    (:func:`step_error`), every completed group that all members reported conserved the
+    weighted sum (at least one was audited), and ``final_consensus_max`` is
+    ``consensus_drop`` times below the initial models' consensus distance and at most
+    ``consensus_max``. With a partition that healed before the end: at least
+    ``rounds_after_heal`` global rounds (and some groups) completed after the heal, and
+    (training off) ``final_consensus_max`` is below its value in the last row before the
+    heal (or, if there is none, the first row after it).
+    """
+    spec = scenario.checks
+    checks: list[Check] = []
+    last = rows[-1] if rows else None
+    ended_at = float(summary["simulated_seconds"])
+    if scenario.rounds is not None:
+        reached = last["round"] if last else 0
+        checks.append(
+            Check(
+                "round goal",
+                bool(summary["completed"]),
+                f"global round {reached} of {scenario.rounds} at t={ended_at:.2f}s"
+                + ("" if summary["completed"] else " (stopped before the goal)"),
+            )
+        )
+    live = int(summary["live_nodes"])
+    checks.append(
+        Check(
+            "models finite",
+            bool(summary["all_models_finite"]) and live > 0,
+            f"{live} nodes live at the end; every node's model "
+            + ("finite" if summary["all_models_finite"] else "NOT finite"),
+        )
+    )
+    training = scenario.task.training
+    if not training and summary.get("range_excess_max") is not None:
+        protocol = scenario.protocol
+        params = FixedPointParams.for_federation(
+            protocol.fixed_point_bits, protocol.clip, protocol.group_max
+        )
+        tolerance = (int(summary["rounds_max"]) + 1) * step_error(params)
+        excess = float(summary["range_excess_max"])
+        checks.append(
+            Check(
+                "models uncorrupted",
+                excess <= tolerance,
+                f"every live model in every row within the initial models' range "
+                f"(largest excess {excess:.3g}, rounding allows {tolerance:.3g})",
+            )
+        )
+    if not training:
+        audited = int(summary["groups_audited"])
+        failed = int(summary["conservation_failures"])
+        error = summary.get("conservation_error_max")
+        detail = f"{audited} groups audited, {failed} failed"
+        if error is not None:
+            detail += f", largest relative error {float(error):.3g}"
+        if failures:
+            detail += "; " + "; ".join(failures[:3])
+        checks.append(Check("conservation", audited > 0 and failed == 0, detail))
+    heal = _last_heal(scenario, ended_at)
+    if heal is not None and spec.rounds_after_heal > 0 and last is not None:
+        at_heal = _row_before(rows, heal)
+        round_at, groups_at = (at_heal["round"], at_heal["groups_completed"]) if at_heal else (0, 0)
+        gained = last["round"] - round_at
+        groups = int(summary["groups_completed"]) - int(groups_at)
+        checks.append(
+            Check(
+                "progress after heal",
+                gained >= spec.rounds_after_heal and groups > 0,
+                f"heal at t={heal:g}s: global round {round_at} -> {last['round']} "
+                f"(+{gained}, need {spec.rounds_after_heal}), {groups} groups completed since",
+            )
+        )
+    initial = summary.get("initial_consensus_max")
+    final = float(summary["final_consensus_max"])
+    if not training and initial is not None:
+        if spec.consensus_drop > 0 or math.isfinite(spec.consensus_max):
+            bound = min(
+                float(initial) / spec.consensus_drop if spec.consensus_drop > 0 else math.inf,
+                spec.consensus_max,
+            )
+            checks.append(
+                Check(
+                    "consensus",
+                    final <= bound,
+                    f"consensus_max {float(initial):.3g} between the initial models, "
+                    f"{final:.3g} at the end (must be <= {bound:.3g}); consensus_mean "
+                    f"{float(summary['final_consensus_mean']):.3g} at the end",
+                )
+            )
+        if heal is not None and rows:
+            reference = _row_before(rows, heal)
+            where = f"before the heal at t={heal:g}s"
+            if reference is None:
+                reference, where = rows[0], f"in the first row after the heal at t={heal:g}s"
+            before = float(reference["consensus_max"])
+            checks.append(
+                Check(
+                    "consensus after heal",
+                    final < before,
+                    f"consensus_max {before:.3g} {where} (round {reference['round']}), "
+                    f"{final:.3g} at the end: {'falling' if final < before else 'NOT falling'}",
+                )
+            )
+    return checks

@@ -10,6 +10,11 @@ Example::
     round   1  t=    0.40s  live  20  consensus 2.44e+00  groups 7/3  (wall 1.2s)
     ...
     wrote /tmp/basic/metrics.csv, /tmp/basic/metrics.json, 4 plots
+    PASS round goal: global round 10 of 10 at t=1.52s
+    PASS models finite: 20 nodes live at the end; every node's model finite
+    ...
+
+The exit status is 1 if a check (:func:`simnet.checks.run_checks`) fails.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def _progress(started: float, total: int | None) -> Any:
         consensus = row["consensus_max"]
         print(
             f"round {row['round']:>3}{goal}  t={row['time']:>9.2f}s  live {row['live_nodes']:>4}  "
+            f"median {row['round_median'] or 0:>5.1f}  "
             f"consensus {consensus:.2e}  groups {row['groups_completed']}/{row['groups_aborted']}"
             f"  (wall {time.perf_counter() - started:.1f}s)",
             file=sys.stderr,
@@ -120,11 +126,14 @@ def cmd_simnet(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"wrote {', '.join(str(p) for p in files)}" + (f", {len(plots)} plots" if plots else ""))
-    if summary["conservation_failures"]:
+    for check in result.checks:
+        print(check.line())
+    failed = [c.name for c in result.checks if not c.passed]
+    if failed:
         print(
-            f"simnet: {summary['conservation_failures']} groups failed the conservation check: "
-            f"{result.audit.failures[:3]}",
+            f"simnet: {len(failed)} of {len(result.checks)} checks FAILED: {', '.join(failed)}",
             file=sys.stderr,
         )
         return 1
+    print(f"simnet: all {len(result.checks)} checks passed", file=sys.stderr)
     return 0

@@ -21,8 +21,11 @@ Rules of this file (the link model):
   partition, or a lost SYN: probability ``connect_failure``), and after one round trip
   with "connection refused" if nothing listens on the port (a crashed node).
 * **Data.** Each ``send_all`` is one chunk. It is serialised at the link bandwidth (and
-  the sending host's ``uplink``, shared by all its streams): the sender returns when the
-  last byte has left, which is the back-pressure a full socket buffer gives. The chunk
+  the sending host's ``uplink``, shared by all its streams). Like a kernel socket buffer,
+  the stream holds ``send_buffer`` bytes that have not left yet: the sender returns once
+  no more than that is left to serialise (at once for a small chunk on an idle link; with
+  ``send_buffer=0``, when the last byte has left), which is the back-pressure a full
+  socket buffer gives. The chunk
   arrives ``latency + U(0, jitter)`` later, never before an earlier chunk (TCP is in
   order). With probability ``loss`` a chunk stalls for a retransmission timeout
   (``max(rto, 2 * RTT)``); with probability ``reset`` the connection is reset instead
@@ -187,11 +190,21 @@ class _Pipe:
         self.last_arrival = 0.0
         self.eof_sent = False
         self.reader_closed = False
-        self.readable = trio.Event()
+        # The waiting reader sleeps in this scope until its first chunk arrives: a new
+        # chunk moves the scope's deadline to its arrival time, so the reader wakes once,
+        # at arrival (not once when the chunk is sent and again when it arrives).
+        self.reader: trio.CancelScope | None = None
         self.writable = trio.Event()
 
+    def arriving(self, arrival: float) -> None:
+        """A chunk will arrive at ``arrival``: make a waiting reader wake by then."""
+        reader = self.reader
+        if reader is not None and arrival < reader.deadline:
+            reader.deadline = arrival
+
     def wake(self) -> None:
-        self.readable.set()
+        if self.reader is not None:
+            self.reader.cancel()
         self.writable.set()
 
 
@@ -260,21 +273,26 @@ class VirtualStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint()
+            # one scheduling point per chunk (the wait for the last byte to leave, or a
+            # plain checkpoint), but a cancelled task never sends
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
             payload = bytes(data)
             if not payload:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return
             network = self._connection.network
             while self._out.buffered >= network.receive_window:
                 self._out.writable = trio.Event()
                 await self._out.writable.wait()
                 self._check_send()
-            tx_end = network._transmit(self._connection, self._out, self.local_host, payload)
-            if tx_end is None:
+            release = network._transmit(self._connection, self._out, self.local_host, payload)
+            if release is None:
                 raise trio.BrokenResourceError("connection reset")
-            if tx_end > trio.current_time():
-                await trio.sleep_until(tx_end)
+            if release > trio.current_time():
+                await trio.sleep_until(release)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
@@ -298,22 +316,29 @@ class VirtualStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint()
             pipe = self._in
+            waited = False
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("this stream end is closed")
                 if self._connection.broken:
                     raise trio.BrokenResourceError("connection reset by peer")
-                now = trio.current_time()
-                if pipe.chunks and pipe.chunks[0][0] <= now:
+                chunks = pipe.chunks
+                if chunks and chunks[0][0] <= trio.current_time():
+                    if not waited:  # a receive is a checkpoint: the wait below, or this
+                        await trio.lowlevel.checkpoint()
+                        if self._closed or self._connection.broken:
+                            continue
                     return self._take(max_bytes)
-                pipe.readable = trio.Event()
-                if pipe.chunks:
-                    with trio.move_on_at(pipe.chunks[0][0]):
-                        await pipe.readable.wait()
-                else:
-                    await pipe.readable.wait()
+                # sleep until the first chunk arrives (deadline moved by pipe.arriving()),
+                # or until woken by a close, reset or end of stream (pipe.wake())
+                with trio.CancelScope(deadline=chunks[0][0] if chunks else math.inf) as wait:
+                    pipe.reader = wait
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        pipe.reader = None
+                waited = True
         finally:
             self._receiving = False
 
@@ -460,6 +485,7 @@ class VirtualNetwork:
         connect_timeout: float = 5.0,
         rto: float = 0.2,
         receive_window: int = 4 << 20,
+        send_buffer: int = 64 << 10,
         mdns_ttl: float = 120.0,
     ) -> None:
         if routing not in ("direct", "shortest-path"):
@@ -470,6 +496,9 @@ class VirtualNetwork:
         self.connect_timeout = connect_timeout
         self.rto = rto
         self.receive_window = receive_window
+        if send_buffer < 0:
+            raise ValueError(f"send_buffer must be >= 0 bytes, got {send_buffer!r}")
+        self.send_buffer = send_buffer
         self.mdns_ttl = mdns_ttl
         self.stats = NetworkStats()
         self._hosts: dict[str, _Host] = {}
@@ -579,6 +608,13 @@ class VirtualNetwork:
         for announcement in self._announcements.get(record.segment, []):
             if announcement.host == host and not announcement.withdrawn:
                 self._expire_later(announcement)
+
+    def halt(self) -> None:
+        """Reset every connection at once: the quick end of a run cut short (a benchmark's
+        wall-clock limit), where closing tens of thousands of channels in order would cost
+        more than the run's last minutes."""
+        for connection in self._all_connections():
+            connection.reset()
 
     def restore(self, host: str) -> None:
         """Bring a crashed host back up (its node is started again by the caller)."""
@@ -697,7 +733,8 @@ class VirtualNetwork:
     def _transmit(
         self, connection: _Connection, pipe: _Pipe, sender: str, data: bytes
     ) -> float | None:
-        """Queue ``data`` on ``pipe``; return when its last byte has left (None: reset)."""
+        """Queue ``data`` on ``pipe``; return when the sender may go on: when at most
+        ``send_buffer`` bytes are left to serialise (None: the connection was reset)."""
         link = connection.link
         if link.reset and self.rng.random() < link.reset:
             connection.reset()
@@ -717,6 +754,8 @@ class VirtualNetwork:
             pipe.held.append(data)
         else:
             self._deliver(connection, pipe, data, end)
+        if rate < math.inf and self.send_buffer:
+            return end - self.send_buffer / rate
         return end
 
     def _deliver(
@@ -732,7 +771,7 @@ class VirtualNetwork:
         arrival = max(arrival, pipe.last_arrival)
         pipe.last_arrival = arrival
         pipe.chunks.append((arrival, data))
-        pipe.readable.set()
+        pipe.arriving(arrival)
 
     def _send_eof(self, connection: _Connection, pipe: _Pipe) -> None:
         pipe.eof_sent = True

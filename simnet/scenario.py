@@ -55,6 +55,9 @@ are simulated seconds. The format, with the defaults::
     idle_timeout = 60.0
     send_timeout = 60.0
     handshake_timeout = 10.0
+    grouping = "random"        # "random" | "grid": Moshpit grid of grid_side^grid_dims
+    grid_side = 0              # grid: nodes per line (= group size, group_min..group_max)
+    grid_dims = 0              # grid: dimensions; grid_side ** grid_dims must be the count
 
     [dp]
     enabled = false
@@ -64,13 +67,21 @@ are simulated seconds. The format, with the defaults::
     epsilon_budget = 10.0
 
     [churn]                    # random crashes and restarts
-    model = "none"             # "none" | "exponential" | "weibull"
+    model = "none"             # "none" | "exponential" | "weibull" | "per-round"
+    per_round = 0.1            # per-round: share of the nodes that crash per round
     mean_session = 300.0       # exponential: mean time between a (re)start and a crash
     weibull_shape = 1.5        # weibull: session lengths ~ Weibull(shape, scale)
     weibull_scale = 300.0
     mean_downtime = 30.0       # exponential time a crashed node stays down (0: forever)
+    downtime_rounds = 0        # per-round: restart after this many median rounds instead
     fraction = 1.0             # share of the nodes subject to churn
     start = 0.0                # no churn before this time
+
+    [checks]                   # verdicts of `p2pfed simnet run` (exit status 1 if one fails)
+    rounds_after_heal = 1      # global rounds that must complete after the last heal (0: off)
+    consensus_drop = 1.0       # training off: final consensus_max must be this many times
+                               # below that of the initial models (0: off)
+    consensus_max = inf        # training off: final consensus_max must be at most this
 
     [[events]]                 # scheduled faults
     at = 30.0
@@ -84,6 +95,10 @@ are simulated seconds. The format, with the defaults::
     mode = "stall"             # "stall" | "reset" (existing streams across the cut)
 
 Nodes named in a ``join`` event start only then (the others start at time 0).
+``model = "per-round"`` churn crashes ``per_round`` of the churn-subject nodes (drawn
+from the live ones) each time the median round of the live nodes advances, and restarts
+each ``downtime_rounds`` median rounds later (or, if 0, after an exponential downtime of
+mean ``mean_downtime``); simnet/README.md has the details and the checks.
 """
 
 from __future__ import annotations
@@ -99,6 +114,7 @@ from simnet.network import LinkParams
 from simnet.topology import TOPOLOGY_KINDS, link_overrides
 
 __all__ = [
+    "ChecksSpec",
     "ChurnSpec",
     "DpSpec",
     "EventSpec",
@@ -179,6 +195,9 @@ class ProtocolSpec:
     idle_timeout: float = 60.0
     send_timeout: float = 60.0
     handshake_timeout: float = 10.0
+    grouping: str = "random"
+    grid_side: int = 0
+    grid_dims: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,10 +212,12 @@ class DpSpec:
 @dataclass(frozen=True)
 class ChurnSpec:
     model: str = "none"
+    per_round: float = 0.1
     mean_session: float = 300.0
     weibull_shape: float = 1.5
     weibull_scale: float = 300.0
     mean_downtime: float = 30.0
+    downtime_rounds: int = 0
     fraction: float = 1.0
     start: float = 0.0
 
@@ -219,6 +240,13 @@ class PartitionSpec:
 
 
 @dataclass(frozen=True)
+class ChecksSpec:
+    rounds_after_heal: int = 1
+    consensus_drop: float = 1.0
+    consensus_max: float = math.inf
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A parsed, validated scenario (see the module docstring for the file format)."""
 
@@ -233,6 +261,7 @@ class Scenario:
     protocol: ProtocolSpec = field(default_factory=ProtocolSpec)
     dp: DpSpec = field(default_factory=DpSpec)
     churn: ChurnSpec = field(default_factory=ChurnSpec)
+    checks: ChecksSpec = field(default_factory=ChecksSpec)
     events: tuple[EventSpec, ...] = ()
     partitions: tuple[PartitionSpec, ...] = ()
 
@@ -315,7 +344,7 @@ def _fill(cls: type[Any], table: dict[str, Any], section: str, **special: Any) -
 
 def _build(data: dict[str, Any], base: Path) -> Scenario:
     top = {"name", "seed", "rounds", "duration", "nodes", "topology", "link", "task"}
-    top |= {"protocol", "dp", "churn", "events", "partitions"}
+    top |= {"protocol", "dp", "churn", "checks", "events", "partitions"}
     for key in data:
         if key not in top:
             raise ValueError(f"unknown top-level key {key!r} (known: {', '.join(sorted(top))})")
@@ -367,13 +396,18 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
     protocol = _fill(ProtocolSpec, _table(data, "protocol"), "protocol")
     if protocol.group_min < 3 or protocol.group_max < protocol.group_min:
         raise ValueError("[protocol] needs 3 <= group_min <= group_max")
+    _check_grid(protocol, nodes.count)
     dp = _fill(DpSpec, _table(data, "dp"), "dp")
     churn = _fill(ChurnSpec, _table(data, "churn"), "churn")
-    if churn.model not in ("none", "exponential", "weibull"):
-        raise ValueError('[churn] model must be "none", "exponential" or "weibull"')
+    if churn.model not in ("none", "exponential", "weibull", "per-round"):
+        raise ValueError('[churn] model must be "none", "exponential", "weibull" or "per-round"')
+    if not 0 <= churn.per_round <= 1:
+        raise ValueError(f"[churn] per_round must be in [0, 1], got {churn.per_round}")
     if not 0 <= churn.fraction <= 1:
         raise ValueError(f"[churn] fraction must be in [0, 1], got {churn.fraction}")
-    if churn.model != "none" and (churn.mean_session <= 0 or churn.weibull_scale <= 0):
+    if churn.model in ("exponential", "weibull") and (
+        churn.mean_session <= 0 or churn.weibull_scale <= 0
+    ):
         raise ValueError("[churn] session lengths must be > 0")
 
     events = tuple(_event(i, e) for i, e in enumerate(_array(data, "events")))
@@ -390,9 +424,32 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
         protocol=protocol,
         dp=dp,
         churn=churn,
+        checks=_fill(ChecksSpec, _table(data, "checks"), "checks"),
         events=events,
         partitions=partitions,
     )
+
+
+def _check_grid(protocol: ProtocolSpec, count: int) -> None:
+    if protocol.grouping not in ("random", "grid"):
+        raise ValueError('[protocol] grouping must be "random" or "grid"')
+    if protocol.grouping == "random":
+        if protocol.grid_side or protocol.grid_dims:
+            raise ValueError('[protocol] grid_side and grid_dims need grouping = "grid"')
+        return
+    side, dims = protocol.grid_side, protocol.grid_dims
+    if not protocol.group_min <= side <= protocol.group_max:
+        raise ValueError(
+            f"[protocol] grid_side ({side}) is the group size: it must be between group_min "
+            f"({protocol.group_min}) and group_max ({protocol.group_max})"
+        )
+    if not 1 <= dims <= 16:
+        raise ValueError(f"[protocol] grid_dims must be between 1 and 16, got {dims}")
+    if count and side**dims != count:
+        raise ValueError(
+            f"[protocol] a grid of {side}^{dims} = {side**dims} nodes needs [nodes] count = "
+            f"{side**dims}, not {count}"
+        )
 
 
 def _array(data: dict[str, Any], key: str) -> list[dict[str, Any]]:

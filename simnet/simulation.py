@@ -11,8 +11,11 @@ Rules of this file:
 
 * **Rounds.** Nodes progress asynchronously. Global round ``r`` is complete when every
   live node has completed at least ``r`` rounds; at that moment one metrics row is taken
-  from all live nodes' current models. A node may skip round numbers (it adopts a group's
-  higher round), so rows may skip them too. The run ends when global round
+  from all live nodes' current models. A node's round counts the groups it completed (it
+  adopts a peer's round only in the late-joiner sync of a fresh node), so the global round
+  waits for the slowest live node, e.g. one restarted from an older checkpoint; rows skip
+  a number only when that node leaves the live set or a fresh node syncs. The run ends
+  when global round
   ``scenario.rounds`` is complete and no join is pending, or at ``scenario.duration``.
 * **Crash** (scheduled or churn): the host goes down in the network (its streams reset)
   and the node's tasks are cancelled at once; nothing of its shutdown code reaches the
@@ -22,6 +25,10 @@ Rules of this file:
 * The conservation audit (:class:`simnet.checks.GroupAudit`) runs when training is off:
   then the model a node holds when its group completes is exactly what it contributed,
   with weight ``max(1, round(node.weight))`` as :class:`~p2pfed.node.Node` offers it.
+* **Per-round churn** (``[churn] model = "per-round"``): each time the median round of the
+  live nodes advances, ``per_round`` of the churn-subject nodes (drawn from the live ones)
+  crash; each restarts ``downtime_rounds`` median rounds later (0: after an exponential
+  downtime of mean ``mean_downtime``).
 """
 
 from __future__ import annotations
@@ -41,17 +48,33 @@ import trio.testing
 
 from p2pfed.config import DEFAULT_PORT, NodeConfig
 from p2pfed.federation import Federation, ProtocolParams
-from p2pfed.group import GroupAborted, GroupCompleted, GroupConfig
+from p2pfed.fixedpoint import FixedPointParams
+from p2pfed.group import GridPosition, GroupAborted, GroupCompleted, GroupConfig
 from p2pfed.identity import NodeIdentity
 from p2pfed.model_vector import model_to_vector
 from p2pfed.node import Node, NodeOptions, RoundReport
 from p2pfed.task import Task, load_task
-from simnet.checks import GroupAudit, consensus_distance, distance_to, weighted_mean
+from simnet.checks import (
+    Check,
+    GroupAudit,
+    consensus_distance,
+    conservation_tolerance,
+    distance_to,
+    range_excess,
+    run_checks,
+    weighted_mean,
+)
 from simnet.determinism import deterministic_scheduling
 from simnet.network import NetworkStats, VirtualNetwork
 from simnet.scenario import PartitionSpec, Scenario
 from simnet.tasks import BUILTIN_TASKS
-from simnet.topology import Topology, build_topology, load_topology_file
+from simnet.topology import (
+    Topology,
+    build_topology,
+    grid_coordinate,
+    grid_mates,
+    load_topology_file,
+)
 
 __all__ = [
     "ROW_FIELDS",
@@ -68,9 +91,11 @@ ROW_FIELDS = (
     "round",
     "time",
     "live_nodes",
+    "round_median",
     "consensus_max",
     "consensus_mean",
     "target_distance_max",
+    "range_excess_max",
     "loss_mean",
     "accuracy_mean",
     "bytes",
@@ -83,6 +108,10 @@ ROW_FIELDS = (
     "restarts",
 )
 """Columns of a metrics row (``None``/empty where not applicable)."""
+
+
+TICK = 0.25
+"""Simulated seconds between the run's own looks at the nodes' rounds (see ``_tick``)."""
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -138,6 +167,8 @@ class SimulationResult:
     """Each restart: time, node index, ``round_at_crash`` and ``round`` (resumed at)."""
     wall_seconds: float
     """Not part of the metrics (it differs from run to run)."""
+    checks: list[Check] = field(default_factory=list)
+    """The verdicts of :func:`simnet.checks.run_checks` (also in ``summary["checks"]``)."""
 
 
 class Simulation:
@@ -196,9 +227,11 @@ class Simulation:
         self.scheduled = len(scenario.events) + len(scenario.partitions)
         # -- metrics state
         self.rows: list[dict[str, Any]] = []
-        self.audit = GroupAudit(
-            tolerance=1e-6 if scenario.protocol.fixed_point_bits == 64 else 1e-4
+        protocol = scenario.protocol
+        self.fixed_point = FixedPointParams.for_federation(
+            protocol.fixed_point_bits, protocol.clip, protocol.group_max
         )
+        self.audit = GroupAudit(tolerance=conservation_tolerance(self.fixed_point))
         self.completed_groups: set[bytes] = set()
         self.aborted_groups: set[bytes] = set()
         self.crashes = 0
@@ -206,11 +239,42 @@ class Simulation:
         self.restarted: list[dict[str, Any]] = []
         self.last_row_round = 0
         self.target: np.ndarray | None = None
+        self.initial_range: tuple[np.ndarray, np.ndarray] | None = None
+        self.initial_consensus: float | None = None
+        self.range_excess_max = 0.0
+        self.churn_round = 0  # per-round churn: the median round it last acted on
+        self.churn_pool: set[int] = set()
+        self.churn_restarts: dict[int, list[_Slot]] = {}  # median round -> restart then
+        self.churn_rng = random.Random(derive_seed(seed, "churn-rounds"))
+        self.final_live: list[tuple[int, np.ndarray]] = []
+        self.ending = False
         self.done = trio.Event()
 
     # -- construction ----------------------------------------------------------------------
 
+    def _grid(self, index: int) -> GridPosition | None:
+        protocol = self.scenario.protocol
+        if protocol.grouping != "grid":
+            return None
+        side, dims = protocol.grid_side, protocol.grid_dims
+        return GridPosition(side, grid_coordinate(index, side, dims))
+
     def _bootstrap_lists(self) -> list[tuple[str, ...]]:
+        protocol = self.scenario.protocol
+        if protocol.grouping == "grid":
+            # grid grouping: every node dials its grid mates of lower index, so each pair
+            # of mates shares one channel (both dialling would open two)
+            side, dims = protocol.grid_side, protocol.grid_dims
+            if side**dims != self.n:
+                raise ValueError(f"a grid of {side}^{dims} nodes cannot hold {self.n} nodes")
+            return [
+                tuple(
+                    f"{host_address(j)}:{DEFAULT_PORT}"
+                    for j in grid_mates(index, side, dims)
+                    if j < index
+                )
+                for index in range(self.n)
+            ]
         mode = self.scenario.nodes.bootstrap
         count = self.scenario.nodes.bootstrap_count
         neighbours = self.topology.neighbours() if mode == "neighbors" else []
@@ -256,6 +320,7 @@ class Simulation:
             training=sc.task.training,
             max_rounds=sc.rounds,
             linger=True,
+            linger_passive=True,  # finished nodes help laggards, not each other
             task_config=self._task_config(slot.index),
             target_peers=sc.nodes.target_peers,
             group=group,
@@ -263,6 +328,7 @@ class Simulation:
             sync_timeout=protocol.sync_timeout,
             threads=False,
             masking=protocol.masking,
+            grid=self._grid(slot.index),
         )
         labels = (slot.index, slot.incarnation)
         randbytes = random.Random(derive_seed(sc.seed, "randbytes", *labels)).randbytes
@@ -304,23 +370,44 @@ class Simulation:
             if sc.churn.model != "none":
                 self._start_churn(world)
             self._check_progress()
+            world.start_soon(self._tick)
             with trio.move_on_at(sc.duration):
                 await self.done.wait()
             self.ended_at = trio.current_time()
+            self.ending = True  # also when `duration` ended the run: no rows, no more churn
+            # the live nodes' models as the run ends (a clean stop may still finish a group)
+            self.final_live = [
+                (s.index, s.node.model)
+                for s in self._live()
+                if s.node is not None and s.node.model is not None
+            ]
             if not self.wall_limited:  # out of wall time: no graceful leave either
                 await self._stop_all()
+            else:
+                self.network.halt()  # and no orderly close of every channel
             world.cancel_scope.cancel()
         return self._result(time.perf_counter() - began)
+
+    async def _tick(self) -> None:
+        """Look at the rounds every ``TICK`` simulated seconds, not only when a group
+        completes: a fresh node's late-joiner sync adopts a peer's round without one, and
+        may be the last progress of the run (the others done and waiting passively)."""
+        while True:
+            await trio.sleep(TICK)
+            self._check_progress()
+            if self.churn_pool:
+                self._round_churn()
 
     async def _watch_wall(self, deadline: float) -> None:
         """Benchmarks only: end the run after a wall-clock budget (not reproducible)."""
         while time.perf_counter() < deadline:
-            await trio.sleep(0.01)  # virtual seconds: a big run does few per wall second
+            # virtual seconds: a run of thousands of nodes does only a few ms per wall second
+            await trio.sleep(0.001)
         self.wall_limited = True
         self.done.set()
 
     async def _start(self, slot: _Slot) -> None:
-        if self.done.is_set():
+        if self.done.is_set() or self.ending:
             return
         slot.node = self._make_node(slot)
         slot.exited = trio.Event()
@@ -340,7 +427,7 @@ class Simulation:
             self._check_progress()
 
     def _crash(self, slot: _Slot) -> None:
-        if not slot.live or slot.scope is None or self.done.is_set():
+        if not slot.live or slot.scope is None or self.done.is_set() or self.ending:
             return
         self.network.crash(slot.host)
         slot.scope.cancel()
@@ -349,7 +436,7 @@ class Simulation:
         self._check_progress()
 
     async def _restart(self, slot: _Slot) -> None:
-        if slot.live or slot.restarting or self.done.is_set():
+        if slot.live or slot.restarting or self.done.is_set() or self.ending:
             return  # an event and the churn may both ask: restart once; none when ending
         slot.restarting = True
         try:
@@ -428,6 +515,9 @@ class Simulation:
         churn = self.scenario.churn
         count = round(churn.fraction * self.n)
         chosen = sorted(self.rng.sample(range(self.n), count))
+        if churn.model == "per-round":
+            self.churn_pool = set(chosen)  # _round_churn acts as rounds complete
+            return
         for index in chosen:
             rng = random.Random(derive_seed(self.scenario.seed, "churn", index))
             world.start_soon(self._churn_loop, self.slots[index], rng)
@@ -447,6 +537,36 @@ class Simulation:
             await trio.sleep(rng.expovariate(1 / churn.mean_downtime))
             await self._restart(slot)
 
+    def _round_churn(self) -> None:
+        """Per-round churn: crash ``per_round`` of the subject nodes per median round."""
+        churn = self.scenario.churn
+        live = self._live()
+        if not live or self.done.is_set() or self.ending:
+            return
+        rounds = sorted(s.node.round for s in live if s.node is not None)
+        median = rounds[len(rounds) // 2]
+        while self.churn_round < median:
+            self.churn_round += 1
+            for slot in self.churn_restarts.pop(self.churn_round, []):
+                self.world.start_soon(self._restart, slot)
+            if trio.current_time() < churn.start:
+                continue
+            pool = [s.index for s in self._live() if s.index in self.churn_pool]
+            count = min(len(pool), round(churn.per_round * len(self.churn_pool)))
+            for index in sorted(self.churn_rng.sample(pool, count)):
+                slot = self.slots[index]
+                self._crash(slot)
+                if churn.downtime_rounds > 0:
+                    due = self.churn_round + churn.downtime_rounds
+                    self.churn_restarts.setdefault(due, []).append(slot)
+                elif churn.mean_downtime > 0:
+                    downtime = self.churn_rng.expovariate(1 / churn.mean_downtime)
+                    self.world.start_soon(self._restart_after, slot, downtime)
+
+    async def _restart_after(self, slot: _Slot, delay: float) -> None:
+        await trio.sleep(delay)
+        await self._restart(slot)
+
     # -- metrics ---------------------------------------------------------------------------
 
     def _push_sum_target(self) -> np.ndarray:
@@ -458,10 +578,16 @@ class Simulation:
             weights.append(
                 1.0 if self.federation.params.dp_enabled else self.task.load_data(config).num_train
             )
+        # every model pure averaging produces is a convex combination of these
+        stacked = np.stack(models)
+        self.initial_range = (stacked.min(axis=0), stacked.max(axis=0))
+        self.initial_consensus = consensus_distance(models)[0]
         return weighted_mean(models, weights)
 
     def _on_round(self, slot: _Slot, report: RoundReport) -> None:
         self._check_progress()
+        if self.churn_pool:
+            self._round_churn()
 
     def _on_group(self, slot: _Slot, outcome: GroupCompleted | GroupAborted) -> None:
         if isinstance(outcome, GroupAborted):
@@ -476,7 +602,7 @@ class Simulation:
         return [s for s in self.slots if s.live and s.node is not None]
 
     def _check_progress(self) -> None:
-        if self.done.is_set():
+        if self.done.is_set() or self.ending:
             return  # stopping: nodes leave, rows would describe the shutdown
         live = self._live()
         if not live:
@@ -493,6 +619,7 @@ class Simulation:
         nodes = [s.node for s in live if s.node is not None and s.node.model is not None]
         models = [n.model for n in nodes if n.model is not None]
         cmax, cmean = consensus_distance(models)
+        excess = self._range_excess(models)
         losses = [n.last_metrics["loss"] for n in nodes if "loss" in n.last_metrics]
         accuracies = [n.last_metrics["accuracy"] for n in nodes if "accuracy" in n.last_metrics]
         epsilons = [n.ledger.spent() for n in nodes if n.ledger is not None]
@@ -500,11 +627,13 @@ class Simulation:
             "round": round_,
             "time": round(trio.current_time(), 6),
             "live_nodes": len(nodes),
+            "round_median": float(np.median([n.round for n in nodes])) if nodes else None,
             "consensus_max": cmax,
             "consensus_mean": cmean,
             "target_distance_max": (
                 distance_to(models, self.target) if self.target is not None else None
             ),
+            "range_excess_max": excess,
             "loss_mean": float(np.mean(losses)) if losses else None,
             "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
             "bytes": self.network.stats.bytes,
@@ -520,11 +649,22 @@ class Simulation:
         if self.progress is not None:
             self.progress(row)
 
+    def _range_excess(self, models: list[np.ndarray]) -> float | None:
+        """Training off: how far any model lies outside the initial models' range."""
+        if self.initial_range is None:
+            return None
+        excess = range_excess(models, *self.initial_range)
+        self.range_excess_max = max(self.range_excess_max, excess)
+        return excess
+
     def _result(self, wall: float) -> SimulationResult:
         nodes = [s.node for s in self.slots if s.node is not None]
-        models = [n.model for n in nodes if n.model is not None]
         rounds = [n.round for n in nodes]
+        # final_*: the nodes live as the run ended (a crashed node's stale model is no
+        # part of the deployment's state)
+        models = [model for _, model in self.final_live]
         cmax, cmean = consensus_distance(models)
+        self._range_excess(models)
         stats = self.network.stats
         summary: dict[str, Any] = {
             "scenario": self.scenario.name,
@@ -535,12 +675,17 @@ class Simulation:
             "completed": self.done.is_set() and not self.wall_limited,
             "rounds_min": min(rounds, default=0),
             "rounds_max": max(rounds, default=0),
+            "live_nodes": len(models),
+            "initial_consensus_max": self.initial_consensus,
             "final_consensus_max": cmax,
             "final_consensus_mean": cmean,
             "final_target_distance_max": (
                 distance_to(models, self.target) if self.target is not None else None
             ),
-            "all_models_finite": all(bool(np.all(np.isfinite(m))) for m in models),
+            "all_models_finite": all(
+                bool(np.all(np.isfinite(n.model))) for n in nodes if n.model is not None
+            ),
+            "range_excess_max": self.range_excess_max if self.initial_range else None,
             "bytes": stats.bytes,
             "chunks": stats.chunks,
             "connects": stats.connects,
@@ -555,7 +700,11 @@ class Simulation:
             "crashes": self.crashes,
             "restarts": self.restarts,
         }
-        return SimulationResult(self.rows, summary, nodes, stats, self.audit, self.restarted, wall)
+        checks = run_checks(self.scenario, self.rows, summary, self.audit.failures)
+        summary["checks"] = {c.name: "pass" if c.passed else "fail" for c in checks}
+        return SimulationResult(
+            self.rows, summary, nodes, stats, self.audit, self.restarted, wall, checks
+        )
 
 
 def _federation_seed(federation: Federation) -> int:

@@ -43,6 +43,8 @@ __all__ = [
     "TOPOLOGY_KINDS",
     "Topology",
     "build_topology",
+    "grid_coordinate",
+    "grid_mates",
     "link_overrides",
     "load_topology_file",
 ]
@@ -114,6 +116,33 @@ def link_overrides(values: dict[str, Any], where: str) -> dict[str, float]:
         else:
             result[key] = number
     return result
+
+
+def grid_coordinate(index: int, side: int, dims: int) -> tuple[int, ...]:
+    """The Moshpit grid coordinate simnet gives node ``index``: its ``dims`` base-``side``
+    digits, least significant first (grid grouping, spec/group.md).
+
+    >>> grid_coordinate(5, 3, 3)
+    (2, 1, 0)
+    """
+    if not 0 <= index < side**dims:
+        raise ValueError(f"node {index} is outside a grid of {side}^{dims} nodes")
+    return tuple((index // side**axis) % side for axis in range(dims))
+
+
+def grid_mates(index: int, side: int, dims: int) -> list[int]:
+    """The nodes sharing a grid line with node ``index`` in some dimension: the
+    ``dims * (side - 1)`` peers it ever averages with under grid grouping.
+
+    >>> grid_mates(0, 3, 2)
+    [1, 2, 3, 6]
+    """
+    coordinate = grid_coordinate(index, side, dims)
+    mates = []
+    for axis in range(dims):
+        base = index - coordinate[axis] * side**axis
+        mates += [base + v * side**axis for v in range(side) if v != coordinate[axis]]
+    return sorted(mates)
 
 
 def _grid_shape(n: int, rows: int | None, cols: int | None) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from p2pfed.channel import (
     MessageReceived,
     Role,
     State,
+    StaticKey,
 )
 from p2pfed.errors import (
     CloseCode,
@@ -118,6 +119,63 @@ def test_batches_stream_a_big_message_in_bounded_pieces() -> None:
     for batch in batches:
         events += b.receive_data(batch)
     assert events == [MessageReceived(sent)]
+
+
+def test_messages_sent_together_share_noise_messages() -> None:
+    a, b = pair()
+    handshake(a, b)
+    small = [model(16, round_=i) for i in range(5)]
+    big = model(200_000, round_=99)
+    wire = b"".join(bytes(x) for x in a.send_messages_batches([*small, big, small[0]]))
+    # five small frames and the start of the big one fill the first Noise message, whose
+    # 2-byte length prefix says so: packing, not one Noise message per frame
+    assert int.from_bytes(wire[:2], "big") == MAX_TRANSPORT_PLAINTEXT + 16
+    noise_messages = 0
+    position = 0
+    while position < len(wire):
+        position += 2 + int.from_bytes(wire[position : position + 2], "big")
+        noise_messages += 1
+    total = sum(4 + len(m.encode()) for m in [*small, big, small[0]])
+    assert noise_messages == -(-total // MAX_TRANSPORT_PLAINTEXT)
+    assert b.receive_data(wire) == [MessageReceived(m) for m in [*small, big, small[0]]]
+
+
+def test_one_message_batch_is_the_single_message_wire_form() -> None:
+    a1, b1 = pair()
+    handshake(a1, b1)
+    sent = model(100_000)
+    single = b"".join(bytes(x) for x in a1.send_message_batches(sent))
+    assert b1.receive_data(single) == [MessageReceived(sent)]
+    # the same connection state encrypting [sent] gives the layout send_message gives
+    a2, b2 = pair()
+    handshake(a2, b2)
+    listed = b"".join(bytes(x) for x in a2.send_messages_batches([sent]))
+    assert len(listed) == len(single)
+    assert b2.receive_data(listed) == [MessageReceived(sent)]
+
+
+def test_a_static_key_is_reused_with_its_signature() -> None:
+    alice = NodeIdentity.generate()
+    static = StaticKey.generate(alice)
+    for _ in range(2):
+        a = ChannelConnection(
+            Role.INITIATOR,
+            identity=alice,
+            federation_id=FED.federation_id,
+            psk=FED.secret,
+            noise_static=static,
+        )
+        b = ChannelConnection(
+            Role.RESPONDER,
+            identity=NodeIdentity.generate(),
+            federation_id=FED.federation_id,
+            psk=FED.secret,
+        )
+        a.start()
+        b.start()
+        _, events_b = handshake(a, b)
+        [done] = events_b
+        assert isinstance(done, HandshakeComplete) and done.peer_id == alice.node_id
 
 
 def test_wrong_psk_fails_at_message_3() -> None:

@@ -42,7 +42,9 @@ def test_uncommenting_the_examples_gives_valid_config() -> None:
     config = parse_config(text)
     assert config.task == "mypackage.tasks:task"
     assert config.max_message_size is not None
-    assert dataclasses.replace(config, task=None, max_message_size=None) == NodeConfig()
+    assert config.grid_position() is not None
+    unset = dict(task=None, max_message_size=None, grid_side=None, grid_coordinate=None)
+    assert dataclasses.replace(config, **unset) == NodeConfig()
 
 
 def test_defaults() -> None:
@@ -206,3 +208,20 @@ def test_default_node_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.delenv("P2PFED_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_node_dir() == tmp_path / ".p2pfed"
+
+
+def test_grid_grouping_needs_side_and_coordinate_within_the_grid() -> None:
+    config = parse_config("grid_side = 3\ngrid_coordinate = [0, 2]")
+    position = config.grid_position()
+    assert position is not None and (position.side, position.coordinate) == (3, (0, 2))
+    assert NodeConfig().grid_position() is None
+    for text, words in [
+        ("grid_side = 3", "grid_side: is set but grid_coordinate is not"),
+        ("grid_coordinate = [1]", "grid_coordinate: is set but grid_side is not"),
+        ("grid_side = 3\ngrid_coordinate = [3]", "outside 0..2"),
+        ("grid_side = 1\ngrid_coordinate = [0]", "grid_side: must be between 2"),
+        ('grid_side = 3\ngrid_coordinate = "a"', "must be a list of integers"),
+        ("grid_side = 3\ngrid_coordinate = []", "grid_coordinate:"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_config(text, "config.toml")

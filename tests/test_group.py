@@ -152,6 +152,22 @@ def test_three_nodes_form_a_group_and_agree_on_the_weighted_mean() -> None:
     assert all(node.phase is Phase.IDLE for node in net.nodes.values())
 
 
+def test_passive_nodes_never_initiate_but_join_an_active_one() -> None:
+    net = Net(4, GroupConfig())
+    vectors, weights = random_models(net)
+    ids = list(net.nodes)
+    for node_id in ids[1:]:  # finished nodes lingering: they only answer invites
+        net.nodes[node_id].set_contribution(
+            vectors[node_id], weights[node_id], 1, net.now, initiate=False
+        )
+    net.run(until=3.0)
+    assert completed(net) == {}  # nobody initiated, even after many poll deadlines
+    assert all(net.nodes[n].phase is Phase.READY for n in ids[1:])
+    net.nodes[ids[0]].set_contribution(vectors[ids[0]], weights[ids[0]], 1, net.now)
+    net.run(until=4.0)
+    assert set(completed(net)) == set(ids), net.outcomes
+
+
 @pytest.mark.parametrize("n", [6, 16])
 def test_everyone_initiating_at_once_still_forms_groups(n: int) -> None:
     """No livelock: all nodes become ready at the same instant with zero delay."""

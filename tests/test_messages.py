@@ -147,6 +147,8 @@ SAMPLES: dict[type[Record], list[Record]] = {
         NodeAnnounce(listen_port=0),
         NodeAnnounce(listen_port=7447),
         NodeAnnounce(listen_port=65535),
+        NodeAnnounce(listen_port=7447, grid=(0, 8, 3)),
+        NodeAnnounce(listen_port=7447, grid=tuple(range(16))),
     ],
     GroupInvite: [
         GroupInvite(group_id=bytes(16), priority=0, round=0, fingerprint=bytes(32), model_size=1),
@@ -380,7 +382,11 @@ CDDL_VIOLATIONS: list[tuple[type[Record], dict[object, object]]] = [
     (NodeAnnounce, {0: 19}),
     (NodeAnnounce, {0: 19, 1: 65536}),
     (NodeAnnounce, {0: 19, 1: -1}),
-    (NodeAnnounce, {0: 19, 1: 80, 2: "10.0.0.1"}),  # no host field
+    (NodeAnnounce, {0: 19, 1: 80}),  # grid is required (empty: not on a grid)
+    (NodeAnnounce, {0: 19, 1: 80, 2: "10.0.0.1"}),  # grid must be an array
+    (NodeAnnounce, {0: 19, 1: 80, 2: [64]}),  # coordinate beyond the largest side
+    (NodeAnnounce, {0: 19, 1: 80, 2: list(range(17))}),  # more than 16 dimensions
+    (NodeAnnounce, {0: 19, 1: 80, 2: [-1]}),
     (GroupInvite, _invite_wire(k1=bytes(15))),  # group id size
     (GroupInvite, _invite_wire(k5=0)),  # model_size 0
     (GroupInvite, _invite_wire(k4=bytes(33))),

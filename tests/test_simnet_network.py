@@ -15,8 +15,12 @@ from p2pfed.identity import NodeIdentity
 from simnet.network import LinkParams, SimNetwork, VirtualNetwork
 
 
-def two_hosts(**link: float) -> tuple[VirtualNetwork, SimNetwork, SimNetwork]:
-    net = VirtualNetwork(rng=random.Random(5), default_link=LinkParams(**link))
+def two_hosts(
+    send_buffer: int = 64 << 10, **link: float
+) -> tuple[VirtualNetwork, SimNetwork, SimNetwork]:
+    net = VirtualNetwork(
+        rng=random.Random(5), default_link=LinkParams(**link), send_buffer=send_buffer
+    )
     net.add_host("10.0.0.1")
     net.add_host("10.0.0.2")
     return net, net.network_for("10.0.0.1"), net.network_for("10.0.0.2")
@@ -46,19 +50,38 @@ async def test_streams_pass_trios_half_closeable_stream_checks(
 async def test_delivery_time_is_latency_plus_serialisation(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    _, a, b = two_hosts(latency=0.05, bandwidth=1000.0)
+    _, a, b = two_hosts(send_buffer=0, latency=0.05, bandwidth=1000.0)
     start = trio.current_time()
     client, server = await connected_pair(a, b)
     assert trio.current_time() - start == pytest.approx(0.1)  # one round trip
     sent_at = trio.current_time()
     await client.send_all(b"x" * 500)
-    # the sender is held until the last byte has left: 500 bytes at 1000 B/s
+    # without a send buffer the sender is held until the last byte has left: 500 bytes
+    # at 1000 B/s
     assert trio.current_time() - sent_at == pytest.approx(0.5)
     received = b""
     while len(received) < 500:
         received += await server.receive_some()
     assert trio.current_time() - sent_at == pytest.approx(0.55)
     assert received == b"x" * 500
+
+
+async def test_send_buffer_releases_the_sender_early_not_the_data(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    _, a, b = two_hosts(send_buffer=200, latency=0.05, bandwidth=1000.0)
+    client, server = await connected_pair(a, b)
+    sent_at = trio.current_time()
+    await client.send_all(b"x" * 100)  # fits the buffer: the sender goes on at once
+    assert trio.current_time() == sent_at
+    await client.send_all(b"y" * 500)  # held until 200 of the 600 bytes are left
+    assert trio.current_time() - sent_at == pytest.approx(0.4)
+    received = b""
+    while len(received) < 600:
+        received += await server.receive_some()
+    # the data still takes serialisation plus latency: 600 bytes at 1000 B/s, then 50 ms
+    assert trio.current_time() - sent_at == pytest.approx(0.65)
+    assert received == b"x" * 100 + b"y" * 500
 
 
 async def test_order_is_kept_under_jitter_and_loss(autojump_clock: trio.testing.MockClock) -> None:

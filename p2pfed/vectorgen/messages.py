@@ -119,6 +119,7 @@ def _samples() -> list[tuple[str, Record]]:
         ("node-announce", NodeAnnounce(listen_port=7447)),
         ("node-announce-not-listening", NodeAnnounce(listen_port=0)),
         ("node-announce-max", NodeAnnounce(listen_port=65535)),
+        ("node-announce-grid", NodeAnnounce(listen_port=7447, grid=(0, 8, 3))),
         (
             "group-invite",
             GroupInvite(
@@ -305,8 +306,14 @@ def _invalid() -> list[dict[str, str]]:
          "PeerList of 65 peers (at most 64)", DecodeError),
         ("peer-list-extra-key", "message", encode({0: 18, 1: [{**_peer("10.0.0.1"), 4: 0}]}),
          "peer-info has no key 4", DecodeError),
-        ("node-announce-port-65536", "message", encode({0: 19, 1: 65536}),
+        ("node-announce-port-65536", "message", encode({0: 19, 1: 65536, 2: []}),
          "NodeAnnounce listen_port 65536 (0..65535)", DecodeError),
+        ("node-announce-without-grid", "message", encode({0: 19, 1: 7447}),
+         "NodeAnnounce without its grid field (key 2; empty when not on a grid)", DecodeError),
+        ("node-announce-grid-coordinate-64", "message", encode({0: 19, 1: 7447, 2: [0, 64]}),
+         "NodeAnnounce grid coordinate 64 (each at most 63)", DecodeError),
+        ("node-announce-grid-17-dims", "message", encode({0: 19, 1: 7447, 2: [0] * 17}),
+         "NodeAnnounce grid of 17 dimensions (at most 16)", DecodeError),
         ("group-invite-model-size-zero", "message",
          encode({0: 20, 1: _GROUP_ID, 2: 1, 3: 0, 4: _FINGERPRINT, 5: 0}),
          "GroupInvite model_size 0 (at least 1)", DecodeError),
