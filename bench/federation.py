@@ -53,8 +53,9 @@ What we learned (16 nodes on the 2-core development machine, 2026-11-28):
   0.63 GB; target 2 GB). Summing the 16 RSS values gives 3.2 GB because each shared
   page is counted in every process that maps it; the JSON reports that sum too
   (``rss_summed_mb``), but it is not memory the machine spends.
-* Round times with the fork server are unchanged (0.10 s median averaging, 0.15 s with
-  training, on a machine shared with three other jobs).
+* Round times with the fork server are unchanged: recorded run (bench/results/), 0.07 s
+  median averaging (p90 0.17 s) and 0.09 s with 0.012 s of training; 0.10 s and 0.15 s in
+  a run that shared the machine with three other jobs.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ from p2pfed.messages import (
 from p2pfed.model_vector import model_fingerprint, model_to_vector, vector_to_model
 from p2pfed.network import Network, PeerDeparted, PeerDiscovered
 from p2pfed.peers import (
+    EXPLORE_INTERVAL,
     PeerExchangeSession,
     PeerSource,
     PeerTable,
@@ -871,6 +872,7 @@ class Node:
     async def _connector_loop(self) -> None:
         """Keep ``target_peers`` channels open: bootstrap first, then known candidates."""
         bootstrap = [parse_host_port(entry) for entry in self.config.bootstrap]
+        next_explore: float | None = None  # set when the node first reaches its target
         while True:
             now = trio.current_time()
             self.peers.expire(now, max_age=PEER_MAX_AGE)
@@ -886,6 +888,21 @@ class Node:
                     self._dial(record.address, expect=record.node_id)
                     if len(connected) + len(self._dialling) >= self.options.target_peers:
                         break
+            elif next_explore is None:
+                next_explore = now + self._rng.uniform(*EXPLORE_INTERVAL)
+            elif now >= next_explore:
+                # at target: still dial one known-but-unconnected peer now and then
+                # (spec/discovery.md, "Exploration"), or two halves that never met, say
+                # sites that booted before the link between them was up, stay apart
+                # after the link comes up: every node is content with its own side
+                next_explore = now + self._rng.uniform(*EXPLORE_INTERVAL)
+                explore = self.peers.exploration_candidate(now, self._rng)
+                if (
+                    explore is not None
+                    and explore.address is not None
+                    and len(connected) < self.config.max_connections
+                ):
+                    self._dial(explore.address, expect=explore.node_id)
             with trio.move_on_after(2.0):
                 await self._connector_wake.wait()
             self._connector_wake = trio.Event()

@@ -51,6 +51,7 @@ __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_MAX",
     "DEFAULT_MAX_PEERS",
+    "EXPLORE_INTERVAL",
     "PEX_MIN_INTERVAL",
     "PEX_REQUEST_TOLERANCE",
     "PeerExchangeSession",
@@ -70,6 +71,9 @@ BACKOFF_BASE = 5.0
 """Seconds to wait before redialing a peer after its first failed connection attempt."""
 BACKOFF_MAX = 600.0
 """The longest wait between attempts: the backoff doubles per failure up to this."""
+EXPLORE_INTERVAL = (30.0, 60.0)
+"""While a node holds its target number of channels, it dials one more candidate every
+this many seconds (uniformly random in the range, so nodes do not explore in lockstep)."""
 PEX_MIN_INTERVAL = 60.0
 """Seconds between two PeerExchangeRequests a node sends on one channel."""
 PEX_REQUEST_TOLERANCE = 30.0
@@ -188,6 +192,23 @@ class PeerTable:
             and r.excluded_until <= now
             and r.backoff_until <= now
         ]
+
+    def exploration_candidate(self, now: float, rng: random.Random) -> PeerRecord | None:
+        """One peer to dial while at the target channel count (spec/discovery.md,
+        "Exploration"), or ``None``: a random candidate (:meth:`candidates`) among those
+        never connected and never failed if there are any, else among those that have not
+        failed since their last success, else among all candidates.
+
+        Exploration turns knowledge of peers this node never reached (an mDNS peer behind
+        a partition that has since healed, a PeerList entry) into a channel; preferring
+        never-connected peers is what mixes two halves that only met after a heal.
+        """
+        pool = self.candidates(now)
+        for keep in (lambda r: not r.ever_connected and r.failures == 0, lambda r: r.failures == 0):
+            preferred = [r for r in pool if keep(r)]
+            if preferred:
+                return rng.choice(preferred)
+        return rng.choice(pool) if pool else None
 
     def sample_for_exchange(
         self, k: int, rng: random.Random, exclude: Collection[NodeId] = ()

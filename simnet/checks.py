@@ -181,9 +181,10 @@ def consensus_decay(rounds: Sequence[float], distances: Sequence[float]) -> tupl
     (0.5, 1.0)
     """
     x = np.asarray(rounds, dtype=float)
-    y = np.log(np.asarray(distances, dtype=float))
-    if len(x) < 3 or not np.all(np.isfinite(y)):
+    d = np.asarray(distances, dtype=float)
+    if len(x) < 3 or len(d) != len(x) or not np.all(np.isfinite(d) & (d > 0)):
         raise ValueError("need at least 3 rounds with positive, finite distances")
+    y = np.log(d)
     slope, intercept = np.polyfit(x, y, 1)
     residual = float(((y - (slope * x + intercept)) ** 2).sum())
     spread = float(((y - y.mean()) ** 2).sum())
