@@ -128,7 +128,6 @@ def _start_nodes(
                     [sys.executable, "-m", "p2pfed", *argv],
                     cwd=REPO, env=env, stdout=out, stderr=log_out, start_new_session=True,
                 )  # fmt: skip
-        log_path.touch()
         runs.append(NodeRun(index, node_dir, process, open(log_path, encoding="utf-8")))  # noqa: SIM115
     return runs
 

@@ -243,8 +243,6 @@ def run_federation(
     started = time.monotonic()
     try:
         for index, node_dir in enumerate(dirs):
-            (node_dir / "node.log").touch()
-            logs.append(open(node_dir / "node.log", encoding="utf-8"))  # noqa: SIM115
             argv = [
                 "node", str(node_dir), "--rounds", str(rounds), "--linger", "--log-json",
                 "--set", f"node_index={index}", "--set", f"num_nodes={nodes}",
@@ -252,6 +250,7 @@ def run_federation(
             processes.append(
                 launcher.start(argv, stdout=node_dir / "node.out", stderr=node_dir / "node.log")
             )
+            logs.append(open(node_dir / "node.log", encoding="utf-8"))  # noqa: SIM115
         positions = [0] * nodes
         while min(progress.done) < rounds:
             if time.monotonic() - started > timeout:

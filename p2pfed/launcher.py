@@ -129,15 +129,16 @@ class NodeLauncher:
 
     ``preload`` names extra modules to import up front, typically the task's module
     (``"p2pfed.tasks.digits"``): a module imported only in the nodes is not shared.
+    :mod:`multiprocessing` keeps one fork server per launching process, started by the
+    first :meth:`start`: a later launcher's ``preload`` only matters if it names the same
+    modules (the nodes import anything missing themselves, unshared).
     """
 
     def __init__(self, preload: Sequence[str] = ()) -> None:
         self.modules = list(preload)
         forking = "forkserver" in multiprocessing.get_all_start_methods()
-        method = "forkserver" if forking else "spawn"
-        self.method = method
-        self._context: Any = multiprocessing.get_context(method)
-        if method == "forkserver":
+        self._context: Any = multiprocessing.get_context("forkserver" if forking else "spawn")
+        if forking:
             # The server imports these in order; the last one freezes what they created.
             self._context.set_forkserver_preload(
                 [*NODE_MODULES, *self.modules, "p2pfed.forkserver_freeze"]

@@ -109,7 +109,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2pfed.config import NodeConfig
 from p2pfed.errors import ConfigError
+from p2pfed.federation import ProtocolParams
+from p2pfed.group import GroupConfig
 from simnet.network import LinkParams
 from simnet.topology import TOPOLOGY_KINDS, link_overrides
 
@@ -179,22 +182,23 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class ProtocolSpec:
-    group_min: int = 3
-    group_max: int = 8
-    fixed_point_bits: int = 64
-    clip: float = 8.0
+    # defaults are the real node's: a scenario that sets nothing simulates a default node
+    group_min: int = GroupConfig.group_min
+    group_max: int = GroupConfig.group_max
+    fixed_point_bits: int = ProtocolParams.fixed_point_bits
+    clip: float = ProtocolParams.clip
     masking: bool = True
-    invite_timeout: float = 2.0
-    start_timeout: float = 5.0
-    allreduce_timeout: float = 30.0
-    initiate_delay: float = 0.05
-    retry_backoff: float = 0.3
-    exclusion: float = 30.0
+    invite_timeout: float = GroupConfig.invite_timeout
+    start_timeout: float = GroupConfig.start_timeout
+    allreduce_timeout: float = GroupConfig.allreduce_timeout
+    initiate_delay: float = GroupConfig.initiate_delay
+    retry_backoff: float = GroupConfig.retry_backoff
+    exclusion: float = GroupConfig.exclusion
     sync_timeout: float = 3.0
-    keepalive_interval: float = 15.0
-    idle_timeout: float = 60.0
-    send_timeout: float = 60.0
-    handshake_timeout: float = 10.0
+    keepalive_interval: float = NodeConfig.keepalive_interval
+    idle_timeout: float = NodeConfig.idle_timeout
+    send_timeout: float = NodeConfig.send_timeout
+    handshake_timeout: float = NodeConfig.handshake_timeout
     grouping: str = "random"
     grid_side: int = 0
     grid_dims: int = 0

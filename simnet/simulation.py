@@ -38,7 +38,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -306,16 +306,8 @@ class Simulation:
             idle_timeout=protocol.idle_timeout,
             send_timeout=protocol.send_timeout,
         )
-        group = GroupConfig(
-            group_min=protocol.group_min,
-            group_max=protocol.group_max,
-            invite_timeout=protocol.invite_timeout,
-            start_timeout=protocol.start_timeout,
-            allreduce_timeout=protocol.allreduce_timeout,
-            initiate_delay=protocol.initiate_delay,
-            retry_backoff=protocol.retry_backoff,
-            exclusion=protocol.exclusion,
-        )
+        # the scenario's [protocol] table names every GroupConfig field alike
+        group = GroupConfig(**{f.name: getattr(protocol, f.name) for f in fields(GroupConfig)})
         options = NodeOptions(
             training=sc.task.training,
             max_rounds=sc.rounds,
