@@ -363,6 +363,17 @@ class GroupProtocol:
             p for p in peers if p in self._peer_grid and grid.is_mate(self._peer_grid[p], round)
         )
 
+    def busy_with(self) -> set[NodeId]:
+        """The peers of the group this node is forming, pending for or running."""
+        peers: set[NodeId] = set()
+        if self._formation is not None:
+            peers |= self._formation.invited | set(self._formation.accepted)
+        if self._pending is not None:
+            peers.add(self._pending.initiator)
+        if self._run is not None:
+            peers.update(self._run.members)
+        return peers
+
     def _grid_grouping(self, now: float) -> bool:
         """Whether the current contribution is still grouped on the grid (not fallen back)."""
         return self.grid is not None and now < self._grid_until
@@ -573,14 +584,9 @@ class GroupProtocol:
                 return self._decline(peer, invite.group_id, "busy: initiating a group")
             actions += self._cancel_formation("preempted by a higher-priority group")
         elif self.phase is Phase.PENDING:
-            assert self._pending is not None
-            if invite.priority <= self._pending.priority or self._pending.initiator == peer:
-                return self._decline(peer, invite.group_id, "busy: joining another group")
-            old = self._pending
-            abort = GroupAbort(group_id=old.group_id, reason="withdrawn for another group")
-            actions.append(Send(old.initiator, abort))
-            self._pending = None
-            self.phase = Phase.READY
+            # never withdraw from a group already accepted: its initiator may have sent
+            # the start, and the whole group would abort (spec/group.md, rule 3)
+            return self._decline(peer, invite.group_id, "busy: joining another group")
         if self.phase is not Phase.READY:
             return actions + self._decline(peer, invite.group_id, f"busy: {self.phase.value}")
         mask_private, mask_public = generate_mask_keypair(self._randbytes)

@@ -138,8 +138,21 @@ def pair_seed(
     _check_bytes("mask private key", my_private_key, KEY_BYTES)
     _check_bytes("mask public key", peer_public_key, KEY_BYTES)
     _check_bytes("group nonce", nonce, GROUP_NONCE_BYTES)
-    info = mask_seed_info(round, my_id, peer_id)
     private = X25519PrivateKey.from_private_bytes(my_private_key)
+    return _pair_seed(private, my_id, peer_public_key, peer_id, nonce, round)
+
+
+def _pair_seed(
+    private: X25519PrivateKey,
+    my_id: bytes,
+    peer_public_key: bytes,
+    peer_id: bytes,
+    nonce: bytes,
+    round: int,
+) -> bytes:
+    """:func:`pair_seed` with the private key loaded (a group loads it once, not per pair)."""
+    _check_bytes("mask public key", peer_public_key, KEY_BYTES)
+    info = mask_seed_info(round, my_id, peer_id)
     weak = WeakMaskKeyError(
         f"the mask public key {peer_public_key.hex()} of member {peer_id.hex()} has small "
         "order (all-zero X25519 shared secret); the member is faulty or malicious: "
@@ -265,7 +278,8 @@ class MaskingContext:
         mine = [m for m in members if m.node_id == my_id]
         if not mine:
             raise SecureAggregationError(f"my id {my_id.hex()} is not a member of the group")
-        if mine[0].mask_public_key != mask_public_key(my_private_key):
+        private = X25519PrivateKey.from_private_bytes(my_private_key)
+        if mine[0].mask_public_key != private.public_key().public_bytes_raw():
             raise SecureAggregationError(
                 "my_private_key does not match my mask_public_key in the member list; "
                 "announce the public key of the private key used here"
@@ -278,7 +292,7 @@ class MaskingContext:
             (
                 m.node_id,
                 1 if m.node_id > my_id else -1,
-                pair_seed(my_private_key, my_id, m.mask_public_key, m.node_id, nonce, round),
+                _pair_seed(private, my_id, m.mask_public_key, m.node_id, nonce, round),
             )
             for m in self._members
             if m.node_id != my_id

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import math
@@ -368,13 +369,20 @@ class IpAddress(FieldKind):
             return f"{value!r}, which is not an IP address literal"
         if "%" in value:
             return f"{value!r}, which has a zone"
-        try:
-            address = ipaddress.ip_address(value)
-        except ValueError:
-            return f"{value!r}, which is not an IP address literal"
-        if address.is_unspecified or address.is_multicast:
-            return f"{value!r}, which is an unspecified or multicast address"
-        return None
+        return _address_literal_problem(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_literal_problem(value: str) -> str | None:
+    # cached: a node sees the same few thousand peer addresses in every peer list and
+    # group start, and parsing one costs microseconds
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r}, which is not an IP address literal"
+    if address.is_unspecified or address.is_multicast:
+        return f"{value!r}, which is an unspecified or multicast address"
+    return None
 
 
 @dataclass(frozen=True)
@@ -491,23 +499,29 @@ class Record:
         for key in obj:
             if key not in known and key not in cls.EXTENSION_KEYS:
                 raise DecodeError(f"{name}: unknown key {key!r} ({cls._known_keys_text()})")
-        values = {}
+        values: dict[str, object] = {}
         for field_name, kind in cls.SCHEMA:
             if kind.key not in obj:
+                cls._check_fields(values)  # report the first problem in field order
                 raise DecodeError(f"{name}: missing required field '{field_name}' (key {kind.key})")
             try:
-                value = kind.from_wire(obj[kind.key])
+                values[field_name] = kind.from_wire(obj[kind.key])
             except DecodeError as exc:
                 raise DecodeError(f"{name}: field '{field_name}' (key {kind.key}): {exc}") from None
-            found = kind.problem(value)
-            if found is not None:
-                raise DecodeError(_field_error(cls, field_name, kind, found))
-            values[field_name] = value
         try:
             return cls(**values)
         except LocalProtocolError as exc:
-            # a rule across fields (__post_init__) broken by the peer, not by us
+            # a field (checked by __post_init__, once) or a rule across fields broken by
+            # the peer, not by us
             raise DecodeError(str(exc)) from None
+
+    @classmethod
+    def _check_fields(cls, values: dict[str, object]) -> None:
+        for field_name, kind in cls.SCHEMA:
+            if field_name in values:
+                found = kind.problem(values[field_name])
+                if found is not None:
+                    raise DecodeError(_field_error(cls, field_name, kind, found))
 
     @classmethod
     def _known_keys_text(cls) -> str:

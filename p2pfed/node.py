@@ -164,6 +164,9 @@ class RoundReport:
 class _Link:
     channel: SecureChannel
     outbox: trio.MemorySendChannel[Message]
+    # how the writer closes the channel once the outbox is closed and drained
+    close_code: CloseCode = CloseCode.SHUTTING_DOWN
+    close_reason: str = "node stopping"
 
 
 class Node:
@@ -216,6 +219,9 @@ class Node:
         # one Noise static key for all this node's channels (spec/transport.md allows it)
         self._static_key = StaticKey.generate(identity, self._randbytes)
         self._links: dict[NodeId, list[_Link]] = {}
+        self._last_active: dict[NodeId, float] = {}  # a message sent or received (not keepalive)
+        self._closing: set[NodeId] = set()  # channels being closed by _trim_channels
+        self.channels_trimmed = 0  # channels closed for the connection limit
         self._pex: dict[NodeId, PeerExchangeSession] = {}
         self._dialling: set[tuple[str, int]] = set()
         self._host_of: dict[NodeId, str] = {}  # remote address of each peer's channel
@@ -524,6 +530,10 @@ class Node:
                 received += link.channel.bytes_received
         return sent, received
 
+    def connected_peers(self) -> list[NodeId]:
+        """Peers with an open channel (not being closed), sorted by node id."""
+        return self._connected()
+
     def peer_summary(self) -> list[dict[str, Any]]:
         """Known peers for the status report: short id, address, connected."""
         connected = set(self._connected())
@@ -648,6 +658,8 @@ class Node:
                 for peer in action.blame if isinstance(action, GroupAborted) else ():
                     self.peers.exclude(peer, now + self.group_config.exclusion)
                 self._outcomes_send.send_nowait(action)
+                # the group's channels were protected from trimming while it ran
+                self._trim_channels(keep=None)
         if wake:
             # only an earlier deadline needs the loop now: at its current one, it polls and
             # looks again anyway (waking it for every group message was most of its cost)
@@ -660,7 +672,40 @@ class Node:
     def _connected(self) -> list[NodeId]:
         # sorted by the id bytes directly: NodeId's generated __lt__ is slow, and this
         # runs on every wake of the group loop
-        return sorted((peer for peer, links in self._links.items() if links), key=_id_bytes)
+        closing = self._closing
+        return sorted(
+            (peer for peer, links in self._links.items() if links and peer not in closing),
+            key=_id_bytes,
+        )
+
+    def _trim_channels(self, keep: NodeId | None) -> None:
+        """Close the longest-idle channels beyond ``max_connections`` (spec/transport.md,
+        "Connection limit"): never ``keep`` (a channel just opened), a peer of the
+        current group, or one with messages queued; what is left over is trimmed when the
+        group ends. Groups open channels between all their
+        members, so without this a node's channel count only grows; and a node that made
+        newcomers wait for a free slot instead stalled every group that needed it.
+        """
+        excess = len(self._links) - len(self._closing) - self.config.max_connections
+        if excess <= 0:
+            return
+        busy = self.group.busy_with() if self.group is not None else set()
+        idle = sorted(
+            (
+                p
+                for p in self._links
+                if p != keep and p not in busy and p not in self._queued and p not in self._closing
+            ),
+            key=lambda p: (self._last_active.get(p, 0.0), p.raw),
+        )
+        for peer in idle[:excess]:
+            log.debug("closing idle channel to %s: connection limit", peer.short)
+            self._closing.add(peer)
+            self.channels_trimmed += 1
+            for link in self._links.get(peer, []):
+                link.close_code = CloseCode.NORMAL
+                link.close_reason = "connection limit: closing the longest-idle channel"
+                link.outbox.close()
 
     def _address_of(self, peer: NodeId) -> tuple[str, int] | None:
         record = self.peers.get(peer)
@@ -669,6 +714,7 @@ class Node:
     def _send(self, peer: NodeId, message: Message, address: tuple[str, int] | None = None) -> None:
         links = self._links.get(peer)
         if links:
+            self._last_active[peer] = trio.current_time()
             try:
                 links[0].outbox.send_nowait(message)
                 return
@@ -750,7 +796,10 @@ class Node:
             self.identity,
             self.federation,
             self.channel_config,
-            max_connections=self.config.max_connections,
+            # a hard cap on inbound channels and handshakes in progress: _trim_channels
+            # keeps the node at max_connections by closing idle channels, so an inbound
+            # peer need not wait (in the backlog, past its handshake timeout) for a slot
+            max_connections=2 * self.config.max_connections,
             randbytes=self._randbytes,
             static_key=self._static_key,
             task_status=task_status,  # type: ignore[arg-type]
@@ -769,6 +818,9 @@ class Node:
         if host:
             self._host_of[peer] = host
         self._links.setdefault(peer, []).append(link)
+        self._closing.discard(peer)  # a new channel to a peer whose old one is closing
+        self._last_active[peer] = now
+        self._trim_channels(keep=peer)
         self.peers.mark_connected(peer, now)
         self.group.register_peer(peer, channel.peer_identity_key)
         session = self._pex.setdefault(peer, PeerExchangeSession())
@@ -784,7 +836,7 @@ class Node:
         self._wake.set()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, channel, outbox)
+                nursery.start_soon(self._writer, link, outbox)
                 try:
                     async for message in channel:
                         self._dispatch(peer, message)
@@ -805,13 +857,14 @@ class Node:
             self._links_changed.set()
             if not links:
                 self._links.pop(peer, None)
+                self._last_active.pop(peer, None)
+                self._closing.discard(peer)
                 self._pex.pop(peer, None)
                 self.peers.mark_disconnected(peer, trio.current_time())
                 self._act(self.group.peer_lost(peer, trio.current_time()))
 
-    async def _writer(
-        self, channel: SecureChannel, outbox: trio.MemoryReceiveChannel[Message]
-    ) -> None:
+    async def _writer(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
+        channel = link.channel
         try:
             async for message in outbox:
                 # everything queued meanwhile goes out with it, packed into one write
@@ -822,14 +875,16 @@ class Node:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await channel.send_many(batch)
-            # the outbox was closed: the node is stopping and everything queued is sent
-            await channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
+            # the outbox was closed (the node is stopping, or trimming this channel) and
+            # everything queued is sent
+            await channel.aclose(link.close_code, link.close_reason)
         except ChannelClosed:
             pass
 
     def _dispatch(self, peer: NodeId, message: Message) -> None:
         assert self.group is not None
         now = trio.current_time()
+        self._last_active[peer] = now
         if isinstance(message, _GROUP_MESSAGES):
             self._act(self.group.receive(peer, message, now))
         elif isinstance(message, NodeAnnounce):

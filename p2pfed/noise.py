@@ -51,6 +51,7 @@ has failed (spec section 5.3) and every later call on it raises ``NoiseError``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -111,32 +112,33 @@ BytesLike = bytes | bytearray | memoryview
 # --------------------------------------------------------------------------------------
 
 
-def _x25519(private: bytes, public: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).exchange(
-        X25519PublicKey.from_public_bytes(public)
-    )
+def _x25519_exchange(private: X25519PrivateKey, public: bytes) -> bytes:
+    return private.exchange(X25519PublicKey.from_public_bytes(public))
 
 
-def _x25519_public(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+def _x448_exchange(private: X448PrivateKey, public: bytes) -> bytes:
+    return private.exchange(X448PublicKey.from_public_bytes(public))
 
 
-def _x448(private: bytes, public: bytes) -> bytes:
-    return X448PrivateKey.from_private_bytes(private).exchange(
-        X448PublicKey.from_public_bytes(public)
-    )
-
-
-def _x448_public(private: bytes) -> bytes:
-    return X448PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+def _public_of(private: Any) -> bytes:
+    return private.public_key().public_bytes_raw()
 
 
 @dataclass(frozen=True)
 class _DhSpec:
     dhlen: int
-    # DH(private key bytes, public key bytes) -> shared secret (spec section 4.1)
-    dh: Callable[[bytes, bytes], bytes]
-    public: Callable[[bytes], bytes]
+    # Loading a private key computes its public key (about half the cost of a DH), so a
+    # handshake loads each of its private keys once and keeps the key object.
+    load: Callable[[bytes], Any]
+    # DH(loaded private key, public key bytes) -> shared secret (spec section 4.1)
+    exchange: Callable[[Any, bytes], bytes]
+    public_of: Callable[[Any], bytes]
+
+    def dh(self, private: bytes, public: bytes) -> bytes:
+        return self.exchange(self.load(private), public)
+
+    def public(self, private: bytes) -> bytes:
+        return self.public_of(self.load(private))
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,8 @@ class _HashSpec:
 
 
 _DH: dict[str, _DhSpec] = {
-    "25519": _DhSpec(32, _x25519, _x25519_public),
-    "448": _DhSpec(56, _x448, _x448_public),
+    "25519": _DhSpec(32, X25519PrivateKey.from_private_bytes, _x25519_exchange, _public_of),
+    "448": _DhSpec(56, X448PrivateKey.from_private_bytes, _x448_exchange, _public_of),
 }
 _CIPHERS: dict[str, _CipherSpec] = {
     "ChaChaPoly": _CipherSpec(ChaCha20Poly1305, struct.Struct("<4xQ").pack),
@@ -166,6 +168,17 @@ _HASHES: dict[str, _HashSpec] = {
     "BLAKE2s": _HashSpec(32, hashlib.blake2s),
     "BLAKE2b": _HashSpec(64, hashlib.blake2b),
 }
+
+
+@functools.lru_cache(maxsize=8192)
+def _load_static(dh_name: str, private: bytes) -> Any:
+    """A static private key as a key object, kept across handshakes.
+
+    A node uses one static key for all its channels (p2pfed.channel.StaticKey); loading
+    it once saves a scalar multiplication per handshake. The cache is large because
+    simnet runs thousands of nodes in one process. Ephemeral keys are never cached.
+    """
+    return _DH[dh_name].load(private)
 
 
 def _dh_spec(dh_name: str) -> _DhSpec:
@@ -711,8 +724,9 @@ class HandshakeState:
         self._randbytes = randbytes
         role = "initiator" if initiator else "responder"
 
+        self._loaded: dict[str, Any] = {}  # "s", "e": the private keys as key objects
         self._s = self._private_key(s, "s") if s is not None else None
-        self._s_pub = self._dhspec.public(self._s) if self._s is not None else None
+        self._s_pub = self._dhspec.public_of(self._key_object("s")) if s is not None else None
         self._e = self._private_key(e, "e") if e is not None else None
         self._rs = self._public_key(rs, "rs") if rs is not None else None
         self._re = self._public_key(re, "re") if re is not None else None
@@ -744,7 +758,7 @@ class HandshakeState:
                 if token == "s":
                     key = self._s_pub if local else self._rs
                 elif local:  # "e"
-                    key = self._dhspec.public(self._e) if self._e is not None else None
+                    key = self._dhspec.public_of(self._key_object("e")) if self._e else None
                 else:
                     key = self._re
                 assert key is not None  # guaranteed by _check_keys
@@ -774,6 +788,19 @@ class HandshakeState:
                 f"got {len(key)}"
             )
         return bytes(key)
+
+    def _key_object(self, which: str) -> Any:
+        """This side's private key ``"s"`` or ``"e"``, loaded once per handshake."""
+        key = self._loaded.get(which)
+        if key is None:
+            private = self._s if which == "s" else self._e
+            assert private is not None  # callers check
+            if which == "s":
+                key = _load_static(self._protocol.dh_name, private)
+            else:
+                key = self._dhspec.load(private)
+            self._loaded[which] = key
+        return key
 
     def _check_keys(self, role: str) -> None:
         """Fail at construction, not mid-handshake, when a needed key is missing."""
@@ -822,7 +849,7 @@ class HandshakeState:
             # Unreachable for the built-in patterns and checked keys; kept as a clear error.
             raise NoiseError(f"token {token!r}: a key it needs is not available yet")
         try:
-            return self._dhspec.dh(local, remote)
+            return self._dhspec.exchange(self._key_object(local_name), remote)
         except ValueError as exc:
             raise NoiseError(
                 f"DH for token {token!r} failed: the peer sent an invalid (low-order) public key"
@@ -927,7 +954,7 @@ class HandshakeState:
                 if token == "e":
                     if self._e is None:
                         self._e = self._private_key(self._randbytes(self._dhspec.dhlen), "e")
-                    e_pub = self._dhspec.public(self._e)
+                    e_pub = self._dhspec.public_of(self._key_object("e"))
                     out += e_pub
                     sym.mix_hash(e_pub)
                     if self._protocol.psk_count:

@@ -107,16 +107,23 @@ def test_kill_9_mid_group_then_regroup_and_resume(tmp_path: Path) -> None:
     try:
         wait_for(lambda: min(n.round() for n in nodes) >= 3, 120, "3 rounds everywhere")
 
-        # kill as soon as the victim starts an all-reduce: shards are then in flight
-        def started() -> int:
-            return sum(1 for r in victim.records() if r.get("event") == "group_started")
+        # kill once the victim and another member are both in an all-reduce: shards are
+        # then in flight (killing at the victim's own start alone could land before its
+        # GroupStart left, and the members would drop a group that never ran)
+        def started(node: NodeProcess) -> set[str]:
+            return {r["group"] for r in node.records() if r.get("event") == "group_started"}
 
-        seen = started()
+        seen = started(victim)
         deadline = time.monotonic() + 60
-        while started() == seen:
+        while True:
             assert time.monotonic() < deadline, "the victim never started another group"
+            fresh = started(victim) - seen
+            running = {g for g in fresh if any(g in started(n) for n in nodes if n is not victim)}
+            if running:
+                break
             time.sleep(0.005)
         victim.kill()
+        interrupted = running  # the group (or, rarely, the last two) the victim was in
         killed_at = victim.round()
         survivors = [n for n in nodes if n is not victim]
         at_kill = {n.node_dir: n.round() for n in survivors}
@@ -125,8 +132,13 @@ def test_kill_9_mid_group_then_regroup_and_resume(tmp_path: Path) -> None:
             120,
             "survivors completing 3 more rounds",
         )
-        aborted = [r for n in survivors for r in n.records() if r.get("event") == "group_aborted"]
-        assert aborted, "the kill did not interrupt any group"
+        aborted = [
+            r
+            for n in survivors
+            for r in n.records()
+            if r.get("event") == "group_aborted" and r.get("group") in interrupted
+        ]
+        assert aborted, "the kill did not interrupt the group it was in"
 
         # the killed node's state on disk is intact: checkpoint and ledger load
         checkpoint = load_checkpoint(victim.node_dir / CHECKPOINT_FILE_NAME)

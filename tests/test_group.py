@@ -310,3 +310,28 @@ def test_pure_averaging_converges_to_the_sample_weighted_global_mean() -> None:
     spread = max(np.abs(m - target).max() for m in models.values())
     assert spread < start_spread / 50, (start_spread, spread)
     assert spread < 0.05
+
+
+def test_pending_member_declines_even_a_higher_priority_invite() -> None:
+    """A member that accepted stays with that group (spec/group.md, rule 3): leaving
+    for a later, higher-priority invite would abort a group whose start may be on its way."""
+    net = Net(3, GroupConfig())
+    a, b, c = sorted(net.nodes)
+    node = net.nodes[a]
+    node.set_contribution(np.zeros(D, np.float32), 1, 0, 0.0)
+
+    def invite(priority: int, group: int) -> GroupInvite:
+        return GroupInvite(
+            group_id=bytes([group]) * 16,
+            priority=priority,
+            round=0,
+            fingerprint=FINGERPRINT,
+            model_size=D,
+        )
+
+    [accept] = node.receive(b, invite(1, 1), 0.0)
+    assert accept.message.accept and node.phase is Phase.PENDING  # type: ignore[union-attr]
+    [decline] = node.receive(c, invite(1 << 63, 2), 0.1)
+    assert isinstance(decline, Send) and decline.peer == c
+    assert not decline.message.accept  # type: ignore[attr-defined]
+    assert node.phase is Phase.PENDING and node.busy_with() == {b}

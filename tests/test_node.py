@@ -32,10 +32,17 @@ def make_node(
     federation: Federation,
     bootstrap: tuple[str, ...],
     options: NodeOptions,
+    max_connections: int = 64,
 ) -> Node:
     node_dir = tmp_path / f"node{index}"
     node_dir.mkdir(exist_ok=True)
-    config = NodeConfig(listen_host="127.0.0.1", listen_port=0, mdns=False, bootstrap=bootstrap)
+    config = NodeConfig(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        mdns=False,
+        bootstrap=bootstrap,
+        max_connections=max_connections,
+    )
     return Node(
         identity=NodeIdentity.generate(),
         federation=federation,
@@ -65,22 +72,28 @@ async def run_federation(
     rounds: int,
     timeout: float = 60.0,
     groups: int = 0,
+    max_connections: int = 64,
 ) -> list[Node]:
     """Start the nodes, wait until every one has completed ``rounds`` rounds and ``groups``
     groups (a round number can jump ahead to a group's), then stop them."""
     nodes: list[Node] = []
     async with trio.open_nursery() as nursery:
-        first = make_node(tmp_path, 0, federation, (), all_options[0])
+        first = make_node(tmp_path, 0, federation, (), all_options[0], max_connections)
         port = await nursery.start(first.run)
         nodes.append(first)
         for index, options in enumerate(all_options[1:], start=1):
-            node = make_node(tmp_path, index, federation, (f"127.0.0.1:{port}",), options)
+            node = make_node(
+                tmp_path, index, federation, (f"127.0.0.1:{port}",), options, max_connections
+            )
             await nursery.start(node.run)
             nodes.append(node)
         with trio.fail_after(timeout):
             while min(node.round for node in nodes) < rounds or (
                 min(node.groups_completed for node in nodes) < groups
             ):
+                for node in nodes:
+                    channels = len(node.connected_peers())
+                    assert channels <= max_connections, (node.node_id, channels)
                 await trio.sleep(0.05)
         for node in nodes:
             node.request_stop()
@@ -169,3 +182,19 @@ async def test_restart_resumes_from_the_checkpoint(tmp_path: Path) -> None:
     assert again.round == node.round
     assert again.model is not None and node.model is not None
     np.testing.assert_array_equal(again.model, node.model)
+
+
+async def test_connection_limit_closes_idle_channels_and_groups_go_on(tmp_path: Path) -> None:
+    """Random groups open channels between all their members. With room for only 4
+    channels (a group of 4 needs 3), a node closes its longest-idle one for each newcomer
+    (spec/discovery.md, "Connection limit") instead of leaving it to time out waiting for
+    a slot; every node still completes its rounds, and none ever holds more than 4."""
+    opts = [options_for(i, training=False, rounds=5, samples=10) for i in range(8)]
+    for options in opts:
+        options.sync_timeout = 0.0
+        options.target_peers = 2
+    nodes = await run_federation(
+        tmp_path, federation(), opts, rounds=5, timeout=90.0, max_connections=4
+    )
+    assert all(node.round >= 5 for node in nodes)
+    assert sum(node.channels_trimmed for node in nodes) > 0
