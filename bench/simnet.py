@@ -2,82 +2,102 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.simnet [--sizes 100,1000] [--rounds 20] [--params 1000]
-                                     [--wall-limit 300] [--tiny-size 5000] [--record]
+    .venv/bin/python -m bench.simnet [--runs 100:random,1000:grid,1000:random]
+                                     [--rounds 20] [--params 1000] [--wall-limit 300]
+                                     [--tiny-size 5000] [--record]
 
-For each size, a scenario of that many nodes (complete reachability, 5 ms links with 1 ms
-jitter, 100 Mbit/s, group size 3..8, secure aggregation on, 64-bit ring, DP off, pure
-averaging of a ``--params``-parameter model, bootstrap from 2 random peers, no mDNS) runs
-until every node has done ``--rounds`` rounds or ``--wall-limit`` wall seconds pass. With
-``--tiny-size`` one more run uses that many nodes and a 10-parameter model. Progress goes
-to stderr; the last stdout line is one JSON object with, per size: wall and simulated
-seconds, ``sim_seconds_per_wall_second``, ``messages_per_wall_second`` (a message is a
-chunk handed to the virtual network: one ``send_all`` of the secure channel, a batch of
-frames), rounds reached and whether the round goal was met.
+Each run is a scenario of that many nodes (complete reachability, 5 ms links with 1 ms
+jitter, 100 Mbit/s, secure aggregation on, 64-bit ring, DP off, pure averaging of a
+``--params``-parameter model, no mDNS) that lasts until every node has done ``--rounds``
+rounds or ``--wall-limit`` wall seconds pass. Its grouping is
 
-Where the time goes (cProfile; 300 nodes for the first 70 wall seconds, about 0.64
-simulated seconds, and 100 nodes for 6 rounds). What was cut, and by how much:
+* ``random`` (the default protocol): groups of 3..8 drawn from each initiator's peers;
+  nodes bootstrap from 2 random peers and find the rest by peer exchange;
+* ``grid`` (Moshpit SGD, spec/group.md "Grid grouping"): the nodes fill a ``g^d`` grid
+  (1000 = 10^3: groups of 10, the exact mean after 3 rounds) and dial their grid mates.
+
+``--tiny-size`` adds a random-grouping run of that many nodes with a 10-parameter model.
+Progress goes to stderr; the last stdout line is one JSON object with, per run: total wall
+seconds (building the nodes, the run, stopping them, removing their files), the run's own
+wall and simulated seconds, ``sim_seconds_per_wall_second``, ``messages_per_wall_second``
+(a message is a chunk handed to the virtual network: one ``send_all`` of the secure
+channel, a batch of frames), connections, groups, rounds reached and whether the goal was
+met; ``target_met`` says, per grouping, whether 1000 nodes did 20 rounds of a
+1000-parameter model in under 300 s in all.
+
+What made 1000 nodes feasible (the second round of work; the first is below):
+
+* **the connection limit** (spec/discovery.md, "Connection limit"). Random groups open a
+  channel between every two members, so a node's channels only grew; at
+  ``max_connections`` (64) the listener made newcomers *wait for a free slot*, their
+  handshakes timed out after 10 simulated seconds, and every group that needed the two to
+  talk stalled. That was the "liveness problem of the last few nodes" measured before
+  (slow nodes waiting 10 to 40 simulated seconds between rounds): a node now closes its
+  longest-idle channel (never one its current group uses) for each newcomer. With the
+  next change, 300 nodes x 20 rounds went from 106 simulated seconds (and the 300 s wall
+  limit) to 2.3 simulated seconds in 92 s;
+* **pending members never withdraw** (spec/group.md, rule 3). A member that accepted an
+  invite used to leave for a higher-priority one, but its first initiator had often sent
+  the start already, and the whole group aborted: 40% of started groups at 300 nodes, 43%
+  at 1000. Now none abort in these runs;
+* **the garbage collector**: CPython's automatic full collections walk every object, and
+  a thousand nodes are millions; at 300 nodes they took 40% of the wall time. During a run
+  simnet freezes what existed before it and runs a full collection only when the resident
+  set grew by 1 GiB (``simnet.simulation._FullCollections``);
+* X25519 private keys are loaded once per handshake (the static key once per node) and
+  once per group for the masks, instead of once per DH (loading computes the public key:
+  half the cost of a DH); a decoded message's fields are validated once, not twice; peer
+  address literals are parsed once (``ipaddress`` was 3% of the start); the progress
+  check no longer scans every node on every reported round.
+
+The first round (before the above; cProfile on 300 and 100 nodes), what was cut:
 
 * finished nodes no longer form groups among themselves: a node past its rounds lingers
   *passively* (``NodeOptions.linger_passive``, spec/group.md), answering invites but never
-  initiating. Before, the run to "every node has 20 rounds" gave the average node 37
-  rounds (the fastest 86); now 24. At 100 nodes: 146k messages and 888 groups became 86k
-  and 491, and 13.5 simulated seconds became 3.3;
+  initiating;
 * the secure channel's clocks: one task per channel (its keepalive task) enforces the idle
   and send timeouts, instead of a cancel scope around every read and every send;
 * messages queued for one peer go out in one write, packed into shared Noise messages
-  (spec/transport.md allows several frames per Noise message): a new channel's
-  NodeAnnounce, queued group messages and PEX request, or GroupStart with the
-  initiator's shard, are one chunk instead of three or two;
+  (spec/transport.md allows several frames per Noise message);
 * a node asks for peers (PeerExchangeRequest) only while it has at most ``target_peers``
-  channels, as spec/discovery.md recommends: PEX had been a third of a channel's cost;
+  channels, as spec/discovery.md recommends;
 * one Noise static key per node (with its signature) instead of one per channel, and the
-  pure signature checks cached (in simnet every member of a group checked the same k
-  mask-key signatures, and every peer the same static-key signature);
-* the virtual network: a reader sleeps until its first chunk *arrives* (one wake-up, not
-  one at send time and one at arrival), and a stream has a 64 KiB send buffer like a
-  kernel socket, so a small ``send_all`` returns at once instead of sleeping for its
-  serialisation time (arrival times are unchanged);
-* the peer table returns records without copying them, and node ids are sorted by their
-  bytes (NodeId's generated ``__lt__`` was millions of calls); the group loop is woken
-  only when a deadline moved earlier, not for every group message; node directories live
-  in /dev/shm (a checkpoint fsync per node per round had cost seconds).
+  pure signature checks cached;
+* the virtual network: a reader sleeps until its first chunk *arrives*, and a stream has
+  a 64 KiB send buffer like a kernel socket;
+* the peer table returns records without copying them, node ids are sorted by their
+  bytes, the group loop is woken only when a deadline moved earlier, node directories
+  live in /dev/shm.
 
-What remains, per wall second at 300 nodes: trio's scheduler about a quarter (task
-switches, and a cancel scope wherever a wait has a deadline: one per chunk received);
-Noise handshakes about a fifth (``noise.py`` rebuilds an X25519 key object from its bytes
-for every DH, about 0.1 ms each, 12 per handshake; Ed25519 checks); CBOR encoding,
-decoding and message validation about a tenth; channel framing and encryption, the
-virtual network, node dispatch and the group protocol the rest, each a few percent.
+Where the time goes now (cProfile of a 1000-node grid run): trio's scheduler about a third
+(task switches, cancel scopes, deadlines); message encoding, decoding and validation about
+an eighth; the secure channel (framing, Noise) and crypto about a fifth; the virtual
+network, node dispatch and the group protocol the rest. Starting 1000 nodes costs about
+55 s (13.5k Noise handshakes on the grid, each about 4 ms of CPU in all, most of it trio
+and message handling rather than the DH); stopping them gracefully 20 s (grid) to 55 s
+(random: up to 64 channels per node, each closed with a Close message).
 
-At 1000 nodes the cost is dominated by *connections*: the butterfly all-reduce needs a
-channel between every two members of a group, and groups are drawn at random from each
-initiator's peers, so almost every group opens new channels (37k connections, 37 per node,
-by the time the slowest node had 2 rounds), each costing a Noise handshake (about 3.5 ms
-of CPU for both sides) and six chunks. And 43% of the groups that start abort (a member
-left for a higher-priority invite after accepting), wasting their shards and connections.
+Measured on the 2-core development machine (one run each, recorded in
+bench/results/simnet.json; 1000 parameters, 20 rounds, secure aggregation on):
 
-Measured on the 2-core development machine (1000 parameters, 20 rounds, secure aggregation
-on, other work sharing the machine; ``cpu_seconds`` is this process's share):
+* 100 nodes, random: 30.7 s in all (was 56 s), 2.28 simulated seconds, 57.5k messages
+  (1880 per wall second), 3.3k connections, 537 groups, none aborted;
+* **1000 nodes, grid: 282 s in all, under the 5-minute target** (first round done at
+  56 s, the twentieth at 261 s, then 20 s to stop 1000 nodes); 5.84 simulated seconds,
+  591k messages (2110 per wall second), 13.5k connections (each pair of grid mates once),
+  2056 groups, none aborted, every node at the exact mean (largest distance between two
+  models 8.7e-12);
+* 1000 nodes, random: 348 s in all, over the target (the twentieth round at 272 s, then
+  69 s to stop the nodes and their ~32k channels); 2.70 simulated seconds, 611k messages
+  (1790 per wall second), 38.9k connections, 5546 groups, none aborted, largest distance
+  between two models 0.024 (from 34). Before this work the slowest node had finished
+  round 2 when 300 s were up;
+* 5000 nodes, random, 10 parameters: 300 s cover the start and the first groups (0.48
+  simulated seconds, 54k connections, 2780 groups completed, no node at round 1 yet;
+  before, no group at all), 406 s in all.
 
-* 100 nodes: done in 56 s wall (53 s CPU) for 3.3 simulated seconds, 86k messages (1550
-  per wall second), 5.2k connections, 491 groups completed, 0 conservation failures
-  (before these changes: 137-165 s wall, 146k messages);
-* 1000 nodes: stopped by the 300 s wall limit at 1.43 simulated seconds, when the slowest
-  node had finished round 2 (many others far more): 456k messages (1125 per wall second,
-  20% more per second than before), 37k connections, 2342 groups completed, 0
-  conservation failures; ``wall_seconds`` (405) includes about 100 s of tearing down
-  37k channels' tasks after the limit. The 5-minute target is not reached. A longer run
-  (stopped after 1000 s) had the slowest node at round 1 after 226 wall seconds, round 4
-  after 359, round 8 after 576 and round 11 after 822 (1.75M messages, 74k connections
-  by then). From round 5 on the slowest nodes also wait 10 to 40 *simulated* seconds
-  between rounds, growing (round 5 at 11 s, round 10 at 42 s, round 11 at 84 s), while
-  the rest are done: a liveness problem of the last few nodes in the protocol (100 nodes
-  show no such gap now; before these changes one 10 s gap), not simulator speed;
-* 5000 nodes, 10 parameters (``--tiny-size 5000``): runs, but 300 wall seconds cover only
-  the start (0.26 simulated seconds: 31.6k connections and 343k messages while nodes
-  bootstrap and exchange peers; no node finished a round), with 6.6 GB resident at the
-  peak and 115 s of teardown.
+No run had a conservation failure. Earlier runs of the same code varied by about 10%
+(the machine is shared): 236 to 261 s for the grid run's twentieth round.
 """
 
 from __future__ import annotations

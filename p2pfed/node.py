@@ -679,12 +679,12 @@ class Node:
         )
 
     def _trim_channels(self, keep: NodeId | None) -> None:
-        """Close the longest-idle channels beyond ``max_connections`` (spec/transport.md,
+        """Close the longest-idle channels beyond ``max_connections`` (spec/discovery.md,
         "Connection limit"): never ``keep`` (a channel just opened), a peer of the
         current group, or one with messages queued; what is left over is trimmed when the
-        group ends. Groups open channels between all their
-        members, so without this a node's channel count only grows; and a node that made
-        newcomers wait for a free slot instead stalled every group that needed it.
+        group ends. Groups open channels between all their members, so without this a
+        node's channel count only grows; and a node that made newcomers wait for a free
+        slot instead stalled every group that needed it.
         """
         excess = len(self._links) - len(self._closing) - self.config.max_connections
         if excess <= 0:

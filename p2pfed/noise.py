@@ -134,9 +134,6 @@ class _DhSpec:
     exchange: Callable[[Any, bytes], bytes]
     public_of: Callable[[Any], bytes]
 
-    def dh(self, private: bytes, public: bytes) -> bytes:
-        return self.exchange(self.load(private), public)
-
     def public(self, private: bytes) -> bytes:
         return self.public_of(self.load(private))
 

@@ -400,6 +400,8 @@ class Simulation:
     async def _watch_wall(self, deadline: float) -> None:
         """Benchmarks only: end the run after a wall-clock budget (not reproducible)."""
         while time.perf_counter() < deadline:
+            if self.done.is_set():
+                return  # the goal was reached in time; stopping the nodes is not timed
             # virtual seconds: a run of thousands of nodes does only a few ms per wall second
             await trio.sleep(0.001)
         self.wall_limited = True

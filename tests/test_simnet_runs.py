@@ -7,6 +7,7 @@ and byte-identical metrics for the same seed.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,10 @@ group_max = 5
 
 
 def test_twenty_nodes_converge_to_the_sample_weighted_mean(tmp_path: Path) -> None:
+    threshold = gc.get_threshold()
     result = run_simulation(parse_scenario(scenario_text(20, 12)), tmp_path)
+    # simnet tunes the garbage collector for the run only (simulation._FullCollections)
+    assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
     nodes = sorted(result.nodes, key=lambda n: n.options.task_config["node_index"])
     # the target, computed here from the task alone: the nodes' initial models and sizes
     seed = federation_seed(nodes[0].federation)

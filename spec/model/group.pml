@@ -360,13 +360,7 @@ inline on_invite() {
         :: else -> cancel_formation()     /* preempted by a higher priority */
 #endif
         fi
-    :: PH == PENDING ->
-        if
-        :: ma <= prio || initiator == from -> vt = 1
-        :: else ->
-            send(initiator, ABORT, gid, 0, 0);  /* withdrawn for another group */
-            enter(READY)
-        fi
+    :: PH == PENDING -> vt = 1           /* never withdraws from an accepted group (rule 3) */
     :: else -> skip
     fi;
     if
