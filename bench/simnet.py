@@ -74,30 +74,30 @@ Where the time goes now (cProfile of a 1000-node grid run): trio's scheduler abo
 an eighth; the secure channel (framing, Noise) and crypto about a fifth; the virtual
 network, node dispatch and the group protocol the rest. Starting 1000 nodes costs about
 55 s (13.5k Noise handshakes on the grid, each about 4 ms of CPU in all, most of it trio
-and message handling rather than the DH); stopping them gracefully 20 s (grid) to 55 s
+and message handling rather than the DH); stopping them gracefully 20 s (grid) to 60 s
 (random: up to 64 channels per node, each closed with a Close message).
 
-Measured on the 2-core development machine (one run each, recorded in
-bench/results/simnet.json; 1000 parameters, 20 rounds, secure aggregation on):
+Measured on the 2-core development machine (the recorded run, bench/results/simnet.json;
+1000 parameters, 20 rounds, secure aggregation on; three runs of this code in all, the
+machine shared with other work):
 
-* 100 nodes, random: 30.7 s in all (was 56 s), 2.28 simulated seconds, 57.5k messages
-  (1880 per wall second), 3.3k connections, 537 groups, none aborted;
-* **1000 nodes, grid: 282 s in all, under the 5-minute target** (first round done at
-  56 s, the twentieth at 261 s, then 20 s to stop 1000 nodes); 5.84 simulated seconds,
-  591k messages (2110 per wall second), 13.5k connections (each pair of grid mates once),
-  2056 groups, none aborted, every node at the exact mean (largest distance between two
-  models 8.7e-12);
-* 1000 nodes, random: 348 s in all, over the target (the twentieth round at 272 s, then
-  69 s to stop the nodes and their ~32k channels); 2.70 simulated seconds, 611k messages
-  (1790 per wall second), 38.9k connections, 5546 groups, none aborted, largest distance
-  between two models 0.024 (from 34). Before this work the slowest node had finished
-  round 2 when 300 s were up;
-* 5000 nodes, random, 10 parameters: 300 s cover the start and the first groups (0.48
-  simulated seconds, 54k connections, 2780 groups completed, no node at round 1 yet;
-  before, no group at all), 406 s in all.
+* 100 nodes, random: 26.9 s in all (was 56 s), 2.28 simulated seconds, 57.5k messages
+  (2140 per wall second), 3.3k connections, 537 groups, none aborted;
+* **1000 nodes, grid: 276 s in all, under the 5-minute target** (249 and 282 s in the
+  other two runs; the first round done at 59 s, the twentieth at 254 s, then about 20 s to
+  stop 1000 nodes); 5.84 simulated seconds, 591k messages (2160 per wall second), 13.5k
+  connections (each pair of grid mates once), 2056 groups, none aborted, every node at
+  the exact mean (largest distance between two models 8.7e-12);
+* 1000 nodes, random: 369 s in all, over the target (338 and 348 s in the other runs;
+  the twentieth round at 300 s, then about 60 s to stop the nodes and their ~32k
+  channels); 2.70 simulated seconds, 611k messages (1690 per wall second), 38.9k
+  connections, 5546 groups, none aborted, largest distance between two models 0.024
+  (from 34). Before this work the slowest node had finished round 2 when 300 s were up;
+* 5000 nodes, random, 10 parameters: 300 s cover the start and the first groups (0.45
+  simulated seconds, 51k connections, 2329 groups completed, no node at round 1 yet;
+  before, no group at all), 401 s in all.
 
-No run had a conservation failure. Earlier runs of the same code varied by about 10%
-(the machine is shared): 236 to 261 s for the grid run's twentieth round.
+No run had a conservation failure.
 """
 
 from __future__ import annotations

@@ -399,11 +399,14 @@ class Simulation:
 
     async def _watch_wall(self, deadline: float) -> None:
         """Benchmarks only: end the run after a wall-clock budget (not reproducible)."""
-        while time.perf_counter() < deadline:
-            if self.done.is_set():
-                return  # the goal was reached in time; stopping the nodes is not timed
-            # virtual seconds: a run of thousands of nodes does only a few ms per wall second
+        # virtual seconds: a run of thousands of nodes does only a few ms per wall second
+        while not self.done.is_set() and time.perf_counter() < deadline:
             await trio.sleep(0.001)
+        if self.done.is_set():
+            # the goal was reached first (this task may wake only after the deadline: the
+            # nodes' stopping can take wall seconds without advancing the clock), and
+            # stopping the nodes is not timed
+            return
         self.wall_limited = True
         self.done.set()
 
