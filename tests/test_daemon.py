@@ -77,16 +77,24 @@ def test_mdns_discovery_metrics_status_and_clean_stop(tmp_path: Path) -> None:
         assert values['p2pfed_groups_total{outcome="completed"}'] >= 3
         assert values["p2pfed_bytes_sent_total"] > 0
 
-        status = subprocess.run(
-            [sys.executable, "-m", "p2pfed", "status", str(dirs[1]), "--json"],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            timeout=30,
-        )
-        assert status.returncode == 0, status.stderr
-        report = json.loads(status.stdout)
-        assert report["state"] == "running" and report["round"] >= 3
+        # status.json is rewritten at most every 0.25 s and refreshed every second, so it
+        # may lag the log by up to a second
+        deadline = time.monotonic() + 10
+        while True:
+            status = subprocess.run(
+                [sys.executable, "-m", "p2pfed", "status", str(dirs[1]), "--json"],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=30,
+            )
+            assert status.returncode == 0, status.stderr
+            report = json.loads(status.stdout)
+            if report["round"] is not None and report["round"] >= 3:
+                break
+            assert time.monotonic() < deadline, report
+            time.sleep(0.2)
+        assert report["state"] == "running"
         assert sum(1 for peer in report["peers"] if peer["connected"]) == 2
 
         for process in processes:
