@@ -136,7 +136,6 @@ def pair_seed(
     order (an all-zero X25519 shared secret, which would make the mask public).
     """
     _check_bytes("mask private key", my_private_key, KEY_BYTES)
-    _check_bytes("mask public key", peer_public_key, KEY_BYTES)
     _check_bytes("group nonce", nonce, GROUP_NONCE_BYTES)
     private = X25519PrivateKey.from_private_bytes(my_private_key)
     return _pair_seed(private, my_id, peer_public_key, peer_id, nonce, round)

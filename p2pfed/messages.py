@@ -501,18 +501,20 @@ class Record:
                 raise DecodeError(f"{name}: unknown key {key!r} ({cls._known_keys_text()})")
         values: dict[str, object] = {}
         for field_name, kind in cls.SCHEMA:
+            # fields are checked once, by __post_init__; before reporting a problem with
+            # this one, report any in the fields before it (the first problem in field order)
             if kind.key not in obj:
-                cls._check_fields(values)  # report the first problem in field order
+                cls._check_fields(values)
                 raise DecodeError(f"{name}: missing required field '{field_name}' (key {kind.key})")
             try:
                 values[field_name] = kind.from_wire(obj[kind.key])
             except DecodeError as exc:
+                cls._check_fields(values)
                 raise DecodeError(f"{name}: field '{field_name}' (key {kind.key}): {exc}") from None
         try:
             return cls(**values)
         except LocalProtocolError as exc:
-            # a field (checked by __post_init__, once) or a rule across fields broken by
-            # the peer, not by us
+            # a field or a rule across fields broken by the peer, not by us
             raise DecodeError(str(exc)) from None
 
     @classmethod

@@ -242,7 +242,7 @@ class Simulation:
         self.last_row_round = 0
         self._slowest_round = 0  # the slowest live node's round at the last scan
         self._at_slowest = 0  # how many live nodes were at it and have not reported since
-        self.collections: _FullCollections | None = None  # set by run_simulation
+        self.collections = _FullCollections()  # entered by run_simulation for the run
         self.target: np.ndarray | None = None
         self.initial_range: tuple[np.ndarray, np.ndarray] | None = None
         self.initial_consensus: float | None = None
@@ -391,8 +391,7 @@ class Simulation:
         may be the last progress of the run (the others done and waiting passively)."""
         while True:
             await trio.sleep(TICK)
-            if self.collections is not None:
-                self.collections.check()
+            self.collections.check()
             self._check_progress()
             if self.churn_pool:
                 self._round_churn()
@@ -783,6 +782,7 @@ class _FullCollections:
         self._ticks = 0
 
     def __enter__(self) -> _FullCollections:
+        self._threshold = gc.get_threshold()
         gc.collect()
         gc.freeze()
         young, middle, _ = self._threshold
@@ -836,7 +836,6 @@ def run_simulation(
 
     with (
         deterministic_scheduling(derive_seed(scenario.seed, "scheduler")),
-        _FullCollections() as collections,
+        simulation.collections,
     ):
-        simulation.collections = collections
         return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

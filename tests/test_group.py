@@ -1,98 +1,41 @@
-"""The group protocol core, many nodes wired together in memory under a virtual clock.
-
-Every message goes through the real CBOR encoding on its way, so these tests exercise
-exactly what crosses the wire, minus the encryption (tested in the channel tests).
-"""
+"""The group protocol core, many nodes wired together in memory under a virtual clock
+(tests/support/group_net.py: every message through the real CBOR encoding)."""
 
 from __future__ import annotations
 
 import itertools
-import random
-from collections import deque
-from collections.abc import Callable
 
 import numpy as np
 import pytest
+from support.group_net import FINGERPRINT, GroupNet
 
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import (
     GroupAborted,
     GroupCompleted,
     GroupConfig,
-    GroupProtocol,
     Phase,
     Send,
     shard_bounds,
 )
-from p2pfed.identity import NodeId, NodeIdentity
+from p2pfed.identity import NodeId
 from p2pfed.messages import (
     GroupAbort,
     GroupInvite,
     Message,
     Shard,
-    decode_message,
     encode_message,
 )
 
 D = 50
-FINGERPRINT = bytes(range(32))
 PARAMS = FixedPointParams.for_federation(64, 8.0, 8)
 
 
-class Net:
-    """Nodes, a message queue, a virtual clock and a switch to cut a node off."""
+class Net(GroupNet):
+    """``n`` nodes of the tests below, and a way to kill one mid all-reduce."""
 
     def __init__(self, n: int, config: GroupConfig, seed: int = 0) -> None:
-        rng = random.Random(seed)
-        self.now = 0.0
-        self.queue: deque[tuple[NodeId, NodeId, bytes]] = deque()
-        self.dead: set[NodeId] = set()
-        self.drop: Callable[[NodeId, NodeId, Message], bool] = lambda s, r, m: False
-        self.outcomes: dict[NodeId, list[GroupCompleted | GroupAborted]] = {}
-        self.nodes: dict[NodeId, GroupProtocol] = {}
-        identities = [NodeIdentity.from_private_bytes(rng.randbytes(32)) for _ in range(n)]
-        for identity in identities:
-            node = GroupProtocol(
-                identity,
-                config,
-                PARAMS,
-                fingerprint=FINGERPRINT,
-                model_size=D,
-                listen_port=7000,
-                rng=random.Random(rng.random()),
-                randbytes=rng.randbytes,
-                numpy_rng=np.random.default_rng(rng.randrange(1 << 30)),
-            )
-            self.nodes[identity.node_id] = node
-            self.outcomes[identity.node_id] = []
-        for node in self.nodes.values():
-            for other in identities:
-                node.register_peer(other.node_id, other.public_key)
-
-    def handle(self, sender: NodeId, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                if sender in self.dead or self.drop(sender, action.peer, action.message):
-                    continue
-                self.queue.append((sender, action.peer, encode_message(action.message)))
-            else:
-                self.outcomes[sender].append(action)
-
-    def connected(self, node_id: NodeId) -> list[NodeId]:
-        return [p for p in self.nodes if p != node_id and p not in self.dead]
-
-    def run(self, until: float, step: float = 0.01) -> None:
-        while self.now < until:
-            for node_id, node in self.nodes.items():
-                if node_id not in self.dead:
-                    self.handle(node_id, node.poll(self.now, self.connected(node_id)))
-            while self.queue:
-                sender, receiver, data = self.queue.popleft()
-                if receiver in self.dead:
-                    continue
-                message = decode_message(data, borrow=True)
-                self.handle(receiver, self.nodes[receiver].receive(sender, message, self.now))
-            self.now += step
+        super().__init__(n, config, PARAMS, D, seed=seed)
 
     def kill_when_sending_a_shard(self, victim: NodeId) -> None:
         """The victim dies as it sends its first shard: mid all-reduce."""
@@ -104,10 +47,6 @@ class Net:
             return False
 
         self.drop = kill
-
-    def offer(self, vectors: dict[NodeId, np.ndarray], weights: dict[NodeId, int]) -> None:
-        for node_id, node in self.nodes.items():
-            node.set_contribution(vectors[node_id], weights[node_id], 1, self.now)
 
 
 def random_models(net: Net, seed: int = 1) -> tuple[dict, dict]:

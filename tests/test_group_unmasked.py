@@ -8,75 +8,32 @@ the plain fixed-point encoding of a member's model on the wire.
 
 from __future__ import annotations
 
-import random
-from collections import deque
-
 import numpy as np
 import pytest
+from support.group_net import GroupNet
 
 from p2pfed.fixedpoint import FixedPointParams, error_bound, make_contribution
-from p2pfed.group import GroupCompleted, GroupConfig, GroupProtocol, Send, shard_bounds
-from p2pfed.identity import NodeId, NodeIdentity
-from p2pfed.messages import Shard, decode_message, encode_message
+from p2pfed.group import GroupConfig, shard_bounds
+from p2pfed.identity import NodeId
+from p2pfed.messages import Shard
 
 D = 41
 K = 4
-FINGERPRINT = bytes(range(32))
 PARAMS = FixedPointParams.for_federation(32, 8.0, K)
 
 
-class Group:
+class Group(GroupNet):
     """``K`` protocol cores, all connected, exchanging encoded messages in memory."""
 
     def __init__(self, *, masking: bool, seed: int = 5) -> None:
-        rng = random.Random(seed)
-        self.numpy_seeds: dict[NodeId, int] = {}
-        self.nodes: dict[NodeId, GroupProtocol] = {}
-        self.shards: list[tuple[NodeId, NodeId, Shard]] = []  # (sender, receiver, shard)
-        self.completed: dict[NodeId, GroupCompleted] = {}
-        self.queue: deque[tuple[NodeId, NodeId, bytes]] = deque()
-        identities = [NodeIdentity.from_private_bytes(rng.randbytes(32)) for _ in range(K)]
-        for identity in identities:
-            numpy_seed = rng.randrange(1 << 30)
-            self.numpy_seeds[identity.node_id] = numpy_seed
-            self.nodes[identity.node_id] = GroupProtocol(
-                identity,
-                GroupConfig(group_min=K, group_max=K),
-                PARAMS,
-                fingerprint=FINGERPRINT,
-                model_size=D,
-                listen_port=7000,
-                rng=random.Random(rng.random()),
-                randbytes=rng.randbytes,
-                numpy_rng=np.random.default_rng(numpy_seed),
-                masking=masking,
-            )
-        for node in self.nodes.values():
-            for other in identities:
-                node.register_peer(other.node_id, other.public_key)
+        config = GroupConfig(group_min=K, group_max=K)
+        super().__init__(K, config, PARAMS, D, seed=seed, masking=masking)
 
-    def handle(self, sender: NodeId, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self.queue.append((sender, action.peer, encode_message(action.message)))
-            elif isinstance(action, GroupCompleted):
-                self.completed[sender] = action
-
-    def run(self, vectors: dict[NodeId, np.ndarray], weights: dict[NodeId, int]) -> None:
-        now = 0.0
-        for node_id, node in self.nodes.items():
-            node.set_contribution(vectors[node_id], weights[node_id], 1, now)
-        while now < 2.0 and len(self.completed) < K:
-            for node_id, node in self.nodes.items():
-                peers = [p for p in self.nodes if p != node_id]
-                self.handle(node_id, node.poll(now, peers))
-            while self.queue:
-                sender, receiver, data = self.queue.popleft()
-                message = decode_message(data)
-                if isinstance(message, Shard):
-                    self.shards.append((sender, receiver, message))
-                self.handle(receiver, self.nodes[receiver].receive(sender, message, now))
-            now += 0.01
+    def average(self, vectors: dict[NodeId, np.ndarray], weights: dict[NodeId, int]) -> None:
+        """Offer the models once and run; ``results``: each node's completed group."""
+        self.offer(vectors, weights)
+        self.run(2.0)  # a node with nothing left to offer starts no other group
+        self.results = {n: done[0] for n in self.nodes if (done := self.completed(n))}
 
 
 def models(group: Group) -> tuple[dict[NodeId, np.ndarray], dict[NodeId, int]]:
@@ -88,8 +45,8 @@ def models(group: Group) -> tuple[dict[NodeId, np.ndarray], dict[NodeId, int]]:
 
 def run_group(masking: bool) -> Group:
     group = Group(masking=masking)
-    group.run(*models(group))
-    assert set(group.completed) == set(group.nodes), "the group did not complete"
+    group.average(*models(group))
+    assert set(group.results) == set(group.nodes), "the group did not complete"
     return group
 
 
@@ -100,10 +57,10 @@ def test_unmasked_group_computes_the_same_average() -> None:
     expected = sum(weights[n] * vectors[n].astype(np.float64) for n in vectors) / sum(
         weights.values()
     )
-    for node_id, outcome in unmasked.completed.items():
+    for node_id, outcome in unmasked.results.items():
         # stochastic rounding draws the same numbers with and without masks, and the
         # masks cancel exactly in the ring: the results are bit for bit the same
-        np.testing.assert_array_equal(outcome.mean, masked.completed[node_id].mean)
+        np.testing.assert_array_equal(outcome.mean, masked.results[node_id].mean)
         assert outcome.total_weight == sum(weights.values())
         assert np.all(np.abs(outcome.mean - expected) <= error_bound(PARAMS, expected))
 
@@ -113,8 +70,9 @@ def test_a_shard_carries_the_plain_encoding_only_without_masking(masking: bool) 
     group = run_group(masking=masking)
     vectors, weights = models(group)
     bounds = shard_bounds(D + 1, K)
-    assert len(group.shards) == K * (K - 1)
-    for sender, _receiver, shard in group.shards:
+    shards = group.sent(Shard)
+    assert len(shards) == K * (K - 1)
+    for sender, _receiver, shard in shards:
         # the contribution the sender encodes: same model, weight and rounding draws
         rng = np.random.default_rng(group.numpy_seeds[sender])
         plain = make_contribution(vectors[sender], weights[sender], PARAMS, rng)

@@ -13,24 +13,16 @@ while random regrouping only shrinks the consensus distance exponentially.
 from __future__ import annotations
 
 import math
-import random
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.group_net import FINGERPRINT, GroupNet
 
 from p2pfed.fixedpoint import FixedPointParams
-from p2pfed.group import (
-    GridPosition,
-    GroupAborted,
-    GroupCompleted,
-    GroupConfig,
-    GroupProtocol,
-    Send,
-)
-from p2pfed.identity import NodeId, NodeIdentity
-from p2pfed.messages import GroupInvite, GroupReply, decode_message, encode_message
+from p2pfed.group import GroupConfig
+from p2pfed.identity import NodeId
+from p2pfed.messages import GroupInvite, GroupReply
 from simnet.checks import (
     consensus_decay,
     grid_rounds_to_exact_mean,
@@ -42,82 +34,18 @@ from simnet.simulation import run_simulation
 from simnet.topology import grid_coordinate, grid_mates
 
 D = 16
-FINGERPRINT = bytes(range(32))
 SCENARIOS = Path(__file__).resolve().parent.parent / "simnet" / "scenarios"
 
 
 # -- the sans-IO protocol ------------------------------------------------------------------
 
 
-class GridNet:
-    """``side ** dims`` grid nodes, all connected, messages through the real encoding."""
+class GridNet(GroupNet):
+    """``side ** dims`` grid nodes, all connected."""
 
     def __init__(self, side: int, dims: int, config: GroupConfig, seed: int = 0) -> None:
-        rng = random.Random(seed)
         params = FixedPointParams.for_federation(64, 8.0, config.group_max)
-        self.now = 0.0
-        self.queue: deque[tuple[NodeId, NodeId, bytes]] = deque()
-        self.dead: set[NodeId] = set()
-        self.invites: list[tuple[NodeId, NodeId, GroupInvite]] = []
-        self.replies: list[tuple[NodeId, GroupReply]] = []
-        self.outcomes: dict[NodeId, list[GroupCompleted | GroupAborted]] = {}
-        self.nodes: dict[NodeId, GroupProtocol] = {}
-        self.coordinate: dict[NodeId, tuple[int, ...]] = {}
-        identities = [NodeIdentity.from_private_bytes(rng.randbytes(32)) for _ in range(side**dims)]
-        for index, identity in enumerate(identities):
-            position = GridPosition(side, grid_coordinate(index, side, dims))
-            self.nodes[identity.node_id] = GroupProtocol(
-                identity,
-                config,
-                params,
-                fingerprint=FINGERPRINT,
-                model_size=D,
-                listen_port=7000,
-                rng=random.Random(rng.random()),
-                randbytes=rng.randbytes,
-                numpy_rng=np.random.default_rng(rng.randrange(1 << 30)),
-                grid=position,
-            )
-            self.coordinate[identity.node_id] = position.coordinate
-            self.outcomes[identity.node_id] = []
-        for node in self.nodes.values():
-            for other in identities:  # what every NodeAnnounce tells
-                node.register_peer(other.node_id, other.public_key)
-                node.set_peer_grid(other.node_id, self.coordinate[other.node_id])
-
-    def handle(self, sender: NodeId, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                if sender in self.dead:
-                    continue
-                if isinstance(action.message, GroupInvite):
-                    self.invites.append((sender, action.peer, action.message))
-                if isinstance(action.message, GroupReply):
-                    self.replies.append((sender, action.message))
-                self.queue.append((sender, action.peer, encode_message(action.message)))
-            else:
-                self.outcomes[sender].append(action)
-
-    def run(self, until: float, step: float = 0.01) -> None:
-        while self.now < until:
-            for node_id, node in self.nodes.items():
-                if node_id not in self.dead:
-                    connected = [p for p in self.nodes if p != node_id and p not in self.dead]
-                    self.handle(node_id, node.poll(self.now, connected))
-            while self.queue:
-                sender, receiver, data = self.queue.popleft()
-                if receiver not in self.dead:
-                    message = decode_message(data)
-                    self.handle(receiver, self.nodes[receiver].receive(sender, message, self.now))
-            self.now += step
-
-    def offer(self, models: dict[NodeId, np.ndarray], weights: dict[NodeId, int], round_: int):
-        for node_id, node in self.nodes.items():
-            if node_id not in self.dead:
-                node.set_contribution(models[node_id], weights[node_id], round_, self.now)
-
-    def completed(self, node_id: NodeId) -> list[GroupCompleted]:
-        return [o for o in self.outcomes[node_id] if isinstance(o, GroupCompleted)]
+        super().__init__(side**dims, config, params, D, seed=seed, grid=(side, dims))
 
     def line(self, node_id: NodeId, round_: int) -> set[NodeId]:
         """The node's grid line of ``round_``: the nodes differing only in that axis."""
@@ -156,8 +84,8 @@ def test_grid_lines_reach_the_exact_weighted_mean_after_d_rounds() -> None:
         else:
             assert spread < 1e-6  # float32 rounding of the mean
     # one initiator per line and round, the lowest node id of the line
-    for sender, _, invite in net.invites:
-        assert sender == min(net.line(sender, invite.round))
+    for sender, _, invite in net.sent(GroupInvite):
+        assert sender == min(net.line(sender, invite.round))  # type: ignore[attr-defined]
 
 
 def test_invites_from_outside_the_grid_line_are_declined() -> None:
