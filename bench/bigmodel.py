@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from p2pfed.errors import ConfigError
-from p2pfed.task import NodeData, TrainResult
+from p2pfed.task import NodeData, RoundContext, TrainResult
 
 __all__ = ["DEFAULT_SAMPLES", "DEFAULT_SIZE", "MAX_SIZE", "BigModelTask", "task"]
 
@@ -76,6 +76,7 @@ class BigModelTask:
         data: NodeData,
         config: Mapping[str, Any],
         generator: torch.Generator,
+        context: RoundContext | None = None,
     ) -> TrainResult:
         return TrainResult(samples=0, loss=0.0)
 

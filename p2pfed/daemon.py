@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # the node pulls in torch: import it only when a node runs
     from p2pfed.group import GroupAborted, GroupCompleted
     from p2pfed.node import Node, NodeOptions, RoundReport
 
-__all__ = ["add_node_parser", "cmd_node", "parse_task_settings", "run_node"]
+__all__ = ["add_node_parser", "bootstrap_status", "cmd_node", "parse_task_settings", "run_node"]
 
 log = logging.getLogger("p2pfed.daemon")
 
@@ -153,6 +154,10 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             metrics.test_loss.set(report.metrics["loss"])
         if report.epsilon_spent is not None:
             metrics.epsilon_spent.set(report.epsilon_spent)
+        if report.train_loss is not None:
+            metrics.train_loss.set(report.train_loss)
+        if report.nodes:
+            metrics.round_coverage.set(min(1.0, report.coverage / report.nodes))
         status.update(
             trio.current_time(),
             round=report.round,
@@ -184,6 +189,10 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
     node.config = config
     counted = [0, 0]  # bytes sent and received already added to the counters
 
+    # trio's clock to wall-clock seconds, fixed once: recomputed on every refresh, the
+    # times of an unchanged bootstrap entry could flip by a second and rewrite the file
+    wall_offset = time.time() - trio.current_time()
+
     def refresh() -> None:
         sent, received = node.traffic()
         metrics.bytes_sent_total.inc(sent - counted[0])
@@ -191,7 +200,12 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
         counted[:] = [sent, received]
         peers = node.peer_summary()
         metrics.peers_connected.set(sum(1 for p in peers if p["connected"]))
-        status.update(trio.current_time(), peers=peers, round=node.round)
+        status.update(
+            trio.current_time(),
+            peers=peers,
+            bootstrap=bootstrap_status(node, wall_offset),
+            round=node.round,
+        )
 
     async def publish_periodically() -> None:
         while True:
@@ -232,6 +246,27 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
         status.flush(trio.current_time())
         nursery.cancel_scope.cancel()
     return node.final_report()
+
+
+def bootstrap_status(node: Node, wall_offset: float) -> list[dict[str, Any]]:
+    """The node's bootstrap addresses as ``status.json`` entries (:mod:`p2pfed.status`).
+
+    The node keeps times in trio's clock; ``wall_offset`` (wall-clock seconds minus trio's
+    clock) turns them into the file's ISO 8601 UTC times.
+    """
+    from p2pfed.status import iso_utc
+
+    def wall(moment: float | None) -> str | None:
+        return None if moment is None else iso_utc(moment + wall_offset)
+
+    return [
+        {
+            **row,
+            "failing_since": wall(row["failing_since"]),
+            "next_attempt": wall(row["next_attempt"]),
+        }
+        for row in node.bootstrap_summary()
+    ]
 
 
 async def _stop_on_signals(node: Node) -> None:

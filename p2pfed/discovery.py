@@ -78,7 +78,7 @@ __all__ = [
 log = logging.getLogger("p2pfed.discovery")
 
 SERVICE_TYPE: Final = "_p2pfed._tcp.local."
-SUPPORTED_VERSIONS: Final = (1,)
+SUPPORTED_VERSIONS: Final = (1, 2)
 """Protocol versions this implementation speaks (announced in the ``v`` TXT key)."""
 TXT_KEY_VERSION: Final = "v"
 TXT_KEY_FEDERATION: Final = "fed"

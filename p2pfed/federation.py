@@ -116,6 +116,24 @@ class ProtocolParams:
     """delta of the (epsilon, delta) guarantee, 0 < delta < 1."""
     dp_epsilon_budget: float = 10.0
     """Total epsilon a node may spend; it stops contributing once reached (> 0)."""
+    averaging: str = "exact"
+    """How groups are chosen (spec/group.md): "exact" (every round ends with every node
+    holding the exact weighted average of all nodes' models, in a few steps of small
+    groups; falls back to random groups for a round it cannot complete) or "random"
+    (one random group per round: for very large or churning federations)."""
+    server_optimizer: str = "fedavg"
+    """What every node does with a round's average (spec/server-optimizer.md): "fedavg"
+    (adopt it), "fedavgm" (server momentum) or "fedadam" (Reddi et al. 2021)."""
+    server_lr: float = 1.0
+    """Server learning rate of fedavgm and fedadam (> 0)."""
+    server_momentum: float = 0.9
+    """fedavgm's momentum, fedadam's beta1, in [0, 1)."""
+    server_beta2: float = 0.99
+    """fedadam's beta2, in [0, 1)."""
+    server_tau: float = 1e-3
+    """fedadam's adaptivity tau (> 0)."""
+
+    AVERAGING_MODES: ClassVar[tuple[str, ...]] = ("exact", "random")
 
     FLOAT_FIELDS: ClassVar[tuple[str, ...]] = (
         "clip",
@@ -123,6 +141,10 @@ class ProtocolParams:
         "dp_noise_multiplier",
         "dp_delta",
         "dp_epsilon_budget",
+        "server_lr",
+        "server_momentum",
+        "server_beta2",
+        "server_tau",
     )
 
     def __post_init__(self) -> None:
@@ -170,6 +192,23 @@ class ProtocolParams:
             raise _ParamError(f"dp_delta must be strictly between 0 and 1, got {self.dp_delta}")
         if self.dp_epsilon_budget <= 0:
             raise _ParamError(f"dp_epsilon_budget must be > 0, got {self.dp_epsilon_budget}")
+        if self.averaging not in self.AVERAGING_MODES:
+            raise _ParamError(f'averaging must be "exact" or "random", got {self.averaging!r}')
+        self._validate_server_optimizer()
+
+    def _validate_server_optimizer(self) -> None:
+        if self.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):
+            raise _ParamError(
+                f'server_optimizer must be "fedavg", "fedavgm" or "fedadam", got '
+                f"{self.server_optimizer!r}"
+            )
+        if self.server_lr <= 0:
+            raise _ParamError(f"server_lr must be > 0, got {self.server_lr}")
+        for name in ("server_momentum", "server_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise _ParamError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.server_tau <= 0:
+            raise _ParamError(f"server_tau must be > 0, got {self.server_tau}")
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
@@ -187,7 +226,7 @@ class ProtocolParams:
             )
         return cls(**values)
 
-    def as_dict(self) -> dict[str, int | float | bool]:
+    def as_dict(self) -> dict[str, int | float | bool | str]:
         """The parameters as a plain dict, in file order."""
         return {name: getattr(self, name) for name in self.allowed_keys()}
 
@@ -203,6 +242,12 @@ _PARAM_COMMENTS: dict[str, str] = {
     "dp_noise_multiplier": "sigma: Gaussian noise standard deviation is sigma * C",
     "dp_delta": "delta of the (epsilon, delta) privacy guarantee",
     "dp_epsilon_budget": "total epsilon a node may spend before it stops contributing",
+    "averaging": 'groups: "exact" (the exact average every round) or "random"',
+    "server_optimizer": 'applied to each round\'s average: "fedavg", "fedavgm" or "fedadam"',
+    "server_lr": "server learning rate (fedavgm, fedadam)",
+    "server_momentum": "fedavgm momentum / fedadam beta1, in [0, 1)",
+    "server_beta2": "fedadam beta2, in [0, 1)",
+    "server_tau": "fedadam tau (> 0)",
 }
 
 

@@ -280,9 +280,9 @@ def _as_int(value: object) -> int | None:
 
 def _check_weight(weight: object, params: FixedPointParams) -> int:
     w = _as_int(weight)
-    if w is None or not 1 <= w <= params.max_weight:
+    if w is None or not 0 <= w <= params.max_weight:
         raise SecureAggregationError(
-            f"weight must be an integer in [1, max_weight={params.max_weight}], got {weight!r}; "
+            f"weight must be an integer in [0, max_weight={params.max_weight}], got {weight!r}; "
             "cap the sample count at max_weight or raise max_weight in the parameters"
         )
     return w
@@ -412,7 +412,8 @@ def make_contribution(
 ) -> np.ndarray:
     """A member's plaintext contribution ``[w*q_0, ..., w*q_{d-1}, w] mod 2**bits``.
 
-    ``weight`` is the member's sample count, in ``[1, params.max_weight]``. The result has
+    ``weight`` is the member's weight (spec/group.md, "Weights"), in
+    ``[0, params.max_weight]``; weight 0 adds nothing to the group's mean. The result has
     ``len(x) + 1`` words of ``params.dtype``; the last word is the weight, so it is masked
     with everything else and the group learns only the total weight. Pass ``out`` (a
     ``params.dtype`` array of ``len(x) + 1`` words) to reuse a buffer across rounds.

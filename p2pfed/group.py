@@ -25,6 +25,12 @@ Rules of this file:
   only the full line of ``side`` members, so after ``d`` rounds every node holds the exact
   global mean. A node still without a group ``invite_timeout + start_timeout`` after
   offering its contribution falls back to random grouping for that contribution.
+* Exact rounds (optional, spec/group.md "Exact rounds"): a node with a
+  :class:`~p2pfed.exact_rounds.Position` averages only with peers that announced the same
+  position (its *class*). Once it sees its whole class, the class sorted by node id splits
+  into runs of the plan's group size; the first node of each run invites the rest and
+  starts only the full run. Like grid grouping it falls back to random grouping for a
+  contribution that finds no group in time.
 * All-reduce (butterfly): the contribution (``d`` model words and one weight word,
   masked) is cut into ``k`` shards; member ``j`` receives shard ``j`` from everyone, sums
   it, and sends the reduced shard to everyone. A member applies a result only when it
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2pfed.errors import InvalidGroupSumError, SecureAggregationError
+from p2pfed.exact_rounds import Position, class_chunks, plan_sizes
 from p2pfed.fixedpoint import FixedPointParams, decode_group_sum, make_contribution
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
@@ -114,6 +121,9 @@ class GroupConfig:
     invite_timeout: float = 2.0
     start_timeout: float = 5.0
     allreduce_timeout: float = 30.0
+    class_timeout: float = 30.0
+    """Exact rounds: how long a node waits at step 0 for its whole class (peers still
+    training) before it falls back to random grouping for that contribution."""
     initiate_delay: float = 0.05
     retry_backoff: float = 0.3
     exclusion: float = 30.0
@@ -203,14 +213,33 @@ class Send:
 
 @dataclass(frozen=True)
 class GroupCompleted:
-    """The group sum arrived complete: adopt ``mean`` with push-sum weight ``weight``."""
+    """The group sum arrived complete: adopt ``mean``; the group's total weight is
+    ``total_weight`` (spec/group.md, "Weights", says what a member's weight becomes).
+    A group whose members all contributed weight 0 has no mean: each member keeps its own
+    model (``mean`` is then the member's own contribution)."""
 
     group_id: bytes
     round: int
     members: tuple[NodeId, ...]
     mean: np.ndarray
     total_weight: int
-    weight: float  # this member's share of the total weight
+    structured: bool = False
+    """Formed by the grid or exact-round rules (not by random grouping or a fallback)."""
+
+    def share(self, member: NodeId) -> int:
+        """``member``'s push-sum share of the total weight: ``W`` split into ``k`` integers
+        that differ by at most one, the larger ones to the first members in node-id order,
+        so that the shares add up to ``W`` exactly.
+
+        >>> from p2pfed.identity import NodeId
+        >>> ids = tuple(NodeId(bytes([i]) * 32) for i in range(3))
+        >>> done = GroupCompleted(b"g" * 16, 0, ids, np.zeros(1, np.float32), 10)
+        >>> [done.share(m) for m in ids]
+        [4, 3, 3]
+        """
+        k = len(self.members)
+        base, extra = divmod(self.total_weight, k)
+        return base + (1 if self.members.index(member) < extra else 0)
 
 
 @dataclass(frozen=True)
@@ -273,6 +302,7 @@ class _Run:
     bounds: list[tuple[int, int]]
     deadline: float
     masked: np.ndarray
+    structured: bool
     shards: dict[int, np.ndarray] = field(default_factory=dict)  # sender index -> my shard
     reduced: dict[int, np.ndarray] = field(default_factory=dict)  # reducer index -> shard
 
@@ -308,6 +338,7 @@ class GroupProtocol:
         numpy_rng: np.random.Generator | None = None,
         masking: bool = True,
         grid: GridPosition | None = None,
+        exact: bool = False,
     ) -> None:
         if params.max_group_size < config.group_max:
             raise ValueError("the fixed-point parameters must allow groups of group_max")
@@ -325,8 +356,12 @@ class GroupProtocol:
         self.listen_port = listen_port
         self.masking = masking
         self.grid = grid
+        self.exact = exact and grid is None
         self._peer_grid: dict[NodeId, tuple[int, ...]] = {}
-        self._grid_until = 0.0  # grid grouping for the current contribution until then
+        self._position: Position | None = None  # exact rounds: this contribution's class
+        self._peer_position: dict[NodeId, Position] = {}
+        self._grid_until = 0.0  # grid grouping / exact classes for this contribution until then
+        self._offered_at = 0.0
         self._passive = False  # answer invites only, never initiate (set_contribution)
         self._address_of = address_of
         self._rng = rng or random.Random(int.from_bytes(randbytes(16), "big"))
@@ -354,6 +389,45 @@ class GroupProtocol:
         else:
             self._peer_grid.pop(peer, None)
 
+    def set_peer_position(self, peer: NodeId, position: Position) -> None:
+        """Remember the exact-rounds position a peer announced (GroupPosition)."""
+        self._peer_position[peer] = position
+
+    def peer_position(self, peer: NodeId) -> Position | None:
+        """The latest exact-rounds position ``peer`` announced, if any."""
+        return self._peer_position.get(peer)
+
+    @property
+    def position(self) -> Position | None:
+        """This node's exact-rounds position for its current contribution."""
+        return self._position
+
+    def update_position(self, position: Position) -> bool:
+        """Change the position of the current contribution (a node's count of the nodes
+        taking part changed while it waits at step 0). Only a READY node moves: one
+        forming, pending or running keeps its group. Returns whether it moved."""
+        if self.phase is not Phase.READY or self._formation is not None:
+            return False
+        self._position = position
+        planned = plan_sizes(
+            position.size, group_min=self.config.group_min, group_max=self.config.group_max
+        )
+        if planned and self._now < self._offered_at + self.config.class_timeout:
+            # fell back for a count that had no plan: the new count has one
+            self._grid_until = max(self._grid_until, self._offered_at + self.config.class_timeout)
+        return True
+
+    def class_of(self, peers: Sequence[NodeId]) -> list[NodeId]:
+        """This node and those of ``peers`` in its exact-rounds class, sorted by id: peers
+        at the same position, and those that were there and have moved on this round."""
+        position = self._position
+        if position is None:
+            return []
+        same = [
+            p for p in peers if (q := self._peer_position.get(p)) is not None and q.within(position)
+        ]
+        return sorted({*same, self.node_id})
+
     def grid_mates(self, peers: Sequence[NodeId], round: int) -> list[NodeId]:
         """Those of ``peers`` in this node's grid group of ``round`` (sorted by id)."""
         grid = self.grid
@@ -378,10 +452,21 @@ class GroupProtocol:
         """Whether the current contribution is still grouped on the grid (not fallen back)."""
         return self.grid is not None and now < self._grid_until
 
+    def _exact_grouping(self, now: float) -> bool:
+        """Whether the current contribution is still grouped by its exact-rounds class."""
+        return self.exact and self._position is not None and now < self._grid_until
+
     # -- local decisions -----------------------------------------------------------------
 
     def set_contribution(
-        self, vector: np.ndarray, weight: int, round: int, now: float, *, initiate: bool = True
+        self,
+        vector: np.ndarray,
+        weight: int,
+        round: int,
+        now: float,
+        *,
+        initiate: bool = True,
+        position: Position | None = None,
     ) -> None:
         """Offer ``vector`` (the model as released: after DP) with push-sum ``weight``.
 
@@ -390,15 +475,24 @@ class GroupProtocol:
         ``initiate=False`` the node only answers invites (a node that finished its rounds
         and lingers to help others: groups among finished nodes would be traffic for
         nothing).
+
+        ``position`` (exact rounds only) is the class this contribution is for; ``None``
+        groups it by the random rules.
         """
         self._now = now
         self._passive = not initiate
         if vector.shape != (self.model_size,) or vector.dtype != np.float32:
             raise ValueError(f"expected a float32 vector of {self.model_size} values")
         self._contribution = _Contribution(vector, int(weight), round)
+        self._position = position if self.exact else None
+        self._offered_at = now
         # a grid group must form within the formation bound, else random grouping takes
-        # over for this contribution (mates that lag or crashed must not stall the node)
-        self._grid_until = now + self.config.invite_timeout + self.config.start_timeout
+        # over for this contribution (mates that lag or crashed must not stall the node);
+        # at step 0 of an exact round the class includes peers still training
+        wait = self.config.invite_timeout + self.config.start_timeout
+        if self._position is not None and self._position.step == 0:
+            wait = max(wait, self.config.class_timeout)
+        self._grid_until = now + wait
         if self.phase is Phase.IDLE:
             self.phase = Phase.READY
             self._schedule_initiate(now, self.config.initiate_delay)
@@ -407,6 +501,7 @@ class GroupProtocol:
         """Stop offering a contribution (shutdown, or out of privacy budget)."""
         actions = self._abort_current("withdrawn by the node")
         self._contribution = None
+        self._position = None
         self.phase = Phase.IDLE
         self._initiate_at = None
         return actions
@@ -453,6 +548,7 @@ class GroupProtocol:
     def peer_lost(self, peer: NodeId, now: float) -> list[Action]:
         """A channel closed: a group that needs ``peer`` cannot finish."""
         self._now = now
+        self._peer_position.pop(peer, None)
         if self._run and peer in self._run.members:
             return self._abort_run(f"member {peer.short} disconnected", blame=[peer], notify=True)
         if self._formation:
@@ -504,6 +600,8 @@ class GroupProtocol:
         self._initiate_at = None
         if self._grid_grouping(now):
             return self._initiate_grid(now, connected)
+        if self._exact_grouping(now):
+            return self._initiate_exact(now, connected)
         candidates = sorted(p for p in connected if p != self.node_id)
         if len(candidates) < self.config.group_min - 1:
             # not enough peers yet: try again later rather than spin
@@ -530,6 +628,42 @@ class GroupProtocol:
             self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
             return []
         return self._invite(now, mates[: self.config.group_max - 1], full=True)
+
+    def _initiate_exact(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
+        """Invite this node's run of its class, if it is the run's first node and the
+        whole class is here (spec/group.md, "Exact rounds")."""
+        position = self._position
+        assert position is not None
+        sizes = plan_sizes(
+            position.size, group_min=self.config.group_min, group_max=self.config.group_max
+        )
+        members = self.class_of([p for p in connected if p != self.node_id])
+        if not sizes or position.step >= len(sizes):
+            # every node counted agrees on the count (alone, or below group_min, more may come)
+            sizes_seen = {
+                q.size for p in connected if (q := self._peer_position.get(p)) is not None
+            }
+            settled = sizes_seen <= {position.size} and position.size >= self.config.group_min
+            if not settled and now < self._offered_at + self.config.invite_timeout:
+                # the count of nodes may still be growing (peers connecting, announcing)
+                self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+                return []
+            # no exact plan for this many nodes: random grouping for this contribution
+            self._grid_until = now
+            return self._initiate(now, connected)
+        if len(members) < position.expected_class_size(sizes):
+            # part of the class has not arrived (still training, or not yet announced)
+            self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+            return []
+        run = next(c for c in class_chunks(members, sizes[position.step]) if self.node_id in c)
+        if run[0] != self.node_id:
+            # the run's first node invites; look again if no invite comes
+            self._schedule_initiate(now, self.config.invite_timeout * 2)
+            return []
+        if len(run) < self.config.group_min:
+            self._grid_until = now  # a class that cannot fill a group: random grouping
+            return self._initiate(now, connected)
+        return self._invite(now, run[1:], full=True)
 
     def _invite(self, now: float, chosen: Sequence[NodeId], *, full: bool) -> list[Action]:
         contribution = self._contribution
@@ -577,6 +711,15 @@ class GroupProtocol:
                 invite.group_id,
                 f"not in this node's grid group of round {contribution.round}",
             )
+        if (
+            contribution is not None
+            and self._exact_grouping(now)
+            and (
+                invite.round != contribution.round
+                or self._peer_position.get(peer) != self._position
+            )
+        ):
+            return self._decline(peer, invite.group_id, "not in this node's class of its round")
         actions: list[Action] = []
         if self.phase is Phase.INITIATING:
             assert self._formation is not None
@@ -635,9 +778,9 @@ class GroupProtocol:
         formation = self._formation
         assert formation is not None and self._contribution is not None
         if formation.required and len(formation.accepted) < formation.required:
-            # a grid line is all or nothing: a partial line would lose the exact mean
+            # a grid line or exact run is all or nothing: a partial one loses the exact mean
             cancel = self._cancel_formation(
-                f"grid line incomplete ({len(formation.accepted) + 1} of "
+                f"group incomplete ({len(formation.accepted) + 1} of "
                 f"{formation.required + 1} members)"
             )
             self._schedule_initiate(now, self.config.retry_backoff)
@@ -757,6 +900,7 @@ class GroupProtocol:
             bounds=bounds,
             deadline=now + self.config.allreduce_timeout,
             masked=masked,
+            structured=self._grid_grouping(now) or self._exact_grouping(now),
         )
         self._run = run
         self.phase = Phase.RUNNING
@@ -831,12 +975,19 @@ class GroupProtocol:
             actions += [Send(m, message) for m in run.members if m != self.node_id]
         if len(run.reduced) == k:
             full = np.concatenate([run.reduced[j] for j in range(k)])
+            contribution = self._contribution
+            assert contribution is not None
             try:
-                mean, total_weight = decode_group_sum(full, self.params)
+                if not full.any():
+                    # every member contributed weight 0: there is no mean to adopt
+                    mean, total_weight = contribution.vector, 0
+                else:
+                    mean, total_weight = decode_group_sum(full, self.params)
             except InvalidGroupSumError as exc:
                 return actions + self._abort_run(str(exc), blame=[], notify=True)
             self._run = None
             self._contribution = None
+            self._position = None
             self.phase = Phase.IDLE
             actions.append(
                 GroupCompleted(
@@ -845,7 +996,7 @@ class GroupProtocol:
                     members=run.members,
                     mean=mean,
                     total_weight=total_weight,
-                    weight=total_weight / k,
+                    structured=run.structured,
                 )
             )
         return actions

@@ -69,6 +69,7 @@ __all__ = [
     "GroupAbort",
     "GroupInvite",
     "GroupMemberInfo",
+    "GroupPosition",
     "GroupReply",
     "GroupStart",
     "HandshakePayload",
@@ -918,6 +919,23 @@ class ModelRequest(Message):
     """Asks a peer for its latest aggregated model (answered with :class:`ModelState`)."""
 
     TYPE: ClassVar[int] = 26
+
+
+@_message
+@dataclass(frozen=True, repr=False)
+class GroupPosition(Message):
+    """A node's place in exact rounds (spec/group.md, "Exact rounds"), sent to every
+    connected peer whenever it changes: the round and step its contribution is for, the
+    indices its groups of this round gave it so far (its key) and the number of nodes of
+    the round. Protocol version 2."""
+
+    TYPE: ClassVar[int] = 27
+    round: Annotated[int, UInt(1)]
+    step: Annotated[int, UInt(2, max=MAX_GRID_DIMS - 1)]
+    key: Annotated[
+        tuple[int, ...], UIntList(3, max_len=MAX_GRID_DIMS - 1, item_max=MAX_GROUP_MEMBERS - 1)
+    ]
+    size: Annotated[int, UInt(4, min=1)]
 
 
 @_message

@@ -558,6 +558,12 @@ class NodeMetrics:
             "Training loss of the last local round (NaN until measured).",
             initial=math.nan,
         )
+        self.round_coverage = r.gauge(
+            "p2pfed_round_coverage_ratio",
+            "Exact rounds: the share of the round's nodes the last round's average can "
+            "include (1: exact; NaN with random groups).",
+            initial=math.nan,
+        )
         self.test_accuracy = r.gauge(
             "p2pfed_test_accuracy",
             "Accuracy of the current model on the local test set, 0..1 (NaN until measured).",

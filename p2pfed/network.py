@@ -16,6 +16,8 @@ Example::
 from __future__ import annotations
 
 import abc
+import errno
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -47,7 +49,13 @@ class Network(abc.ABC):
 
     @abc.abstractmethod
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
-        """Open a connection; raises ``OSError`` if the peer cannot be reached."""
+        """Open a connection; raises ``OSError`` if the peer cannot be reached.
+
+        ``OSError`` (or a subclass, such as ``TimeoutError``) is the only exception a
+        failed attempt may raise, whatever the cause: refused, unreachable, a name that
+        does not resolve, or no answer within the network's connect timeout. The node
+        treats it as a failed attempt and retries later; anything else would end the node.
+        """
 
     @abc.abstractmethod
     def peer_host(self, stream: trio.abc.Stream) -> str | None:
@@ -103,14 +111,32 @@ class TcpNetwork(Network):
         return int(listener.socket.getsockname()[1])
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
-        with trio.fail_after(self.connect_timeout):
-            try:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # fail_after raises TooSlowError when its block exits, so the except clause must
+        # be outside the with block: inside it, it would never see the timeout
+        try:
+            with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(host, port)
-            except trio.TooSlowError:
-                raise OSError(f"connecting to {host}:{port} timed out") from None
-        # models are sent as large batches: small-message latency matters more than
-        # Nagle's coalescing for the group protocol's control messages
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except trio.TooSlowError:
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"no answer from {where} within {self.connect_timeout:g} s (is the host up, "
+                "and does a firewall let TCP through to that port?)",
+            ) from None
+        except UnicodeError as exc:
+            # a host name that cannot be IDNA-encoded (a label over 63 characters, say)
+            raise OSError(errno.EINVAL, f"{host!r} is not a valid host name: {exc}") from exc
+        except socket.gaierror as exc:
+            raise OSError(exc.errno, f"cannot resolve {host!r}: {exc.strerror}") from exc
+        except OSError as exc:
+            raise _connect_error(where, exc) from exc
+        try:
+            # models are sent as large batches: small-message latency matters more than
+            # Nagle's coalescing for the group protocol's control messages
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            raise
         return stream
 
     def peer_host(self, stream: trio.abc.Stream) -> str | None:
@@ -133,6 +159,26 @@ class TcpNetwork(Network):
                 interfaces=list(self.mdns_interfaces) or None,
             )
         )
+
+
+def _connect_error(where: str, error: OSError) -> OSError:
+    """One readable OSError for a failed ``open_tcp_stream``.
+
+    trio raises a bare "all attempts to connect to HOST:PORT failed" and keeps the reasons
+    (one per address tried) in an exception group as its cause; the node logs the message
+    only, so the reasons ("Connection refused") go into it.
+    """
+    cause = error.__cause__
+    reasons = (
+        [e for e in cause.exceptions if isinstance(e, OSError)]
+        if isinstance(cause, BaseExceptionGroup)
+        else []
+    )
+    if not reasons:
+        return error
+    # (trio's own strerror repeats the address: "Error connecting to ('::1', 1, 0, 0): ...")
+    texts = list(dict.fromkeys(os.strerror(r.errno) if r.errno else str(r) for r in reasons))
+    return OSError(reasons[0].errno, f"cannot connect to {where}: {'; '.join(texts)}")
 
 
 class _MdnsAdapter(AbstractDiscovery):

@@ -13,7 +13,11 @@ One round, as seen by one node:
    *before* anything leaves the node; out of budget, contribute the start model unchanged;
 4. offer the contribution to the group protocol and wait until a group completes
    (aborted groups are retried with the same contribution, at no extra privacy cost);
-5. adopt the group average and its push-sum weight, checkpoint atomically, evaluate.
+   with exact averaging (the default) this is ``d`` steps of small groups, after which
+   every node holds the exact sample-weighted average of all nodes' models
+   (:mod:`p2pfed.exact_rounds`);
+5. adopt the average (through the federation's server optimiser), checkpoint atomically,
+   evaluate.
 
 Example (what ``p2pfed node`` does)::
 
@@ -23,6 +27,8 @@ Example (what ``p2pfed node`` does)::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -48,6 +54,7 @@ from p2pfed.errors import (
     ConfigError,
     RemoteProtocolError,
 )
+from p2pfed.exact_rounds import Position, member_indices, plan_sizes
 from p2pfed.federation import Federation, load_federation
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import (
@@ -66,6 +73,7 @@ from p2pfed.ledger import PrivacyLedger, ledger_path
 from p2pfed.messages import (
     GroupAbort,
     GroupInvite,
+    GroupPosition,
     GroupReply,
     GroupStart,
     Message,
@@ -81,13 +89,23 @@ from p2pfed.model_vector import model_fingerprint, model_to_vector, vector_to_mo
 from p2pfed.network import Network, PeerDeparted, PeerDiscovered
 from p2pfed.peers import (
     EXPLORE_INTERVAL,
+    BootstrapDialer,
     PeerExchangeSession,
     PeerSource,
     PeerTable,
     build_peer_list,
+    format_address,
     handle_peer_list,
 )
-from p2pfed.task import NodeData, Task, load_task
+from p2pfed.task import (
+    NodeData,
+    RoundContext,
+    Task,
+    TrainResult,
+    call_train,
+    load_task,
+    round_config,
+)
 from p2pfed.trio_channel import (
     ChannelConfig,
     SecureChannel,
@@ -104,6 +122,14 @@ CHECKPOINT_FILE_NAME = "checkpoint.bin"
 PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
 _id_bytes = operator.attrgetter("raw")
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
+_POSITION_VERSION = 2  # GroupPosition exists from protocol version 2 on
+
+
+class _CaughtUp:
+    """A round given up because the node was behind and adopted its peers' average."""
+
+
+_CAUGHT_UP = _CaughtUp()
 
 
 @dataclass
@@ -158,6 +184,14 @@ class RoundReport:
     """From that group's start to the result (masking, shards, decoding)."""
     metrics: dict[str, float]
     epsilon_spent: float | None
+    steps: int = 1
+    """Groups this round took (exact averaging: the plan's steps)."""
+    coverage: int = 0
+    """Exact averaging: how many nodes' models the round's average can include (the
+    product of the sizes of this node's groups); equal to ``nodes`` when it is exact."""
+    nodes: int = 0
+    """Exact averaging: the number of nodes of the round (0 for random groups)."""
+    train_loss: float | None = None
 
 
 @dataclass
@@ -239,13 +273,27 @@ class Node:
         self.listen_port = 0
         # model state
         self.round = 0
+        self.local_rounds = 0  # how many times this node trained (its own, even after a sync)
         self.model: np.ndarray | None = None
-        self.weight = 1.0
+        self.weight = 1  # push-sum / block weight of the model held (spec/group.md, "Weights")
+        self.training_weight = 1  # this node's FedAvg weight n_k when it has trained
+        self.contribution_weight = 1  # the integer weight of the latest contribution offered
+        self.contribution: np.ndarray | None = None  # the model of the latest contribution
+        self.exact = federation.params.averaging == "exact" and self.options.grid is None
+        if self.exact:
+            # a node sees its class at step 0 only with a channel to every node of the round
+            self.options = dataclasses.replace(
+                self.options, target_peers=max(self.options.target_peers, config.max_connections)
+            )
         self._aggregated: tuple[int, np.ndarray] | None = None
         self._sync: trio.MemorySendChannel[ModelState] | None = None
         self.group: GroupProtocol | None = None
         self.ledger: PrivacyLedger | None = None
         self.last_metrics: dict[str, float] = {}
+        self.last_train_loss: float | None = None
+        self._round_position: Position | None = None  # exact rounds: the current step's class
+        self._behind = False  # exact rounds: every peer is at a later round (catch up)
+        self.server_optimizer: Any = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.groups_completed = 0
@@ -313,6 +361,7 @@ class Node:
             randbytes=self._randbytes,
             masking=self.options.masking,
             grid=self.options.grid,
+            exact=self.exact,
         )
         log.info(
             "node %s listening on port %d (federation %s, round %d)",
@@ -355,21 +404,32 @@ class Node:
         self.fingerprint = model_fingerprint(torch_model, self.task.name)
         self.model = model_to_vector(torch_model)
         data = self.task.load_data(config)
-        self.weight = 1.0
-        if not self.federation.params.dp_enabled:
-            # sample-weighted averaging; with DP the weight must not depend on the data
-            self.weight = float(data.num_train)
+        self.training_weight = self._training_weight(data.num_train)
+        self.weight = self.training_weight
         checkpoint = load_checkpoint(
             self.node_dir / CHECKPOINT_FILE_NAME, expected_fingerprint=self.fingerprint
         )
         if checkpoint is not None:
             self.round = checkpoint.round
             self.model = checkpoint.model.copy()
-            self.weight = checkpoint.weight
+            self.weight = self._ring_cap(round(checkpoint.weight))
+            self.local_rounds = int(checkpoint.extra.get("local_rounds", checkpoint.round))
             self._aggregated = (self.round, self.model.copy()) if self.round else None
             log.info("resumed from checkpoint at round %d", self.round)
         self._open_ledger(resumed=checkpoint is not None)
         return torch_model, data
+
+    def _training_weight(self, weight: int) -> int:
+        """The FedAvg weight of this node's trained model (spec/group.md, "Weights"): with DP
+        on, 1 whatever the data (a weight derived from the data would disclose it); else
+        the task's count, capped at the ring's ``max_weight``."""
+        if self.federation.params.dp_enabled:
+            return 1
+        return self._ring_cap(weight)
+
+    def _ring_cap(self, weight: int) -> int:
+        """``weight`` as a contribution may carry it: an integer in ``[0, max_weight]``."""
+        return max(0, min(int(weight), self.fixed_point.max_weight))
 
     def _open_ledger(self, *, resumed: bool) -> None:
         params = self.federation.params
@@ -403,42 +463,46 @@ class Node:
                 log.info("finished %d rounds; averaging without training until stopped", self.round)
             started = trio.current_time()
             start = self.model
+            result: TrainResult | None = None
+            train_seconds = 0.0
             if finished:
-                released, train_seconds = start, 0.0
+                released = start
             else:
-                released, train_seconds = await self._contribution(
+                released, result, train_seconds = await self._contribution(
                     torch_model, data, start, generator, noise_rng
                 )
-            self._offered_at = trio.current_time()
-            self.group.set_contribution(
-                released,
-                max(1, round(self.weight)),
-                self.round,
-                self._offered_at,
-                # lingering only helps peers short of rounds: they invite, we answer
-                # (a grid line needs its initiator, whatever its round)
-                initiate=not (
-                    finished and self.options.linger_passive and self.options.grid is None
-                ),
+            weight = self._round_weight(result, finished=finished)
+            # lingering only helps peers short of rounds: they invite, we answer (a grid
+            # line, and an exact round's class, needs its initiator, whatever its round)
+            initiate = (
+                not (finished and self.options.linger_passive and self.options.grid is None)
+                or self.exact
             )
-            self._wake.set()
-            outcome = await self._await_group()
-            if outcome is None:
+            self._offered_at = trio.current_time()
+            done = await self._average(released, weight, initiate=initiate)
+            if done is None:
                 break
+            if isinstance(done, _CaughtUp):
+                continue  # train again, from the adopted average
+            outcome, steps, coverage, nodes = done
             completed_at = trio.current_time()
             group_started = self._group_started_at.get(outcome.group_id, completed_at)
-            self.model = outcome.mean
-            self.weight = outcome.weight
-            # one completed group = one round of this node: taking the group's highest
-            # round instead would skip local training steps (rounds racing ahead)
+            self.model = self._server_step(start, self.model)
+            # one completed round of this node: taking a peer's higher round instead would
+            # skip local training steps (rounds racing ahead)
             self.round += 1
+            if result is not None:
+                self.local_rounds += 1
             self._aggregated = (self.round, self.model)
             await self._offload(self._checkpoint)
-            metrics = {}
+            metrics: dict[str, float] = {}
             every = self.options.evaluate_every
             if data is not None and every and self.round % every == 0:
                 metrics = await self._offload(self._evaluate, torch_model, data)
                 self.last_metrics = metrics
+            train_loss = result.loss if result is not None else None
+            if train_loss is not None and math.isfinite(train_loss):
+                self.last_train_loss = train_loss
             report = RoundReport(
                 round=self.round,
                 group_size=len(outcome.members),
@@ -448,27 +512,231 @@ class Node:
                 allreduce_seconds=completed_at - group_started,
                 metrics=metrics,
                 epsilon_spent=self.ledger.spent() if self.ledger else None,
+                steps=steps,
+                coverage=coverage,
+                nodes=nodes,
+                train_loss=train_loss,
             )
-            log.info(
-                "round %d done: group of %d, %.2fs (training %.2fs)%s",
-                report.round,
-                report.group_size,
-                report.seconds,
-                report.train_seconds,
-                "".join(f", {k} {v:.4f}" for k, v in sorted(metrics.items())),
-                extra={
-                    "event": "round",
-                    "round": report.round,
-                    "group_size": report.group_size,
-                    "seconds": round(report.seconds, 4),
-                    "train_seconds": round(report.train_seconds, 4),
-                    "formation_seconds": round(report.formation_seconds, 4),
-                    "allreduce_seconds": round(report.allreduce_seconds, 4),
-                    **{k: round(v, 6) for k, v in metrics.items()},
-                },
-            )
+            self._log_round(report)
             if self._on_round is not None:
                 self._on_round(report)
+
+    def _round_weight(self, result: TrainResult | None, *, finished: bool) -> int:
+        """This round's contribution weight (spec/group.md, "Weights"): the training weight
+        after training; a node that does not train contributes the weight of the model it
+        holds (pure averaging conserves the weighted sum), except in an exact round, where
+        a node that skipped its training (finished, or out of privacy budget) adds nothing
+        (weight 0), as FedAvg averages only the clients that trained."""
+        if result is not None:
+            declared = result.weight
+            self.training_weight = self._training_weight(
+                self.training_weight if declared is None else declared
+            )
+            return self.training_weight
+        if self.exact and self.options.training:
+            return 0  # it would have trained (finished, out of budget, no data): no new update
+        return self.weight
+
+    async def _average(
+        self, released: np.ndarray, weight: int, *, initiate: bool
+    ) -> tuple[GroupCompleted, int, int, int] | _CaughtUp | None:
+        """Average ``released`` with peers: one group, or the steps of an exact round.
+
+        Sets ``self.model`` and ``self.weight`` to the result and returns the last group,
+        the number of steps, the coverage and the number of nodes (None: stopping).
+        """
+        assert self.group is not None
+        if not self.exact:
+            outcome = await self._one_group(released, weight, initiate=initiate)
+            if outcome is None:
+                return None
+            self.model = outcome.mean
+            self.weight = outcome.share(self.node_id) if outcome.total_weight else weight
+            return outcome, 1, 0, 0
+        position = Position(self.round, 0, (), self._class_count())
+        model, coverage, steps = released, 1, 0
+        while True:
+            outcome = await self._one_group(model, weight, initiate=initiate, position=position)
+            if outcome is None and self._behind and not self._stop.is_set():
+                self._behind = False
+                self._act(self.group.withdraw())
+                self._round_position = None
+                behind = self.round
+                await self._sync_model()
+                log.warning(
+                    "this node was at round %d while its peers were further: adopted their "
+                    "average of round %d (its training of round %d is not used)",
+                    behind,
+                    self.round,
+                    behind,
+                    extra={"event": "caught_up", "from_round": behind, "to_round": self.round},
+                )
+                return _CAUGHT_UP
+            if outcome is None:
+                return None
+            steps += 1
+            coverage *= len(outcome.members)
+            model = outcome.mean
+            if not outcome.total_weight:
+                pass  # nobody had weight: every member keeps its own model and weight 0
+            elif outcome.structured:
+                # the block weight: the group's total, the weight of all the models it
+                # averaged (a share would no longer weigh the blocks of the next step right)
+                weight = self._ring_cap(outcome.total_weight)
+            else:
+                weight = outcome.share(self.node_id)  # a fallback group: push-sum
+            nodes = self._round_position.size if self._round_position is not None else 0
+            sizes = plan_sizes(
+                nodes, group_min=self.group_config.group_min, group_max=self.group_config.group_max
+            )
+            if steps >= len(sizes):
+                break
+            index = member_indices(outcome.group_id, [m.raw for m in outcome.members])
+            position = (
+                Position(
+                    self.round, steps, (*self._round_position.key, index[self.node_id.raw]), nodes
+                )
+                if self._round_position is not None
+                else position
+            )
+        self.model, self.weight = model, weight
+        if coverage != nodes:
+            log.warning(
+                "round %d was not exact: its average covers at most %d of %d nodes (%s)",
+                self.round + 1,
+                coverage,
+                nodes,
+                "no exact plan for this many nodes" if not sizes else "a class was incomplete",
+                extra={"event": "inexact_round", "coverage": coverage, "nodes": nodes},
+            )
+        return outcome, steps, coverage, nodes
+
+    async def _one_group(
+        self,
+        model: np.ndarray,
+        weight: int,
+        *,
+        initiate: bool,
+        position: Position | None = None,
+    ) -> GroupCompleted | None:
+        assert self.group is not None
+        self.contribution_weight = weight
+        self.contribution = model
+        self._round_position = position
+        self.group.set_contribution(
+            model,
+            weight,
+            self.round,
+            trio.current_time(),
+            initiate=initiate,
+            position=position,
+        )
+        self._announce_position()
+        self._wake.set()
+        return await self._await_group()
+
+    def _log_round(self, report: RoundReport) -> None:
+        metrics = report.metrics
+        log.info(
+            "round %d done: %s, %.2fs (training %.2fs%s)%s",
+            report.round,
+            f"{report.steps} steps, exact over {report.nodes} nodes"
+            if report.nodes and report.coverage == report.nodes
+            else f"{report.steps} steps, covering {report.coverage} of {report.nodes} nodes"
+            if report.nodes
+            else f"group of {report.group_size}",
+            report.seconds,
+            report.train_seconds,
+            f", loss {report.train_loss:.4f}" if report.train_loss is not None else "",
+            "".join(f", {k} {v:.4f}" for k, v in sorted(metrics.items())),
+            extra={
+                "event": "round",
+                "round": report.round,
+                "group_size": report.group_size,
+                "steps": report.steps,
+                "coverage": report.coverage,
+                "nodes": report.nodes,
+                "seconds": round(report.seconds, 4),
+                "train_seconds": round(report.train_seconds, 4),
+                "formation_seconds": round(report.formation_seconds, 4),
+                "allreduce_seconds": round(report.allreduce_seconds, 4),
+                **(
+                    {"train_loss": round(report.train_loss, 6)}
+                    if report.train_loss is not None and math.isfinite(report.train_loss)
+                    else {}
+                ),
+                **{k: round(v, 6) for k, v in metrics.items()},
+            },
+        )
+
+    def _server_step(self, start: np.ndarray, average: np.ndarray) -> np.ndarray:
+        """The federation's server optimiser on this round's average (fedavg: adopt it)."""
+        if self.server_optimizer is None:
+            return average
+        return self.server_optimizer.step(start, average)
+
+    # -- exact rounds: positions ---------------------------------------------------------
+
+    def _class_count(self) -> int:
+        """The nodes of this node's exact round as it sees them: itself and each connected
+        peer that has announced a position (a node behind catches up, see
+        :meth:`_refresh_position`)."""
+        assert self.group is not None
+        peers = self._connected()
+        return 1 + sum(1 for peer in peers if self.group.peer_position(peer) is not None)
+
+    def _refresh_position(self) -> None:
+        """At step 0, keep the announced count of nodes current as peers come and go, and
+        notice when this node is behind: every peer with a position is at a later round
+        (a node restarted from an old checkpoint, or left out of a round), so nobody will
+        ever group with it at its round; it then adopts a peer's latest average."""
+        position = self._round_position
+        if self.group is None or position is None or position.step != 0:
+            return
+        count = self._class_count()
+        rounds = [
+            q.round
+            for peer in self._connected()
+            if (q := self.group.peer_position(peer)) is not None
+        ]
+        exact_possible = bool(
+            plan_sizes(
+                count,
+                group_min=self.group_config.group_min,
+                group_max=self.group_config.group_max,
+            )
+        )
+        if (
+            exact_possible
+            and self.options.sync_timeout > 0  # adopting peers' models is allowed
+            and rounds
+            and min(rounds) > position.round
+            and self.group.phase is Phase.READY
+            and not self._behind
+        ):
+            self._behind = True
+            self._outcomes_send.send_nowait(None)  # wakes the round to catch up
+            return
+        if count == position.size:
+            return
+        moved = Position(position.round, 0, (), count)
+        if self.group.update_position(moved):
+            self._round_position = moved
+            self._announce_position()
+            self._wake.set()
+
+    def _announce_position(self, peer: NodeId | None = None) -> None:
+        """Send this node's position to ``peer`` (default: every connected peer)."""
+        position = self._round_position
+        if position is None:
+            return
+        message = GroupPosition(
+            round=position.round, step=position.step, key=position.key, size=position.size
+        )
+        for target in [peer] if peer is not None else self._connected():
+            links = self._links.get(target)
+            if links and links[0].channel.version >= _POSITION_VERSION:
+                self._send(target, message)
 
     async def _contribution(
         self,
@@ -477,29 +745,37 @@ class Node:
         start: np.ndarray,
         generator: torch.Generator,
         noise_rng: np.random.Generator,
-    ) -> tuple[np.ndarray, float]:
-        """The model this node releases this round, and the seconds spent training."""
+    ) -> tuple[np.ndarray, TrainResult | None, float]:
+        """The model this node releases this round, what training reported (None: it did
+        not train) and the seconds spent training."""
         params = self.federation.params
         if data is None or self.task is None or not self.options.training:
-            return start, 0.0
+            return start, None, 0.0
         sigma = params.dp_noise_multiplier
         z = dp.effective_noise_multiplier(sigma) if params.dp_enabled else 0.0
         if self.ledger is not None and self.ledger.would_exceed(z):
             # out of privacy budget: keep averaging, but never train on the data again
             log.warning("privacy budget exhausted: contributing the model without training")
-            return start, 0.0
+            return start, None, 0.0
         began = trio.current_time()
-        trained = await self._offload(self._train, torch_model, data, start, generator)
+        context = RoundContext(
+            round=self.round,
+            local_round=self.local_rounds,
+            node_seed=self._rng.getrandbits(63),
+        )
+        trained, result = await self._offload(
+            self._train, torch_model, data, start, generator, context
+        )
         train_seconds = trio.current_time() - began
         if not params.dp_enabled:
-            return trained, train_seconds
+            return trained, result, train_seconds
         update = trained - start
         noisy = dp.clip_and_noise(update, params.dp_clip_norm, sigma, noise_rng)
         ledger = self.ledger
         assert ledger is not None
         # durably record the release before the noisy model can leave this node
         await self._offload(lambda: ledger.record_release(round=self.round, noise_multiplier=z))
-        return (start + noisy).astype(np.float32), train_seconds
+        return (start + noisy).astype(np.float32), result, train_seconds
 
     def _train(
         self,
@@ -507,11 +783,13 @@ class Node:
         data: NodeData,
         start: np.ndarray,
         generator: torch.Generator,
-    ) -> np.ndarray:
+        context: RoundContext,
+    ) -> tuple[np.ndarray, TrainResult]:
         assert self.task is not None
         vector_to_model(torch_model, start)
-        self.task.train(torch_model, data, self.options.task_config, generator)
-        return model_to_vector(torch_model)
+        config = round_config(self.task, context.round, self.options.task_config)
+        result = call_train(self.task, torch_model, data, config, generator, context)
+        return model_to_vector(torch_model), result
 
     def _evaluate(self, torch_model: torch.nn.Module, data: NodeData) -> dict[str, float]:
         assert self.task is not None and self.model is not None
@@ -572,7 +850,7 @@ class Node:
                 weight=self.weight,
                 fingerprint=self.fingerprint,
                 trained=self.options.training,
-                extra={},
+                extra={"local_rounds": self.local_rounds},
             ),
         )
 
@@ -581,7 +859,9 @@ class Node:
         while True:
             outcome = await self._outcomes.receive()
             if outcome is None:
-                return None
+                if self._stop.is_set() or self._behind:
+                    return None
+                continue  # a wake-up for a catch-up that a completed group overtook
             if self._on_group is not None:
                 self._on_group(outcome, trio.current_time() - self._offered_at)
             if isinstance(outcome, GroupCompleted):
@@ -616,7 +896,7 @@ class Node:
                 with trio.move_on_after(0.25):
                     state = await receive.receive()
                     answers += 1
-                    if state.round > 0 and (best is None or state.round > best.round):
+                    if state.round > self.round and (best is None or state.round > best.round):
                         best = state
         self._sync = None
         if best is not None:
@@ -732,20 +1012,28 @@ class Node:
             return
         self._dial(target, expect=peer)
 
-    def _dial(self, address: tuple[str, int], expect: NodeId | None = None) -> None:
+    def _dial(self, address: tuple[str, int], expect: NodeId | None = None) -> bool:
+        """Dial ``address`` in the background (``expect``: the node id claimed there; None
+        for a bootstrap address). Returns False if it is being dialed already."""
         if address in self._dialling or self._nursery is None:
-            return
+            return False
         self._dialling.add(address)
         self._nursery.start_soon(self._connect, address, expect)
+        return True
 
     async def _connect(self, address: tuple[str, int], expect: NodeId | None) -> None:
+        """One outgoing connection: connect, handshake, then serve the channel until it
+        ends. Never raises (but for cancellation): a failure is a failed dial."""
         host, port = address
+        where = format_address(host, port)
         try:
             try:
                 stream = await self.network.connect(host, port)
             except OSError as exc:
-                log.debug("cannot reach %s:%d: %s", host, port, exc)
-                self._dial_failed(expect)
+                # the Network contract: every way a connection attempt fails is an OSError,
+                # a timeout included
+                log.debug("cannot reach %s: %s", where, exc)
+                self._dial_failed(expect, address, exc.strerror or str(exc))
                 return
             try:
                 async with open_secure_channel(
@@ -762,24 +1050,107 @@ class Node:
                             "%s:%d is %s, not %s", host, port, channel.peer_id.short, expect.short
                         )
                     source: PeerSource = "bootstrap" if expect is None else "pex"
-                    self.peers.observe(channel.peer_id, host, port, source, trio.current_time())
+                    now = trio.current_time()
+                    self.peers.observe(channel.peer_id, host, port, source, now)
                     self._dialling.discard(address)
+                    if expect is None:
+                        self._bootstrap_reached(address, channel.peer_id, now)
                     await self._serve_channel(channel)
             except RemoteProtocolError as exc:
-                log.warning("handshake with %s:%d failed: %s", host, port, exc)
-                self._dial_failed(expect)
+                # a handshake timeout is one too (HandshakeError); a bootstrap address
+                # gets its own warning from _dial_failed
+                if expect is not None:
+                    log.warning("handshake with %s failed: %s", where, exc)
+                self._dial_failed(expect, address, f"handshake failed: {exc}")
             except ChannelClosed:
                 pass
+        except Exception:
+            # Not a failure the code above expects (a bug, or a Network breaking its
+            # contract). One connection must not end the node: inbound channels are
+            # handled alike (serve_secure_channels logs the error and drops the channel).
+            log.exception("connection to %s failed unexpectedly", where)
+            self._dial_failed(expect, address, "unexpected error (see the log)")
         finally:
             self._dialling.discard(address)
+            if expect is None:
+                self.bootstrap.attempt_ended(address)
 
-    def _dial_failed(self, expect: NodeId | None) -> None:
-        if expect is None:
-            return
+    def _dial_failed(
+        self, expect: NodeId | None, address: tuple[str, int] | None = None, reason: str = ""
+    ) -> None:
+        """A dial failed: back off from the peer (or from the bootstrap ``address`` when
+        ``expect`` is None), and give up on what was queued for it."""
         now = trio.current_time()
+        if expect is None:
+            if address is not None:
+                self._bootstrap_failed(address, reason, now)
+            return
         self.peers.record_failure(expect, now)
         if self._queued.pop(expect, None) and self.group is not None:
             self._act(self.group.peer_lost(expect, now))
+
+    @functools.cached_property
+    def bootstrap(self) -> BootstrapDialer:
+        """The configured bootstrap addresses and how dialing each goes.
+
+        Made on first use (when the node starts connecting), from ``config`` as it is
+        then: ``p2pfed node`` replaces the config after construction (``--bootstrap``).
+        """
+        return BootstrapDialer(parse_host_port(entry) for entry in self.config.bootstrap)
+
+    def bootstrap_summary(self) -> list[dict[str, Any]]:
+        """The bootstrap addresses for the status report, in configuration order.
+
+        Each: ``address``, ``state`` (connected, connecting, failing, not connected), ``id``
+        (short id of the node reached there, None before a handshake), ``failed_attempts``
+        (in a row), and in trio's clock ``failing_since`` and ``next_attempt`` (None when
+        not failing, or when connected or being dialed), and the last ``error``.
+        """
+        self._refresh_bootstrap()
+        rows = []
+        for entry in self.bootstrap.entries():
+            waiting = not entry.connected and not entry.dialling
+            rows.append(
+                {
+                    "address": entry.label,
+                    "state": entry.state,
+                    "id": entry.node_id.short if entry.node_id is not None else None,
+                    "failed_attempts": entry.failures,
+                    "failing_since": entry.failing_since,
+                    "next_attempt": entry.next_attempt if waiting else None,
+                    "error": entry.last_error,
+                }
+            )
+        return rows
+
+    def _refresh_bootstrap(self) -> None:
+        """Tell the bootstrap dialer which bootstrap addresses have an open channel."""
+        connected = set(self._connected())
+        known = {r.address for r in self.peers.records() if r.node_id in connected and r.address}
+        self.bootstrap.update_connected(connected, known)
+
+    def _bootstrap_reached(self, address: tuple[str, int], peer: NodeId, now: float) -> None:
+        failed = self.bootstrap.attempt_succeeded(address, peer, now)
+        if failed:
+            log.info(
+                "bootstrap %s reachable again (node %s) after %d failed attempts",
+                format_address(*address),
+                peer.short,
+                failed,
+            )
+
+    def _bootstrap_failed(self, address: tuple[str, int], reason: str, now: float) -> None:
+        delay = self.bootstrap.attempt_failed(address, now, reason)
+        if delay is None:
+            return  # no attempt in progress: this failure was counted and reported already
+        # once per backoff step (each failure starts the next, longer step): an operator
+        # sees an address that never answers without a line every few seconds
+        log.warning(
+            "bootstrap %s unreachable: %s; next attempt in %s",
+            format_address(*address),
+            reason,
+            f"{delay:g} s",
+        )
 
     async def _serve(
         self,
@@ -826,6 +1197,13 @@ class Node:
         session = self._pex.setdefault(peer, PeerExchangeSession())
         grid = self.options.grid.coordinate if self.options.grid is not None else ()
         send.send_nowait(NodeAnnounce(listen_port=self.listen_port, grid=grid))
+        position = self._round_position
+        if position is not None and channel.version >= _POSITION_VERSION:
+            send.send_nowait(
+                GroupPosition(
+                    round=position.round, step=position.step, key=position.key, size=position.size
+                )
+            )
         for message in self._queued.pop(peer, []):
             send.send_nowait(message)
         # ask for more peers only while short of them (spec/discovery.md: a node SHOULD ask
@@ -862,6 +1240,7 @@ class Node:
                 self._pex.pop(peer, None)
                 self.peers.mark_disconnected(peer, trio.current_time())
                 self._act(self.group.peer_lost(peer, trio.current_time()))
+                self._refresh_position()
 
     async def _writer(self, link: _Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
         channel = link.channel
@@ -887,6 +1266,11 @@ class Node:
         self._last_active[peer] = now
         if isinstance(message, _GROUP_MESSAGES):
             self._act(self.group.receive(peer, message, now))
+        elif isinstance(message, GroupPosition):
+            position = Position(message.round, message.step, message.key, message.size)
+            self.group.set_peer_position(peer, position)
+            self._refresh_position()
+            self._wake.set()
         elif isinstance(message, NodeAnnounce):
             self.group.set_peer_grid(peer, message.grid)
             host = self._host_of.get(peer)
@@ -926,16 +1310,18 @@ class Node:
 
     async def _connector_loop(self) -> None:
         """Keep ``target_peers`` channels open: bootstrap first, then known candidates."""
-        bootstrap = [parse_host_port(entry) for entry in self.config.bootstrap]
+        bootstrap = self.bootstrap
         next_explore: float | None = None  # set when the node first reaches its target
         while True:
             now = trio.current_time()
             self.peers.expire(now, max_age=PEER_MAX_AGE)
             connected = set(self._connected())
-            known = {r.address for r in self.peers.records() if r.node_id in connected}
-            for address in bootstrap:
-                if address not in known:
-                    self._dial(address)
+            self._refresh_bootstrap()
+            # an unconnected bootstrap address is redialed when its backoff allows
+            # (spec/discovery.md sections 3 and 5: 5 s doubling to 600 s), not on every pass
+            for entry in bootstrap.due(now):
+                if self._dial(entry.address):
+                    bootstrap.attempt_started(entry.address, now)
             if len(connected) < self.options.target_peers:
                 for record in self.peers.candidates(now):
                     if record.node_id in connected or record.address is None:
@@ -958,7 +1344,14 @@ class Node:
                     and len(connected) < self.config.max_connections
                 ):
                     self._dial(explore.address, expect=explore.node_id)
-            with trio.move_on_after(2.0):
+            # wake when the next bootstrap attempt is due, so that it happens when the
+            # warning said; else within 2 s anyway (a bootstrap address skipped because
+            # another dial to it was under way is retried then)
+            wait = 2.0
+            due = bootstrap.next_attempt_at(now)
+            if due is not None:
+                wait = min(wait, due - now)
+            with trio.move_on_after(wait):
                 await self._connector_wake.wait()
             self._connector_wake = trio.Event()
 

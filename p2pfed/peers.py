@@ -6,8 +6,8 @@ Rules of this file:
 * Sans-IO. Nothing here reads a clock, opens a socket or draws global randomness: every
   method takes ``now`` (seconds, any monotonic origin) and randomness comes in as a
   ``random.Random``. The node owns time; simnet replays runs.
-* Deterministic. Every list returned is sorted by node id bytes; no result depends on dict
-  insertion order or set hashing.
+* Deterministic. Every list returned is sorted by node id bytes (bootstrap entries: in
+  configuration order); no result depends on dict insertion order or set hashing.
 * Bounded. The table holds at most ``max_peers`` peers (more only while more than that
   are connected: an open channel is never forgotten).
   An address learned second-hand (``"pex"``) can only displace another second-hand entry,
@@ -39,7 +39,7 @@ import functools
 import ipaddress
 import operator
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
@@ -54,11 +54,16 @@ __all__ = [
     "EXPLORE_INTERVAL",
     "PEX_MIN_INTERVAL",
     "PEX_REQUEST_TOLERANCE",
+    "BootstrapDialer",
+    "BootstrapEntry",
+    "BootstrapState",
     "PeerExchangeSession",
     "PeerRecord",
     "PeerSource",
     "PeerTable",
+    "backoff_delay",
     "build_peer_list",
+    "format_address",
     "handle_peer_list",
 ]
 
@@ -327,9 +332,8 @@ class PeerTable:
         if record is None:
             return
         failures = record.failures + 1
-        delay = min(BACKOFF_BASE * 2 ** min(failures - 1, 30), BACKOFF_MAX)
         self._peers[node_id] = dataclasses.replace(
-            record, failures=failures, backoff_until=now + delay
+            record, failures=failures, backoff_until=now + backoff_delay(failures)
         )
 
     def exclude(self, node_id: NodeId, until: float) -> None:
@@ -387,6 +391,29 @@ class PeerTable:
         return True
 
 
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th consecutive failed connection attempt
+    before the next one (spec/discovery.md section 5, "Backoff"):
+    ``min(BACKOFF_BASE * 2**(failures - 1), BACKOFF_MAX)``.
+
+    >>> [backoff_delay(n) for n in range(1, 10)]
+    [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0, 600.0]
+    """
+    if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
+        raise ValueError(f"failures must be an integer >= 1, got {failures!r}")
+    # the exponent is capped so that a peer failing for weeks cannot overflow the float
+    return min(BACKOFF_BASE * 2 ** min(failures - 1, 30), BACKOFF_MAX)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (the form config files use).
+
+    >>> format_address("::1", 7447), format_address("10.0.0.2", 7447)
+    ('[::1]:7447', '10.0.0.2:7447')
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _check_address(host: str | None, port: int | None, source: str) -> None:
     if source not in _SOURCES:
         raise LocalProtocolError(f"unknown peer source {source!r}; use one of {sorted(_SOURCES)}")
@@ -398,6 +425,170 @@ def _check_address(host: str | None, port: int | None, source: str) -> None:
         isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
     ):
         raise LocalProtocolError(f"peer port must be an integer from 1 to 65535, got {port!r}")
+
+
+# -- bootstrap addresses ------------------------------------------------------------------
+
+BootstrapState = Literal["connected", "connecting", "failing", "not connected"]
+"""How dialing a bootstrap address goes, as ``p2pfed status`` shows it."""
+
+
+@dataclass
+class BootstrapEntry:
+    """One configured bootstrap address and the state of dialing it.
+
+    ``failures`` counts consecutive failed attempts (connect or handshake) since the last
+    success; ``failing_since`` is when the first of them failed; ``next_attempt`` is when
+    the address may be dialed again. ``node_id`` is whom the last completed handshake
+    reached there (an address has no node id before that).
+    """
+
+    host: str
+    port: int
+    node_id: NodeId | None = None
+    connected: bool = False
+    dialling: bool = False
+    failures: int = 0
+    failing_since: float | None = None
+    next_attempt: float = 0.0
+    last_error: str | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` as dialed."""
+        return (self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """The address as an operator wrote it (``host:port``, ``[ipv6]:port``)."""
+        return format_address(self.host, self.port)
+
+    @property
+    def state(self) -> BootstrapState:
+        """Connected, failing (the last attempt failed, even while it is redialed),
+        connecting (a first attempt in progress) or not connected (not tried yet, or the
+        channel just closed)."""
+        if self.connected:
+            return "connected"
+        if self.failures:
+            return "failing"
+        return "connecting" if self.dialling else "not connected"
+
+
+class BootstrapDialer:
+    """When to dial each bootstrap address (spec/discovery.md sections 3 and 5), sans-IO.
+
+    A bootstrap address that fails is redialed with the backoff of :func:`backoff_delay`,
+    counted per address; a completed handshake there (or any open channel to the node it
+    reached) resets the count. The node asks :meth:`due` what to dial, reports each
+    attempt's outcome, and tells :meth:`update_connected` which peers it has channels to.
+    An outcome is taken only for an attempt in progress, so each failure is counted, and
+    warned about, once per backoff step.
+
+    >>> dialer = BootstrapDialer([("10.0.0.9", 7447)])
+    >>> [e.label for e in dialer.due(now=0.0)]
+    ['10.0.0.9:7447']
+    >>> dialer.attempt_started(("10.0.0.9", 7447), now=0.0)
+    >>> dialer.attempt_failed(("10.0.0.9", 7447), now=5.0, reason="refused")
+    5.0
+    >>> dialer.attempt_failed(("10.0.0.9", 7447), now=5.0, reason="refused")  # no attempt
+    >>> dialer.due(now=9.0), dialer.next_attempt_at(now=9.0)
+    ([], 10.0)
+    """
+
+    def __init__(self, addresses: Iterable[tuple[str, int]]) -> None:
+        self._entries: dict[tuple[str, int], BootstrapEntry] = {}
+        for host, port in addresses:  # configuration order; a repeated address counts once
+            self._entries.setdefault((host, port), BootstrapEntry(host, port))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[BootstrapEntry]:
+        """Every bootstrap address, in configuration order."""
+        return list(self._entries.values())
+
+    def get(self, address: tuple[str, int]) -> BootstrapEntry | None:
+        """The entry of ``address``, if it is a bootstrap address."""
+        return self._entries.get(address)
+
+    def update_connected(
+        self, peers: Collection[NodeId], addresses: Collection[tuple[str, int]]
+    ) -> None:
+        """Mark which entries have an open channel: to the node reached there before, or
+        to a peer known at exactly that address (it may have connected to us first). An
+        open channel ends a failure streak."""
+        for entry in self._entries.values():
+            entry.connected = (
+                entry.node_id is not None and entry.node_id in peers
+            ) or entry.address in addresses
+            if entry.connected:
+                entry.failures = 0
+                entry.failing_since = None
+                entry.last_error = None
+
+    def due(self, now: float) -> list[BootstrapEntry]:
+        """Entries to dial now: not connected, not being dialed, backoff over."""
+        return [
+            e
+            for e in self._entries.values()
+            if not e.connected and not e.dialling and e.next_attempt <= now
+        ]
+
+    def next_attempt_at(self, now: float) -> float | None:
+        """The earliest future time (after ``now``) an entry becomes due, if any: the
+        node sleeps until then at most."""
+        waiting = [
+            e.next_attempt
+            for e in self._entries.values()
+            if not e.connected and not e.dialling and e.next_attempt > now
+        ]
+        return min(waiting, default=None)
+
+    def attempt_started(self, address: tuple[str, int], now: float) -> None:
+        """The node began dialing ``address``."""
+        entry = self._entries.get(address)
+        if entry is not None:
+            entry.dialling = True
+
+    def attempt_failed(self, address: tuple[str, int], now: float, reason: str) -> float | None:
+        """The attempt in progress failed: back off. Returns the seconds until the next
+        attempt, or None if no attempt was in progress (an outcome reported twice, or a
+        channel failing after its handshake completed): nothing to count or log then."""
+        entry = self._entries.get(address)
+        if entry is None or not entry.dialling:
+            return None
+        entry.dialling = False
+        entry.failures += 1
+        if entry.failing_since is None:
+            entry.failing_since = now
+        delay = backoff_delay(entry.failures)
+        entry.next_attempt = now + delay
+        entry.last_error = reason
+        return delay
+
+    def attempt_succeeded(self, address: tuple[str, int], node_id: NodeId, now: float) -> int:
+        """The handshake completed: ``node_id`` answers at ``address``. Resets the backoff
+        and returns how many attempts had failed in a row before (0: none)."""
+        entry = self._entries.get(address)
+        if entry is None:
+            return 0
+        failed = entry.failures
+        entry.dialling = False
+        entry.connected = True
+        entry.node_id = node_id
+        entry.failures = 0
+        entry.failing_since = None
+        entry.last_error = None
+        entry.next_attempt = now  # after a clean close, redial at once
+        return failed
+
+    def attempt_ended(self, address: tuple[str, int]) -> None:
+        """The dialing task ended (its channel closed, or it was cancelled): no attempt
+        is in progress any more."""
+        entry = self._entries.get(address)
+        if entry is not None:
+            entry.dialling = False
 
 
 # -- peer exchange ------------------------------------------------------------------------

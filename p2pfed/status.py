@@ -37,6 +37,14 @@ The document (``schema`` 1), keys in this order; unknown values are ``null``::
     epsilon_budget  configured epsilon budget
     dp_enabled      whether updates are noised (bool)
     peers           [{"id": short id, "address": "host:port", "connected": bool}, ...]
+    bootstrap       the configured bootstrap addresses, in configuration order:
+                    [{"address": "host:port", "state": "connected" | "connecting" |
+                    "failing" | "not connected", "id": short id of the node reached there
+                    or null, "failed_attempts": failed attempts in a row (int),
+                    "failing_since": ISO 8601 UTC of the first of them or null,
+                    "next_attempt": ISO 8601 UTC or null (connected, or being dialed),
+                    "error": the last failure or null}, ...] (absent in files written
+                    before it existed: read as [])
     last_groups     the last 10 groups, oldest first: [{"id": short group id, "size": int,
                     "outcome": "completed" | "aborted" | "declined", "seconds": float,
                     "reason": str | null}, ...]
@@ -61,17 +69,20 @@ from p2pfed.errors import StatusError
 from p2pfed.metrics import GROUP_OUTCOMES
 
 __all__ = [
+    "BOOTSTRAP_STATES",
     "DEFAULT_MIN_INTERVAL",
     "GROUP_HISTORY",
     "NODE_STATES",
     "STATUS_FILE_NAME",
     "STATUS_SCHEMA_VERSION",
+    "BootstrapStatus",
     "GroupStatus",
     "PeerStatus",
     "StatusWriter",
     "add_status_parser",
     "cmd_status",
     "format_status",
+    "iso_utc",
     "pid_alive",
     "read_status",
 ]
@@ -90,6 +101,9 @@ EXIT_NOT_RUNNING = 3
 
 _MAX_STATUS_SIZE = 1024 * 1024
 _GROUP_ID_HEX_CHARS = 12
+_MAX_ERROR_CHARS = 300  # a bootstrap error may quote a peer: keep the file small
+BOOTSTRAP_STATES = ("connected", "connecting", "failing", "not connected")
+"""The states of a bootstrap address (:class:`p2pfed.peers.BootstrapEntry`)."""
 
 
 class PeerStatus(TypedDict):
@@ -98,6 +112,18 @@ class PeerStatus(TypedDict):
     id: str
     address: str
     connected: bool
+
+
+class BootstrapStatus(TypedDict):
+    """One entry of ``bootstrap``."""
+
+    address: str
+    state: str
+    id: str | None
+    failed_attempts: int
+    failing_since: str | None
+    next_attempt: str | None
+    error: str | None
 
 
 class GroupStatus(TypedDict):
@@ -110,7 +136,12 @@ class GroupStatus(TypedDict):
     reason: str | None
 
 
-def _iso_utc(timestamp: float) -> str:
+def iso_utc(timestamp: float) -> str:
+    """Wall-clock seconds as the file writes times: ISO 8601 UTC, whole seconds.
+
+    >>> iso_utc(1_795_000_000.4)
+    '2026-11-18T11:06:40Z'
+    """
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -157,6 +188,36 @@ def _check_peers(value: object) -> list[PeerStatus]:
     return peers
 
 
+def _check_bootstrap(value: object) -> list[BootstrapStatus]:
+    if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
+        raise ValueError(f"status field 'bootstrap' must be a list of entries; got {value!r}")
+    keys = set(BootstrapStatus.__annotations__)
+    entries: list[BootstrapStatus] = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or set(entry) != keys:
+            raise ValueError(
+                f"a bootstrap entry must be a mapping with keys {', '.join(sorted(keys))}; "
+                f"got {entry!r}"
+            )
+        if entry["state"] not in BOOTSTRAP_STATES:
+            raise ValueError(
+                f"bootstrap state must be one of {BOOTSTRAP_STATES}; got {entry['state']!r}"
+            )
+        error = _check_text("error", entry["error"])
+        entries.append(
+            BootstrapStatus(
+                address=str(entry["address"]),
+                state=str(entry["state"]),
+                id=_check_text("id", entry["id"]),
+                failed_attempts=_check_int("failed_attempts", entry["failed_attempts"]),
+                failing_since=_check_text("failing_since", entry["failing_since"]),
+                next_attempt=_check_text("next_attempt", entry["next_attempt"]),
+                error=error[:_MAX_ERROR_CHARS] if error is not None else None,
+            )
+        )
+    return entries
+
+
 def _short_group_id(group_id: bytes | str) -> str:
     if isinstance(group_id, bytes | bytearray):
         return bytes(group_id).hex()[:_GROUP_ID_HEX_CHARS]
@@ -178,6 +239,7 @@ _VALIDATORS: dict[str, Callable[[object], object]] = {
     "epsilon_budget": lambda v: _number_or_none("epsilon_budget", v),
     "dp_enabled": lambda v: None if v is None else bool(v),
     "peers": _check_peers,
+    "bootstrap": _check_bootstrap,
 }
 """Fields :meth:`StatusWriter.update` accepts, each with its check-and-normalise function."""
 
@@ -221,7 +283,7 @@ class StatusWriter:
             "pid": _check_int("pid", os.getpid() if pid is None else pid, 1),
             "node_id": None,
             "state": "starting",
-            "started_at": _iso_utc(wall_clock()),
+            "started_at": iso_utc(wall_clock()),
             "updated_at": None,
             "listen": None,
             "round": None,
@@ -231,6 +293,7 @@ class StatusWriter:
             "epsilon_budget": None,
             "dp_enabled": None,
             "peers": [],
+            "bootstrap": [],
             "last_groups": [],
         }
         self._doc.update(self._validated(fields))
@@ -322,7 +385,7 @@ class StatusWriter:
         due = self._last_write is None or now - self._last_write >= self.min_interval
         if not (due or force):
             return False
-        self._doc["updated_at"] = _iso_utc(self._wall_clock())
+        self._doc["updated_at"] = iso_utc(self._wall_clock())
         text = json.dumps(self._doc, indent=2, allow_nan=False) + "\n"
         try:
             atomic_write_text(self.path, text, mode=0o600)
@@ -521,6 +584,8 @@ def format_status(
         ]
         lines.extend(_table(["ID", "ADDRESS", "CONNECTED"], rows))
 
+    lines.extend(_bootstrap_lines(status.get("bootstrap"), now))
+
     groups = status.get("last_groups")
     groups = [g for g in groups if isinstance(g, Mapping)] if isinstance(groups, list) else []
     lines.append("")
@@ -540,6 +605,55 @@ def format_status(
     else:
         lines.append("no groups yet")
     return "\n".join(lines) + "\n"
+
+
+def _ago(text: object, now: float | None) -> str:
+    ts = _parse_iso(text)
+    if text is None:
+        return "-"
+    if now is None or ts is None:
+        return _human_time(text)
+    return f"{_duration(now - ts)} ago"
+
+
+def _until(text: object, now: float | None) -> str:
+    ts = _parse_iso(text)
+    if now is None or ts is None:
+        return _human_time(text)
+    return f"in {_duration(ts - now)}" if ts > now else "now"
+
+
+def _bootstrap_lines(entries: object, now: float | None) -> list[str]:
+    """The bootstrap section of the report (nothing when none is configured)."""
+    rows = [e for e in entries if isinstance(e, Mapping)] if isinstance(entries, list) else []
+    if not rows:
+        return []
+    connected = sum(1 for e in rows if e.get("state") == "connected")
+    table = []
+    for entry in rows:
+        state = entry.get("state")
+        if state == "connected":
+            next_attempt = "-"
+        elif entry.get("next_attempt") is None:
+            next_attempt = "dialing"
+        else:
+            next_attempt = _until(entry.get("next_attempt"), now)
+        table.append(
+            [
+                _clean(entry.get("address", "?")),
+                _clean(state if state is not None else "?"),
+                _clean(entry.get("id") or "-"),
+                _clean(entry.get("failed_attempts", 0)),
+                _ago(entry.get("failing_since"), now),
+                next_attempt,
+                _clean(entry.get("error") or ""),
+            ]
+        )
+    lines = ["", f"bootstrap: {connected} of {len(rows)} connected"]
+    lines.extend(
+        _table(["ADDRESS", "STATE", "NODE", "FAILED", "FAILING SINCE", "NEXT TRY", "ERROR"], table)
+    )
+    return lines
 
 
 # --- p2pfed status ---------------------------------------------------------------------------

@@ -11,11 +11,18 @@ parameters (as one float32 vector, :mod:`p2pfed.model_vector`):
     same on every node too: seed them from ``config`` with a local ``torch.Generator``.
 ``load_data(config) -> NodeData``
     *This node's* private data, train and test parts. Never sent anywhere.
-``train(model, data, config, generator) -> TrainResult``
+``train(model, data, config, generator, context) -> TrainResult``
     Local training, in place, starting from the parameters the node put into ``model``. Use
     ``generator`` (a seeded ``torch.Generator``) for every random choice, never the global
-    RNG. With differential privacy on, the node clips and noises ``trained - start``
-    afterwards; ``train`` itself does nothing special.
+    RNG. ``context`` (a :class:`RoundContext`) says which round this is: the federation
+    round the result will be averaged into and how many times this node has trained before,
+    for learning-rate schedules and reproducible batch orders. ``config`` is this round's
+    configuration (see ``configure_round`` below). The returned :class:`TrainResult` feeds
+    the node's logs and metrics; its ``weight`` (default: ``data.num_train``) is the node's
+    weight in the next average, as FedAvg weights clients. With differential privacy on,
+    the node clips and noises ``trained - start`` afterwards; ``train`` itself does nothing
+    special. (A task written for the older four-argument form, without ``context``, still
+    works.)
 ``evaluate(model, data, config) -> dict[str, float]``
     Metrics on ``data.test``; at least ``"accuracy"`` (a fraction in [0, 1]) and ``"loss"``.
     The node logs them; they never leave the node.
@@ -23,6 +30,11 @@ parameters (as one float32 vector, :mod:`p2pfed.model_vector`):
 ``config`` is a plain dict: the node's ``[task]`` settings from ``config.toml`` plus keys the
 runner adds (the demo adds ``node_index``, ``num_nodes`` and ``seed``). A task reads what it
 needs, with defaults, and raises :class:`~p2pfed.errors.ConfigError` for bad values.
+
+Optionally, ``configure_round(round, config) -> Mapping`` returns per-round overrides of
+``config`` (a learning-rate schedule, the number of local epochs), in the manner of Flower's
+``on_fit_config_fn``: the node merges them into the ``config`` that ``train`` receives for
+that round. Every node of a federation computes the same schedule from the same round.
 
 The node finds the task from the ``task = "package.module:object"`` setting with
 :func:`load_task`; ``object`` may be a task instance, or a class or factory function that
@@ -57,7 +69,7 @@ A complete minimal task (linear regression on one node's CSV file)::
             return NodeData(train=(x[:cut], y[:cut]), test=(x[cut:], y[cut:]),
                             num_train=cut, num_test=len(x) - cut)
 
-        def train(self, model, data, config, generator):
+        def train(self, model, data, config, generator, context):
             x, y = data.train
             opt = torch.optim.SGD(model.parameters(), lr=float(config.get("lr", 0.05)))
             total = 0.0
@@ -84,6 +96,8 @@ The built-in demo task, :mod:`p2pfed.tasks.digits`, is a fuller example.
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -93,7 +107,16 @@ import torch
 
 from p2pfed.errors import ConfigError
 
-__all__ = ["TASK_METHODS", "NodeData", "Task", "TrainResult", "load_task"]
+__all__ = [
+    "TASK_METHODS",
+    "NodeData",
+    "RoundContext",
+    "Task",
+    "TrainResult",
+    "call_train",
+    "load_task",
+    "round_config",
+]
 
 TASK_METHODS = ("build_model", "load_data", "train", "evaluate")
 """The methods every task must have (besides the ``name`` attribute)."""
@@ -126,10 +149,39 @@ class NodeData:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one call of :meth:`Task.train` did: examples processed and mean training loss."""
+    """What one call of :meth:`Task.train` did: examples processed and mean training loss.
+
+    ``weight`` is the node's training weight in the next average (FedAvg's ``n_k``);
+    ``None`` means ``data.num_train``, the number of training examples. A task may declare
+    another non-negative integer (for example the number of examples actually seen, or 0
+    to contribute nothing this round). spec/group.md, "Weights", says how it is used.
+    """
 
     samples: int
     loss: float
+    weight: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Which round a call of :meth:`Task.train` belongs to.
+
+    ``round``
+        the federation round this training feeds: the node's count of completed rounds
+        (0 for the first), so that every node trains round ``r`` from the average of
+        round ``r - 1``. A node that adopted a peer's model at start-up starts from that
+        peer's round.
+    ``local_round``
+        how many times *this node* has trained before (its own data's epochs count), which
+        differs from ``round`` for a node that joined late or restarted from a peer's model.
+    ``node_seed``
+        a seed private to this node and round, for tasks that draw their batch order
+        themselves instead of from the ``generator`` argument.
+    """
+
+    round: int
+    local_round: int
+    node_seed: int = 0
 
 
 @runtime_checkable
@@ -152,6 +204,7 @@ class Task(Protocol):
         data: NodeData,
         config: Mapping[str, Any],
         generator: torch.Generator,
+        context: RoundContext,
     ) -> TrainResult:
         """Train ``model`` in place on ``data.train``, drawing randomness from ``generator``."""
         ...
@@ -161,6 +214,74 @@ class Task(Protocol):
     ) -> dict[str, float]:
         """Metrics on ``data.test``: at least ``"accuracy"`` and ``"loss"``."""
         ...
+
+
+def round_config(task: object, round: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the task's overrides for ``round`` (its optional ``configure_round``).
+
+    >>> class Halving:
+    ...     def configure_round(self, round, config):
+    ...         return {"lr": config["lr"] / 2 ** (round // 10)}
+    >>> round_config(Halving(), 25, {"lr": 0.4, "batch_size": 32})
+    {'lr': 0.1, 'batch_size': 32}
+    """
+    merged = dict(config)
+    configure = getattr(task, "configure_round", None)
+    if callable(configure):
+        overrides = configure(round, merged)
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(
+                f"the task's configure_round returned {type(overrides).__name__}; it must "
+                "return a mapping of settings (or None)"
+            )
+        merged.update(overrides or {})
+    return merged
+
+
+def _takes_context(train: Any) -> bool:
+    """Whether a task's ``train`` accepts the fifth argument, ``context``."""
+    try:
+        parameters = inspect.signature(train).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    return variadic or len(positional) >= 5
+
+
+def call_train(
+    task: Task,
+    model: torch.nn.Module,
+    data: NodeData,
+    config: Mapping[str, Any],
+    generator: torch.Generator,
+    context: RoundContext,
+) -> TrainResult:
+    """Call ``task.train`` with ``context`` (or without, for a task of the older form), and
+    check what it returns: a :class:`TrainResult` (``None`` is read as "no report")."""
+    if _takes_context(task.train):
+        result = task.train(model, data, config, generator, context)
+    else:
+        result = task.train(model, data, config, generator)  # type: ignore[call-arg]
+    if result is None:
+        return TrainResult(samples=data.num_train, loss=math.nan)
+    if not isinstance(result, TrainResult):
+        raise ConfigError(
+            f"the task's train returned {type(result).__name__}; it must return a "
+            "p2pfed.task.TrainResult(samples, loss)"
+        )
+    weight = result.weight
+    if weight is not None and (
+        isinstance(weight, bool) or not isinstance(weight, int) or weight < 0
+    ):
+        raise ConfigError(
+            f"the task's TrainResult.weight must be an integer >= 0 or None, got {weight!r}"
+        )
+    return result
 
 
 def _missing_members(obj: object) -> list[str]:

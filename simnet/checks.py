@@ -244,6 +244,8 @@ class GroupAudit:
             )
             return
         assert group.weighted is not None
+        if group.total_weight == 0:
+            return  # every member offered weight 0: each keeps its own model, nothing to sum
         expected = group.total_weight * group.mean
         scale = group.total_weight * max(1.0, float(np.abs(group.mean).max(initial=0.0)))
         error = float(np.abs(group.weighted - expected).max(initial=0.0)) / scale

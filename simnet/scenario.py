@@ -55,7 +55,8 @@ are simulated seconds. The format, with the defaults::
     idle_timeout = 60.0
     send_timeout = 60.0
     handshake_timeout = 10.0
-    grouping = "random"        # "random" | "grid": Moshpit grid of grid_side^grid_dims
+    grouping = "random"        # "random" | "exact" (exact rounds, derived positions)
+                               # | "grid": Moshpit grid of grid_side^grid_dims
     grid_side = 0              # grid: nodes per line (= group size, group_min..group_max)
     grid_dims = 0              # grid: dimensions; grid_side ** grid_dims must be the count
 
@@ -192,6 +193,7 @@ class ProtocolSpec:
     start_timeout: float = GroupConfig.start_timeout
     allreduce_timeout: float = GroupConfig.allreduce_timeout
     initiate_delay: float = GroupConfig.initiate_delay
+    class_timeout: float = GroupConfig.class_timeout
     retry_backoff: float = GroupConfig.retry_backoff
     exclusion: float = GroupConfig.exclusion
     sync_timeout: float = 3.0
@@ -435,9 +437,9 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
 
 
 def _check_grid(protocol: ProtocolSpec, count: int) -> None:
-    if protocol.grouping not in ("random", "grid"):
-        raise ValueError('[protocol] grouping must be "random" or "grid"')
-    if protocol.grouping == "random":
+    if protocol.grouping not in ("random", "exact", "grid"):
+        raise ValueError('[protocol] grouping must be "random", "exact" or "grid"')
+    if protocol.grouping in ("random", "exact"):
         if protocol.grid_side or protocol.grid_dims:
             raise ValueError('[protocol] grid_side and grid_dims need grouping = "grid"')
         return

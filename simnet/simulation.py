@@ -23,8 +23,8 @@ Rules of this file:
   privacy ledger resume), with fresh random streams. **Stop**: ``request_stop()``, a
   clean leave.
 * The conservation audit (:class:`simnet.checks.GroupAudit`) runs when training is off:
-  then the model a node holds when its group completes is exactly what it contributed,
-  with weight ``max(1, round(node.weight))`` as :class:`~p2pfed.node.Node` offers it.
+  it records what each member offered (``node.contribution`` with
+  ``node.contribution_weight``).
 * **Per-round churn** (``[churn] model = "per-round"``): each time the median round of the
   live nodes advances, ``per_round`` of the churn-subject nodes (drawn from the live ones)
   crash; each restarts ``downtime_rounds`` median rounds later (0: after an exponential
@@ -605,8 +605,8 @@ class Simulation:
             return
         self.completed_groups.add(outcome.group_id)
         node = slot.node
-        if not self.scenario.task.training and node is not None and node.model is not None:
-            self.audit.record(node.node_id, outcome, node.model, max(1, round(node.weight)))
+        if not self.scenario.task.training and node is not None and node.contribution is not None:
+            self.audit.record(node.node_id, outcome, node.contribution, node.contribution_weight)
 
     def _live(self) -> list[_Slot]:
         return [s for s in self.slots if s.live and s.node is not None]
@@ -756,6 +756,7 @@ def _federation(scenario: Scenario) -> Federation:
         dp_noise_multiplier=dp.noise_multiplier,
         dp_delta=dp.delta,
         dp_epsilon_budget=dp.epsilon_budget,
+        averaging="exact" if protocol.grouping == "exact" else "random",
     )
     material = random.Random(derive_seed(scenario.seed, "federation"))
     return Federation.new(scenario.name or "simnet", randbytes=material.randbytes, params=params)

@@ -3,10 +3,13 @@
 Each node's initial vector is drawn from ``seed`` and its ``node_index`` (so pure averaging
 has something to average) and its sample count, hence its averaging weight, from
 ``samples`` (one number for everyone) or from ``samples_min``/``samples_max`` by node
-index. Training moves every parameter halfway towards ``target``; evaluation reports the
-mean squared distance to ``target`` as ``loss``. Settings (``[task.settings]``):
-``params`` (vector length, default 100), ``samples`` / ``samples_min`` / ``samples_max``,
-``target`` (default 0.5), ``scale`` (spread of the initial values, default 1.0).
+index. Training moves every parameter halfway towards the node's target; evaluation
+reports the mean squared distance to ``target`` as ``loss``. Settings
+(``[task.settings]``): ``params`` (vector length, default 100), ``samples`` /
+``samples_min`` / ``samples_max``, ``target`` (default 0.5), ``target_spread`` (default 0:
+every node's target is ``target``; else node ``i``'s target is ``target`` plus a value in
+``[-spread/2, spread/2]`` drawn from ``i``, so that how nodes are weighted shows in the
+result), ``scale`` (spread of the initial values, default 1.0).
 
 Example::
 
@@ -22,9 +25,9 @@ from typing import Any
 
 import torch
 
-from p2pfed.task import NodeData, TrainResult
+from p2pfed.task import NodeData, RoundContext, TrainResult
 
-__all__ = ["BUILTIN_TASKS", "TinyTask", "samples_of", "task"]
+__all__ = ["BUILTIN_TASKS", "TinyTask", "samples_of", "target_of", "task"]
 
 BUILTIN_TASKS = {"tiny": "simnet.tasks:task", "digits": "p2pfed.tasks.digits:task"}
 
@@ -48,6 +51,14 @@ def samples_of(config: Mapping[str, Any]) -> int:
         raise ValueError(f"samples_max ({high}) is below samples_min ({low})")
     index = int(config.get("node_index", 0))
     return low + (index * 2654435761) % (high - low + 1)  # Knuth's multiplicative spread
+
+
+def target_of(config: Mapping[str, Any]) -> float:
+    """The value the node ``config`` describes trains its parameters towards."""
+    target = float(config.get("target", 0.5))
+    spread = float(config.get("target_spread", 0.0))
+    index = int(config.get("node_index", 0))
+    return target + spread * (((index * 7919) % 101) / 100 - 0.5)
 
 
 class TinyTask:
@@ -75,8 +86,9 @@ class TinyTask:
         data: NodeData,
         config: Mapping[str, Any],
         generator: torch.Generator,
+        context: RoundContext | None = None,
     ) -> TrainResult:
-        target = float(config.get("target", 0.5))
+        target = target_of(config)
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.mul_(0.5).add_(0.5 * target)

@@ -65,7 +65,7 @@ def announcement(node_id: NodeId, tag: str, **override: bytes | None) -> bytes:
 def test_txt_record_is_small_and_exact() -> None:
     node_id, tag = fresh_id(), fresh_tag()
     txt = txt_record(node_id, tag)
-    assert txt == {"v": "1", "fed": tag, "id": str(node_id)}
+    assert txt == {"v": "1,2", "fed": tag, "id": str(node_id)}
     assert all(len(k) <= 9 for k in txt)
     wire = txt_bytes([f"{k}={v}".encode() for k, v in txt.items()])
     assert len(wire) < 200
@@ -86,9 +86,11 @@ def test_txt_wire_bytes_match_the_spec_example() -> None:
         properties=txt_record(node_id, tag),
         parsed_addresses=LOOPBACK,
     )
-    expected = bytes.fromhex("03763d31146665643d31316637643037376634653931643038" + "37" + "69643d")
+    expected = bytes.fromhex(
+        "05763d312c32146665643d31316637643037376634653931643038" + "37" + "69643d"
+    )
     assert info.text == expected + b"a" * 52
-    assert len(info.text) == 81
+    assert len(info.text) == 83
 
 
 def test_instance_name_is_a_short_dns_label() -> None:
@@ -127,8 +129,8 @@ def test_classify_accepts_our_federation() -> None:
     ("override", "addresses", "port", "reason"),
     [
         ({"fed": b"0000000000000000"}, ["10.0.0.7"], 7447, IgnoreReason.OTHER_FEDERATION),
-        ({"v": b"2"}, ["10.0.0.7"], 7447, IgnoreReason.UNSUPPORTED_VERSION),
-        ({"v": b"2,3"}, ["10.0.0.7"], 7447, IgnoreReason.UNSUPPORTED_VERSION),
+        ({"v": b"3"}, ["10.0.0.7"], 7447, IgnoreReason.UNSUPPORTED_VERSION),
+        ({"v": b"3,4"}, ["10.0.0.7"], 7447, IgnoreReason.UNSUPPORTED_VERSION),
         ({"v": None}, ["10.0.0.7"], 7447, IgnoreReason.MALFORMED),
         ({"v": b"01"}, ["10.0.0.7"], 7447, IgnoreReason.MALFORMED),
         ({"v": b"1,"}, ["10.0.0.7"], 7447, IgnoreReason.MALFORMED),

@@ -265,7 +265,17 @@ def test_wrong_vector_types_are_rejected(x: object) -> None:
         encode(x, DEFAULT_PARAMS, np.random.default_rng(0))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("weight", [0, -1, 2**20 + 1, True, 1.5, "3"])
+def test_weight_zero_adds_nothing_to_the_group_mean() -> None:
+    """Protocol version 2: a member may contribute weight 0 (spec/group.md, "Weights")."""
+    rng = np.random.default_rng(0)
+    zero = make_contribution(np.array([5.0, -5.0], np.float32), 0, DEFAULT_PARAMS, rng)
+    assert not zero.any()
+    other = make_contribution(np.array([0.5, 1.0], np.float32), 3, DEFAULT_PARAMS, rng)
+    mean, weight = decode_group_sum(zero + other, DEFAULT_PARAMS)
+    assert weight == 3 and mean.tolist() == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("weight", [-1, 2**20 + 1, True, 1.5, "3"])
 def test_invalid_weights_are_rejected(weight: object) -> None:
     with pytest.raises(SecureAggregationError, match="weight"):
         make_contribution(

@@ -233,19 +233,24 @@ def test_pure_averaging_converges_to_the_sample_weighted_global_mean() -> None:
         weights.values()
     )
     models = {k: v.copy() for k, v in vectors.items()}
-    push = {k: float(w) for k, w in weights.items()}
+    push = dict(weights)
     start_spread = max(np.abs(m - target).max() for m in models.values())
     for round_ in range(12):
         for k, node in net.nodes.items():
             if node.phase is Phase.IDLE:
-                node.set_contribution(models[k], max(1, round(push[k])), round_, net.now)
+                node.set_contribution(models[k], push[k], round_, net.now)
         before = {k: len(v) for k, v in net.outcomes.items()}
         net.run(until=net.now + 1.0)
         for k, outs in net.outcomes.items():
             for outcome in outs[before[k] :]:
                 if isinstance(outcome, GroupCompleted):
                     models[k] = outcome.mean
-                    push[k] = outcome.weight
+                    push[k] = outcome.share(k)
+        # the integer shares conserve the total weight exactly (spec/group.md, "Weights"),
+        # and with it the weighted sum, up to the fixed-point rounding of each mean
+        assert sum(push.values()) == sum(weights.values())
+        weighted = sum(push[k] * models[k].astype(np.float64) for k in net.nodes)
+        assert np.allclose(weighted / sum(push.values()), target, atol=1e-5)
     spread = max(np.abs(m - target).max() for m in models.values())
     assert spread < start_spread / 50, (start_spread, spread)
     assert spread < 0.05

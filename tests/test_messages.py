@@ -33,6 +33,7 @@ from p2pfed.messages import (
     GroupAbort,
     GroupInvite,
     GroupMemberInfo,
+    GroupPosition,
     GroupReply,
     GroupStart,
     HandshakePayload,
@@ -239,6 +240,11 @@ SAMPLES: dict[type[Record], list[Record]] = {
         ReducedShard(group_id=_GID, index=5, data=_BIG_WORDS),
     ],
     ModelRequest: [ModelRequest()],
+    GroupPosition: [
+        GroupPosition(round=0, step=0, key=(), size=1),
+        GroupPosition(round=41, step=2, key=(3, 0), size=64),
+        GroupPosition(round=2**64 - 1, step=15, key=tuple(range(15)), size=2**64 - 1),
+    ],
 }
 ALL_SAMPLES = [(cls, sample) for cls, samples in SAMPLES.items() for sample in samples]
 SAMPLE_IDS = [
@@ -295,7 +301,7 @@ def test_registry_contents() -> None:
     expected = {1: Welcome, 2: Keepalive, 3: Close, 16: ModelState}
     expected |= {17: PeerExchangeRequest, 18: PeerList, 19: NodeAnnounce}
     expected |= {20: GroupInvite, 21: GroupReply, 22: GroupStart, 23: GroupAbort}
-    expected |= {24: Shard, 25: ReducedShard, 26: ModelRequest}
+    expected |= {24: Shard, 25: ReducedShard, 26: ModelRequest, 27: GroupPosition}
     assert message_types() == expected
     assert list(message_types()) == sorted(expected)
     for number, cls in message_types().items():
@@ -412,6 +418,11 @@ CDDL_VIOLATIONS: list[tuple[type[Record], dict[object, object]]] = [
     (ReducedShard, {0: 25, 1: _GID, 2: 64, 3: b""}),
     (ReducedShard, {0: 25, 1: bytes(17), 2: 0, 3: b""}),
     (ModelRequest, {0: 26, 1: 0}),
+    (GroupPosition, {0: 27, 1: 0, 2: 0, 3: []}),  # size is required
+    (GroupPosition, {0: 27, 1: 0, 2: 0, 3: [], 4: 0}),  # size 0: no round has no nodes
+    (GroupPosition, {0: 27, 1: 0, 2: 16, 3: [], 4: 3}),  # at most 16 steps
+    (GroupPosition, {0: 27, 1: 0, 2: 1, 3: [64], 4: 3}),  # index beyond the largest group
+    (GroupPosition, {0: 27, 1: 0, 2: 1, 3: list(range(16)), 4: 3}),  # key too long
 ]
 
 

@@ -333,6 +333,7 @@ def test_node_metrics_has_every_metric() -> None:
         "p2pfed_epsilon_spent": "gauge",
         "p2pfed_epsilon_budget": "gauge",
         "p2pfed_train_loss": "gauge",
+        "p2pfed_round_coverage_ratio": "gauge",
         "p2pfed_test_accuracy": "gauge",
         "p2pfed_test_loss": "gauge",
         "p2pfed_peers_connected": "gauge",

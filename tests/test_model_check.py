@@ -52,6 +52,8 @@ def test_group_model_verifies() -> None:
         ("BUG_NO_GROUP_CHECK", "race3-withdraw", "assertion violated"),
         # a RUNNING member neither notices a lost member nor has a deadline: it waits forever
         ("BUG_NO_ABORT_ON_LOSS", "crash4", "assertion violated"),
+        # weight shares rounded down: a group no longer conserves its total weight
+        ("BUG_SHARE_ROUNDING", "crash4", "assertion violated"),
     ],
 )
 def test_model_check_catches_planted_bug(bug: str, config: str, expected: str) -> None:

@@ -77,7 +77,7 @@ def test_grid_lines_reach_the_exact_weighted_mean_after_d_rounds() -> None:
             assert len(done) == round_ + 1, f"{node_id.short} completed {len(done)} groups"
             assert set(done[-1].members) == net.line(node_id, round_)
             models[node_id] = done[-1].mean
-            weights[node_id] = round(done[-1].weight)
+            weights[node_id] = done[-1].share(node_id)
         spread = max(float(np.abs(m - target).max()) for m in models.values())
         if round_ < dims - 1:
             assert spread > 0.01  # one line averaged: not yet the global mean

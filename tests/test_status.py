@@ -28,6 +28,37 @@ NODE_ID = "b3kq7x2m4n5p6r7s8t9v0w1x2y3z4a5b6c7d8e9f0g1h2j3k4m5n"
 WALL = 1_795_000_000.0  # 2026-11-18T11:06:40Z (`date -u -d @1795000000`)
 
 
+BOOTSTRAP: list[dict[str, Any]] = [
+    {
+        "address": "10.0.0.2:7447",
+        "state": "connected",
+        "id": "ab12cd34ef",
+        "failed_attempts": 0,
+        "failing_since": None,
+        "next_attempt": None,
+        "error": None,
+    },
+    {
+        "address": "203.0.113.5:7447",
+        "state": "failing",
+        "id": None,
+        "failed_attempts": 4,
+        "failing_since": "2026-11-18T11:04:00Z",  # WALL - 160 s
+        "next_attempt": "2026-11-18T11:07:20Z",  # WALL + 40 s
+        "error": "no answer from 203.0.113.5:7447 within 5 s",
+    },
+    {
+        "address": "[2001:db8::7]:7447",
+        "state": "connecting",
+        "id": None,
+        "failed_attempts": 0,
+        "failing_since": None,
+        "next_attempt": None,
+        "error": None,
+    },
+]
+
+
 def _dead_pid() -> int:
     """A pid that cannot be alive: above the kernel's largest pid."""
     return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
@@ -165,6 +196,10 @@ def test_unknown_values_are_null(tmp_path: Path) -> None:
         ({"listen": 7447}, "'listen' must be a str"),
         ({"peers": "ab12"}, "'peers' must be a list"),
         ({"peers": [{"id": "a"}]}, "keys id, address, connected"),
+        ({"bootstrap": "10.0.0.9:7447"}, "'bootstrap' must be a list"),
+        ({"bootstrap": [{"address": "10.0.0.9:7447"}]}, "a bootstrap entry must be a mapping"),
+        ({"bootstrap": [{**BOOTSTRAP[0], "state": "sulking"}]}, "bootstrap state must be"),
+        ({"bootstrap": [{**BOOTSTRAP[0], "failed_attempts": -1}]}, "'failed_attempts' must"),
     ],
 )
 def test_bad_fields_are_rejected(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
@@ -277,6 +312,55 @@ def test_format_contains_the_key_facts(tmp_path: Path) -> None:
         "dropped",
     ]
     assert lines[group_header + 2].split() == ["000102030405", "4", "completed", "1.80"]
+
+
+def test_bootstrap_addresses_round_trip_and_show_their_state(tmp_path: Path) -> None:
+    w = _writer(tmp_path)
+    w.poll(0.0)
+    assert read_status(tmp_path)["bootstrap"] == []  # none configured
+    w.update(1.0, bootstrap=BOOTSTRAP)
+    w.flush(1.0)
+    doc = read_status(tmp_path)
+    assert doc["bootstrap"] == BOOTSTRAP
+    assert list(doc).index("bootstrap") == list(doc).index("peers") + 1
+    text = format_status(doc, alive=True, now=WALL)
+    assert "bootstrap: 1 of 3 connected" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["ADDRESS", "STATE"])
+    assert lines[header].split() == [
+        "ADDRESS", "STATE", "NODE", "FAILED", "FAILING", "SINCE", "NEXT", "TRY", "ERROR"
+    ]  # fmt: skip
+    assert lines[header + 1].split() == ["10.0.0.2:7447", "connected", "ab12cd34ef", "0", "-", "-"]
+    assert lines[header + 2].split() == [
+        "203.0.113.5:7447", "failing", "-", "4", "2", "min", "40", "s", "ago", "in", "40", "s",
+        "no", "answer", "from", "203.0.113.5:7447", "within", "5", "s",
+    ]  # fmt: skip
+    assert lines[header + 3].split() == [
+        "[2001:db8::7]:7447",
+        "connecting",
+        "-",
+        "0",
+        "-",
+        "dialing",
+    ]
+    # without a clock the times are shown as they are
+    assert "2026-11-18 11:07:20 UTC" in format_status(doc)
+
+
+def test_bootstrap_errors_are_bounded_and_escaped(tmp_path: Path) -> None:
+    w = _writer(tmp_path)
+    entry = {**BOOTSTRAP[1], "error": "peer refused the channel: \x1b[2J" + "x" * 1000}
+    w.update(0.0, bootstrap=[entry])
+    doc = read_status(tmp_path)
+    assert len(doc["bootstrap"][0]["error"]) == 300
+    text = format_status(doc, now=WALL)
+    assert "\x1b" not in text and "\\x1b[2J" in text
+
+
+def test_status_files_without_bootstrap_still_format() -> None:
+    # written by a node from before the bootstrap field: no section, no error
+    doc = {"schema": 1, "pid": 42, "state": "running", "peers": []}
+    assert "bootstrap" not in format_status(doc, now=WALL)
 
 
 def test_format_without_dp_and_when_dead() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from p2pfed.errors import ConfigError
-from p2pfed.task import NodeData, Task, TrainResult, load_task
+from p2pfed.task import NodeData, RoundContext, Task, TrainResult, load_task
 
 TASK_SOURCE = """
 import torch
@@ -159,7 +159,8 @@ def test_module_docstring_example_task_runs(
         model = task.build_model(config)
         data = task.load_data(config)
         assert (data.num_train, data.num_test) == (16, 4)
-        result = task.train(model, data, config, torch.Generator().manual_seed(0))
+        context = RoundContext(round=0, local_round=0)
+        result = task.train(model, data, config, torch.Generator().manual_seed(0), context)
         assert result.samples == 16
         metrics = task.evaluate(model, data, config)
         assert set(metrics) == {"loss", "accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0

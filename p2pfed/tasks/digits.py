@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from p2pfed.errors import ConfigError
-from p2pfed.task import NodeData, TrainResult
+from p2pfed.task import NodeData, RoundContext, TrainResult
 
 __all__ = [
     "CALIBRATED_ROUNDS",
@@ -289,6 +289,7 @@ class DigitsTask:
         data: NodeData,
         config: Mapping[str, Any],
         generator: torch.Generator,
+        context: RoundContext | None = None,
     ) -> TrainResult:
         """SGD with momentum over shuffled mini-batches for ``local_epochs`` passes."""
         torch.set_num_threads(1)

@@ -149,4 +149,10 @@ def verify(vectors: dict) -> None:
         "dp_noise_multiplier": 1.0,
         "dp_delta": 1e-5,
         "dp_epsilon_budget": 10.0,
+        "averaging": "exact",
+        "server_optimizer": "fedavg",
+        "server_lr": 1.0,
+        "server_momentum": 0.9,
+        "server_beta2": 0.99,
+        "server_tau": 0.001,
     }

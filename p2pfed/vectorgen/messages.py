@@ -24,6 +24,7 @@ from p2pfed.messages import (
     GroupAbort,
     GroupInvite,
     GroupMemberInfo,
+    GroupPosition,
     GroupReply,
     GroupStart,
     HandshakePayload,
@@ -188,6 +189,8 @@ def _samples() -> list[tuple[str, Record]]:
             ReducedShard(group_id=_GROUP_ID, index=0, data=struct.pack("<2I", 7, 0xDEADBEEF)),
         ),
         ("model-request", ModelRequest()),
+        ("group-position-step-0", GroupPosition(round=0, step=0, key=(), size=16)),
+        ("group-position-step-1", GroupPosition(round=7, step=1, key=(2,), size=16)),
     ]
 
 

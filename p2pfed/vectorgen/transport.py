@@ -149,7 +149,7 @@ def verify(vectors: dict) -> None:
     payload3 = HandshakePayload(
         identity_key=identity.public_key,
         signature=identity.sign(static_key_signature_input(initiator_static)),
-        versions=[1],
+        versions=[1, 2],  # the reference node speaks versions 1 and 2
         max_message_size=vectors["max_message_size"],
     ).encode()
     assert ini.write_message(payload3) == m3
@@ -169,7 +169,7 @@ def verify(vectors: dict) -> None:
         return out
 
     assert frames(to_initiator, wire[3]) == [
-        Welcome(version=1, max_message_size=vectors["max_message_size"])
+        Welcome(version=2, max_message_size=vectors["max_message_size"])
     ]
     model = vectors["model_state"]
     assert frames(to_responder, wire[4]) == [

@@ -43,6 +43,7 @@ configs=(
   "withdraw4|-DN=4 -DNINIT=1 -DTRIES=1 -DMAXCRASH=0 -DMAXWITHDRAW=1 -DQS=6|-DSAFETY|-c1|pass"
   "progress4|-DN=4 -DNINIT=1 -DTRIES=1 -DMAXCRASH=0 -DPROGRESS -DQS=6|-DNFAIR=3|-a -f -c1|pass"
   "canary|-DN=4 -DNINIT=1 -DTRIES=1 -DMAXCRASH=0 -DCANARY_COMPLETION -DQS=6|-DSAFETY|-c1|violation"
+  "shares-canary|-DN=4 -DNINIT=1 -DTRIES=1 -DMAXCRASH=0 -DBUG_SHARE_ROUNDING -DQS=6|-DSAFETY|-c1|violation"
 )
 
 if [ -n "$only" ]; then

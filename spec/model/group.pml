@@ -113,6 +113,14 @@ byte gmembers[NG];      /* the member list each group was started with (masks de
 byte done_gid[N];       /* the group each node completed (0: none) */
 byte done_set[N];       /* the contributions it applied */
 byte ncompleted;
+/* weights (spec/group.md section 1, rule 2): node m starts with weight m + 1; a member
+   contributes the weight it holds when its run begins and holds its integer share of the
+   group total after applying. Per group: the total contributed, the shares handed out so
+   far, and how many members applied. */
+byte weight[N];
+byte gweight[NG];
+byte gshares[NG];
+byte napplied[NG];
 byte deadset;           /* crashed nodes */
 byte crashes;
 byte withdrawals;
@@ -274,6 +282,16 @@ inline apply() {
 #endif
     done_gid[me] = gid;
     done_set[me] = vt;
+    /* the weight share: floor(W / k), plus one for the first W mod k members by node id */
+#ifdef BUG_SHARE_ROUNDING
+    weight[me] = gweight[gid] / K;
+#else
+    weight[me] = gweight[gid] / K + (MYIDX < gweight[gid] % K -> 1 : 0);
+#endif
+    gshares[gid] = gshares[gid] + weight[me];
+    napplied[gid]++;
+    /* conservation: once every member applied, the shares add up to the group's total */
+    assert(napplied[gid] < K || gshares[gid] == gweight[gid]);
     /* agreement: every member of this group that completed applied the same sum */
     vj = 0;
     do
@@ -287,6 +305,7 @@ inline apply() {
 }
 
 inline begin_run() {
+    gweight[gid] = gweight[gid] + weight[me];   /* complete before any member applies */
     shfrom = BIT(me);
     shacc = BIT(me);
     rfrom = 0;
@@ -618,6 +637,11 @@ end:
 
 init {
     atomic {
+        vi = 0;
+        do
+        :: vi < N -> weight[vi] = vi + 1; vi++
+        :: else -> break
+        od;
         run Node(0);
         run Node(1);
         run Node(2);

@@ -1,0 +1,186 @@
+"""Exact rounds: the whole federation's weighted average in a few small-group steps.
+
+This is the arithmetic and bookkeeping half of exact averaging (spec/group.md, "Exact
+rounds"), pure functions and small values with no I/O; :class:`p2pfed.group.GroupProtocol`
+uses them to decide whom to invite and which invites to accept, and
+:class:`p2pfed.node.Node` to move from step to step.
+
+The idea is Moshpit All-Reduce (Ryabinin et al., NeurIPS 2021) with Hivemind's way of
+deriving group keys without a coordinator. A round of ``n`` nodes has a *plan*: group sizes
+``M_0, ..., M_{d-1}`` whose product is ``n`` (:func:`plan_sizes`). Every node starts step 0
+with the empty *key*. At step ``s`` the nodes with the same key (its *class*) split into
+groups of ``M_s``; when a group completes, each member draws a distinct *index* in
+``[0, M_s)`` from the group id (:func:`member_indices`) and appends it to its key. So the
+class of a key at step ``s + 1`` holds exactly one member of every group that class came
+from at step ``s``, and by induction every node ends step ``d - 1`` holding the weighted
+mean of all ``n`` models, provided each member carries the total weight of the models its
+model already averages (its *block weight*, the ``W`` of its last group).
+
+Nobody configures a coordinate: the key is made of the indices a node's own groups gave it.
+Within a class, groups are consecutive runs of the class sorted by node id
+(:func:`class_chunks`), so every node that sees the whole class computes the same groups.
+
+Example: 16 nodes in groups of 4, two steps::
+
+    >>> plan_sizes(16, group_min=3, group_max=8)
+    (4, 4)
+    >>> plan_sizes(6, group_min=3, group_max=8)
+    (6,)
+    >>> plan_sizes(11, group_min=3, group_max=8)  # a prime above group_max: no exact plan
+    ()
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = [
+    "MAX_STEPS",
+    "Position",
+    "class_chunks",
+    "member_indices",
+    "plan_sizes",
+]
+
+MAX_STEPS = 16
+"""The most steps a plan may have (the key of the last step has ``MAX_STEPS - 1`` indices)."""
+
+_INDEX_CONTEXT = b"p2pfed-exact-index:v1\x00"
+_T = TypeVar("_T")
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_sizes(n: int, *, group_min: int, group_max: int) -> tuple[int, ...]:
+    """The group sizes of an exact round of ``n`` nodes, or ``()`` if there is none.
+
+    The plan has the fewest steps whose sizes, each in ``[group_min, group_max]``, multiply
+    to ``n``; among those, the most even sizes (smallest largest size), in non-increasing
+    order. ``n <= group_max`` is one step of one group.
+
+    >>> plan_sizes(27, group_min=3, group_max=8)
+    (3, 3, 3)
+    >>> plan_sizes(24, group_min=3, group_max=8)
+    (6, 4)
+    >>> plan_sizes(1000, group_min=3, group_max=10)
+    (10, 10, 10)
+    >>> plan_sizes(2, group_min=3, group_max=8)
+    ()
+    """
+    if n < group_min or group_min < 1:
+        return ()
+    if n <= group_max:
+        return (n,)
+    for steps in range(2, MAX_STEPS + 1):
+        if group_max**steps < n:
+            continue
+        if group_min**steps > n:
+            return ()
+        best = _even_factorisation(n, steps, group_min, group_max)
+        if best:
+            return best
+    return ()
+
+
+def _even_factorisation(n: int, steps: int, low: int, high: int) -> tuple[int, ...]:
+    """Non-increasing factors of ``n`` in ``[low, high]``, ``steps`` of them, with the
+    smallest largest factor (``()`` if none)."""
+    if steps == 1:
+        return (n,) if low <= n <= high else ()
+    for largest in range(low, high + 1):  # try the smallest possible largest factor first
+        if n % largest:
+            continue
+        rest = _bounded_factorisation(n // largest, steps - 1, low, largest)
+        if rest:
+            return (largest, *rest)
+    return ()
+
+
+def _bounded_factorisation(n: int, steps: int, low: int, high: int) -> tuple[int, ...]:
+    """Non-increasing factors of ``n`` in ``[low, high]``, ``steps`` of them, largest first."""
+    if steps == 1:
+        return (n,) if low <= n <= high else ()
+    for first in range(min(high, n), low - 1, -1):
+        if n % first:
+            continue
+        rest = _bounded_factorisation(n // first, steps - 1, low, first)
+        if rest:
+            return (first, *rest)
+    return ()
+
+
+def member_indices(group_id: bytes, members: Sequence[bytes]) -> dict[bytes, int]:
+    """Each member's index in a completed group: its rank by ``SHA-256(context || group_id
+    || node_id)``, so a member's index is unpredictable before the group forms and every
+    member computes the same assignment.
+
+    >>> indices = member_indices(bytes(16), [b"a" * 32, b"b" * 32, b"c" * 32])
+    >>> sorted(indices.values())
+    [0, 1, 2]
+    """
+    ranked = sorted(
+        members, key=lambda m: hashlib.sha256(_INDEX_CONTEXT + bytes(group_id) + bytes(m)).digest()
+    )
+    return {bytes(m): i for i, m in enumerate(ranked)}
+
+
+def class_chunks(sorted_class: Sequence[_T], size: int) -> list[list[_T]]:
+    """The groups of one class: consecutive runs of ``size`` nodes of the class sorted by
+    node id. A class whose size is not a multiple of ``size`` is incomplete; its last run
+    is shorter.
+
+    >>> class_chunks([b"1", b"2", b"3", b"4", b"5", b"6"], 3)
+    [[b'1', b'2', b'3'], [b'4', b'5', b'6']]
+    """
+    return [list(sorted_class[i : i + size]) for i in range(0, len(sorted_class), size)]
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where a node is in exact rounds: which round and step it offers a contribution
+    for, its key (the indices its groups of earlier steps of this round gave it), and the
+    number of nodes of the round's plan. At step 0 ``size`` is the node's own count of the
+    nodes taking part (itself and its connected peers in exact rounds); nodes whose counts
+    differ do not group until their views agree, and the count of step 0 is kept for the
+    rest of the round.
+
+    Two nodes are in the same class of a step when their positions are equal.
+    """
+
+    round: int
+    step: int
+    key: tuple[int, ...] = ()
+    size: int = 0
+
+    def next(self, index: int) -> Position:
+        """The position after this step's group gave the node ``index``."""
+        return Position(self.round, self.step + 1, (*self.key, index), self.size)
+
+    def within(self, cls: Position) -> bool:
+        """Whether a node now at this position was in the class ``cls`` when it was at
+        that step: same round and size, and a key that extends ``cls``'s. A class's
+        runs are cut from all of these, so that the groups that formed first and moved
+        on still count where they stood.
+
+        >>> Position(3, 2, (1, 0), 16).within(Position(3, 1, (1,), 16))
+        True
+        >>> Position(3, 2, (2, 0), 16).within(Position(3, 1, (1,), 16))
+        False
+        """
+        return (
+            self.round == cls.round
+            and self.size == cls.size
+            and self.step >= cls.step
+            and self.key[: cls.step] == cls.key
+        )
+
+    def expected_class_size(self, sizes: Sequence[int]) -> int:
+        """How many nodes the class of this position has when no node is missing: the
+        round's ``size`` divided by the sizes of the steps before this one."""
+        expected = self.size
+        for m in sizes[: self.step]:
+            expected //= m
+        return expected
