@@ -161,13 +161,9 @@ def _make_federation(
     from p2pfed.federation import Federation, ProtocolParams
     from p2pfed.node import federation_seed
 
-    # up to 8 nodes, every round averages the whole federation, as the digits task's
-    # calibration assumed (tests/test_tasks.py): smaller groups over 4 nodes left one
-    # node's model out each round and the final gap to centralized varied from run to run
-    group = min(8, max(3, nodes))
+    # exact rounds (the default averaging): every round averages the whole federation,
+    # as the digits task's calibration assumed (tests/test_tasks.py), in groups of 3 to 8
     params = ProtocolParams(
-        group_min=group,
-        group_max=group,
         dp_enabled=dp,
         dp_clip_norm=DEFAULT_DP_CLIP,
         dp_noise_multiplier=noise if dp else 1.0,

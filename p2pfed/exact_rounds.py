@@ -41,15 +41,19 @@ from typing import TypeVar
 __all__ = [
     "MAX_STEPS",
     "Position",
+    "RoundPlan",
     "class_chunks",
     "member_indices",
     "plan_sizes",
+    "round_plan",
+    "sitting_out",
 ]
 
 MAX_STEPS = 16
 """The most steps a plan may have (the key of the last step has ``MAX_STEPS - 1`` indices)."""
 
 _INDEX_CONTEXT = b"p2pfed-exact-index:v1\x00"
+_SIT_OUT_CONTEXT = b"p2pfed-exact-sit-out:v1\x00"
 _T = TypeVar("_T")
 
 
@@ -83,6 +87,56 @@ def plan_sizes(n: int, *, group_min: int, group_max: int) -> tuple[int, ...]:
         if best:
             return best
     return ()
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How a round of ``nodes`` nodes averages: ``participants`` of them in groups of
+    ``sizes`` (one size per step); the other ``nodes - participants`` sit the round out
+    and adopt its average afterwards. ``sizes == ()``: no exact round is possible."""
+
+    nodes: int
+    participants: int
+    sizes: tuple[int, ...]
+
+    @property
+    def sitting_out(self) -> int:
+        """How many nodes sit this round out."""
+        return self.nodes - self.participants
+
+
+@functools.lru_cache(maxsize=4096)
+def round_plan(n: int, *, group_min: int, group_max: int) -> RoundPlan:
+    """The plan of an exact round of ``n`` nodes: the largest ``p <= n`` that has a plan
+    (:func:`plan_sizes`) takes part; the ``n - p`` others sit out (chosen by
+    :func:`sitting_out`, a different few each round), as FedAvg samples clients.
+
+    >>> round_plan(16, group_min=3, group_max=8)
+    RoundPlan(nodes=16, participants=16, sizes=(4, 4))
+    >>> round_plan(11, group_min=3, group_max=8)  # 11 is prime; 10 would need a group of 2
+    RoundPlan(nodes=11, participants=9, sizes=(3, 3))
+    """
+    for p in range(n, group_min - 1, -1):
+        sizes = plan_sizes(p, group_min=group_min, group_max=group_max)
+        if sizes:
+            return RoundPlan(n, p, sizes)
+    return RoundPlan(n, 0, ())
+
+
+def sitting_out(round: int, members: Sequence[bytes], count: int) -> set[bytes]:
+    """The ``count`` members of a round's class of step 0 that sit the round out: those
+    with the largest ``SHA-256(context || u64(round) || node_id)``, a different few each
+    round.
+
+    >>> sorted(sitting_out(0, [b"a" * 32, b"b" * 32, b"c" * 32], 1)) in ([b"a" * 32],
+    ...     [b"b" * 32], [b"c" * 32])
+    True
+    """
+    if count <= 0:
+        return set()
+    prefix = _SIT_OUT_CONTEXT + round.to_bytes(8, "big")
+    ranked = sorted(members, key=lambda m: hashlib.sha256(prefix + bytes(m)).digest())
+    return {bytes(m) for m in ranked[-count:]}
 
 
 def _even_factorisation(n: int, steps: int, low: int, high: int) -> tuple[int, ...]:
@@ -177,10 +231,10 @@ class Position:
             and self.key[: cls.step] == cls.key
         )
 
-    def expected_class_size(self, sizes: Sequence[int]) -> int:
+    def expected_class_size(self, participants: int, sizes: Sequence[int]) -> int:
         """How many nodes the class of this position has when no node is missing: the
-        round's ``size`` divided by the sizes of the steps before this one."""
-        expected = self.size
+        round's ``participants`` divided by the sizes of the steps before this one."""
+        expected = participants
         for m in sizes[: self.step]:
             expected //= m
         return expected

@@ -197,18 +197,13 @@ class ProtocolParams:
         self._validate_server_optimizer()
 
     def _validate_server_optimizer(self) -> None:
-        if self.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):
-            raise _ParamError(
-                f'server_optimizer must be "fedavg", "fedavgm" or "fedadam", got '
-                f"{self.server_optimizer!r}"
-            )
-        if self.server_lr <= 0:
-            raise _ParamError(f"server_lr must be > 0, got {self.server_lr}")
-        for name in ("server_momentum", "server_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise _ParamError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.server_tau <= 0:
-            raise _ParamError(f"server_tau must be > 0, got {self.server_tau}")
+        # the optimiser owns its settings' rules (p2pfed/server_optimizer.py)
+        from p2pfed.server_optimizer import ServerOptimizerSettings
+
+        try:
+            ServerOptimizerSettings.from_params(self)
+        except ConfigError as exc:
+            raise _ParamError(str(exc)) from None
 
     @classmethod
     def allowed_keys(cls) -> list[str]:

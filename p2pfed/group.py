@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2pfed.errors import InvalidGroupSumError, SecureAggregationError
-from p2pfed.exact_rounds import Position, class_chunks, plan_sizes
+from p2pfed.exact_rounds import Position, class_chunks, round_plan, sitting_out
 from p2pfed.fixedpoint import FixedPointParams, decode_group_sum, make_contribution
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
@@ -80,6 +80,7 @@ __all__ = [
     "GroupStarted",
     "Phase",
     "Send",
+    "SitOut",
     "mask_key_signature_input",
     "shard_bounds",
 ]
@@ -261,7 +262,18 @@ class GroupStarted:
     members: tuple[NodeId, ...]
 
 
-Action = Send | GroupStarted | GroupCompleted | GroupAborted
+@dataclass(frozen=True)
+class SitOut:
+    """Exact rounds: this node sits round ``round`` out (its count of nodes has no plan
+    for all of them); it should withdraw its contribution and adopt the round's average
+    from a peer once the ``participants`` have computed it."""
+
+    round: int
+    participants: int
+    nodes: int
+
+
+Action = Send | GroupStarted | GroupCompleted | GroupAborted | SitOut
 
 
 @dataclass
@@ -339,6 +351,7 @@ class GroupProtocol:
         masking: bool = True,
         grid: GridPosition | None = None,
         exact: bool = False,
+        sit_out: bool = True,
     ) -> None:
         if params.max_group_size < config.group_max:
             raise ValueError("the fixed-point parameters must allow groups of group_max")
@@ -357,6 +370,9 @@ class GroupProtocol:
         self.masking = masking
         self.grid = grid
         self.exact = exact and grid is None
+        # exact rounds of a count without a plan for all: some nodes sit a round out (off
+        # for pure averaging, where a model that sits out would drop its weight)
+        self.sit_out = sit_out
         self._peer_grid: dict[NodeId, tuple[int, ...]] = {}
         self._position: Position | None = None  # exact rounds: this contribution's class
         self._peer_position: dict[NodeId, Position] = {}
@@ -390,8 +406,15 @@ class GroupProtocol:
             self._peer_grid.pop(peer, None)
 
     def set_peer_position(self, peer: NodeId, position: Position) -> None:
-        """Remember the exact-rounds position a peer announced (GroupPosition)."""
+        """Remember the exact-rounds position a peer announced (GroupPosition).
+
+        A READY node in exact rounds looks at its class again at the next :meth:`poll`:
+        the class may just have become complete, and a run should start at once rather
+        than at the next retry."""
         self._peer_position[peer] = position
+        ready = self.phase is Phase.READY and self._position is not None and not self._passive
+        if ready and (self._initiate_at is None or self._initiate_at > self._now):
+            self._initiate_at = self._now
 
     def peer_position(self, peer: NodeId) -> Position | None:
         """The latest exact-rounds position ``peer`` announced, if any."""
@@ -409,9 +432,9 @@ class GroupProtocol:
         if self.phase is not Phase.READY or self._formation is not None:
             return False
         self._position = position
-        planned = plan_sizes(
+        planned = round_plan(
             position.size, group_min=self.config.group_min, group_max=self.config.group_max
-        )
+        ).sizes
         if planned and self._now < self._offered_at + self.config.class_timeout:
             # fell back for a count that had no plan: the new count has one
             self._grid_until = max(self._grid_until, self._offered_at + self.config.class_timeout)
@@ -634,9 +657,10 @@ class GroupProtocol:
         whole class is here (spec/group.md, "Exact rounds")."""
         position = self._position
         assert position is not None
-        sizes = plan_sizes(
+        plan = round_plan(
             position.size, group_min=self.config.group_min, group_max=self.config.group_max
         )
+        sizes = plan.sizes if self.sit_out or not plan.sitting_out else ()
         members = self.class_of([p for p in connected if p != self.node_id])
         if not sizes or position.step >= len(sizes):
             # every node counted agrees on the count (alone, or below group_min, more may come)
@@ -644,17 +668,26 @@ class GroupProtocol:
                 q.size for p in connected if (q := self._peer_position.get(p)) is not None
             }
             settled = sizes_seen <= {position.size} and position.size >= self.config.group_min
-            if not settled and now < self._offered_at + self.config.invite_timeout:
+            too_few = position.size < self.config.group_min  # nothing can form: wait for more
+            if too_few or (not settled and now < self._offered_at + self.config.invite_timeout):
                 # the count of nodes may still be growing (peers connecting, announcing)
                 self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
                 return []
             # no exact plan for this many nodes: random grouping for this contribution
             self._grid_until = now
             return self._initiate(now, connected)
-        if len(members) < position.expected_class_size(sizes):
+        expected = position.size if position.step == 0 else plan.participants
+        if len(members) < position.expected_class_size(expected, sizes):
             # part of the class has not arrived (still training, or not yet announced)
             self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
             return []
+        if position.step == 0 and plan.sitting_out:
+            out = sitting_out(position.round, [m.raw for m in members], plan.sitting_out)
+            if self.node_id.raw in out:
+                # this node sits the round out and adopts its average afterwards
+                self._initiate_at = None
+                return [SitOut(position.round, plan.participants, plan.nodes)]
+            members = [m for m in members if m.raw not in out]
         run = next(c for c in class_chunks(members, sizes[position.step]) if self.node_id in c)
         if run[0] != self.node_id:
             # the run's first node invites; look again if no invite comes

@@ -9,7 +9,10 @@ the task once, freezes the garbage collector's view of those objects
 (:func:`gc.freeze`, so collections in the children do not write to, and so un-share, the
 inherited pages), and then forks every node from that warm image. Each node is still its
 own process (its own keys, data, sockets and crash domain); only the read-mostly pages of
-the imported code are shared copy-on-write.
+the imported code are shared copy-on-write. The server also imports what nodes would
+otherwise import only once they run (:data:`WARM_MODULES`; above all TorchDynamo, which
+the first ``torch.optim`` optimizer pulls in): 16 nodes importing it at once on 2 cores
+delayed the first round by 7 s.
 
 The fork server itself never runs a torch operation or a thread pool, which is what makes
 forking it safe (forking after OpenMP or trio started threads is not).
@@ -39,16 +42,52 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NodeLauncher", "NodeProcess", "freeze_imports", "preload"]
+__all__ = [
+    "NODE_MODULES",
+    "WARM_MODULES",
+    "NodeLauncher",
+    "NodeProcess",
+    "freeze_imports",
+    "preload",
+]
 
 # What every node imports before it can run; a task module is added by the caller.
 NODE_MODULES = ("torch", "numpy", "trio", "p2pfed.cli", "p2pfed.daemon", "p2pfed.node")
 
+# What a node imports only once it runs: found with ``python -X importtime`` on a node
+# forked from a server that had preloaded NODE_MODULES and the task. The first use of
+# ``torch.optim`` (constructing any optimizer) imports TorchDynamo: 816 modules, sympy
+# among them, ~1.2 s of CPU and ~70 MB in every node, which 16 nodes on 2 cores paid at
+# once in their first round (12 s of "training"). Imported once here, it is shared
+# copy-on-write. The rest is small but free to share: numpy's random and masked-array
+# modules, cryptography's OpenSSL backend (first handshake), the IDNA codec (first
+# connection by name) and p2pfed's helpers of training and of the end of a round.
+# Optional: a module missing from this torch release is skipped, never an error.
+WARM_MODULES = (
+    "torch._dynamo",
+    "torch.profiler._cupti_monitor",
+    "numpy.random",
+    "numpy.ma",
+    "cryptography.hazmat.backends.openssl",
+    "encodings.idna",
+    "p2pfed.proximal",
+    "p2pfed.server_optimizer",
+)
 
-def preload(modules: Sequence[str] = ()) -> None:
-    """Import the node's modules and ``modules`` (no-ops where already imported)."""
+
+def preload(modules: Sequence[str] = (), *, warm: bool = False) -> None:
+    """Import the node's modules and ``modules`` (no-ops where already imported).
+
+    ``warm`` also imports :data:`WARM_MODULES`, skipping any that this installation lacks.
+    """
     for name in (*NODE_MODULES, *modules):
         importlib.import_module(name)
+    if warm:
+        for name in WARM_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue
 
 
 def freeze_imports() -> None:
@@ -139,9 +178,10 @@ class NodeLauncher:
         forking = "forkserver" in multiprocessing.get_all_start_methods()
         self._context: Any = multiprocessing.get_context("forkserver" if forking else "spawn")
         if forking:
-            # The server imports these in order; the last one freezes what they created.
+            # The server imports these in order (skipping any that fail to import); the
+            # last one freezes what they created.
             self._context.set_forkserver_preload(
-                [*NODE_MODULES, *self.modules, "p2pfed.forkserver_freeze"]
+                [*NODE_MODULES, *WARM_MODULES, *self.modules, "p2pfed.forkserver_freeze"]
             )
         self._processes: list[NodeProcess] = []
 

@@ -54,7 +54,7 @@ from p2pfed.errors import (
     ConfigError,
     RemoteProtocolError,
 )
-from p2pfed.exact_rounds import Position, member_indices, plan_sizes
+from p2pfed.exact_rounds import Position, member_indices, round_plan
 from p2pfed.federation import Federation, load_federation
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import (
@@ -67,6 +67,7 @@ from p2pfed.group import (
     GroupStarted,
     Phase,
     Send,
+    SitOut,
 )
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeId, NodeIdentity, load_identity
 from p2pfed.ledger import PrivacyLedger, ledger_path
@@ -97,6 +98,11 @@ from p2pfed.peers import (
     format_address,
     handle_peer_list,
 )
+from p2pfed.server_optimizer import (
+    ServerOptimizer,
+    ServerOptimizerSettings,
+    ServerOptimizerStateError,
+)
 from p2pfed.task import (
     NodeData,
     RoundContext,
@@ -119,6 +125,7 @@ log = logging.getLogger("p2pfed.node")
 
 _T = TypeVar("_T")
 CHECKPOINT_FILE_NAME = "checkpoint.bin"
+SERVER_OPTIMIZER_FILE_NAME = "server-optimizer.bin"
 PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
 _id_bytes = operator.attrgetter("raw")
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
@@ -264,7 +271,7 @@ class Node:
         self._wake = trio.Event()
         self._loop_deadline = 0.0  # when the group loop wakes by itself (math.inf: never)
         self._outcomes_send, self._outcomes = trio.open_memory_channel[
-            GroupCompleted | GroupAborted | None
+            GroupCompleted | GroupAborted | SitOut | None
         ](math.inf)
         self._connector_wake = trio.Event()
         self._stop = trio.Event()
@@ -293,7 +300,7 @@ class Node:
         self.last_train_loss: float | None = None
         self._round_position: Position | None = None  # exact rounds: the current step's class
         self._behind = False  # exact rounds: every peer is at a later round (catch up)
-        self.server_optimizer: Any = None
+        self.server_optimizer: ServerOptimizer | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.groups_completed = 0
@@ -362,6 +369,7 @@ class Node:
             masking=self.options.masking,
             grid=self.options.grid,
             exact=self.exact,
+            sit_out=self.options.training,
         )
         log.info(
             "node %s listening on port %d (federation %s, round %d)",
@@ -417,7 +425,33 @@ class Node:
             self._aggregated = (self.round, self.model.copy()) if self.round else None
             log.info("resumed from checkpoint at round %d", self.round)
         self._open_ledger(resumed=checkpoint is not None)
+        self.server_optimizer = self._open_server_optimizer()
         return torch_model, data
+
+    def _open_server_optimizer(self) -> ServerOptimizer | None:
+        """The federation's server optimiser with this node's saved state
+        (spec/server-optimizer.md, section 6); None for plain FedAvg."""
+        assert self.model is not None
+        settings = ServerOptimizerSettings.from_params(self.federation.params)
+        if settings.name == "fedavg":
+            return None
+        path = self.node_dir / SERVER_OPTIMIZER_FILE_NAME
+        optimizer: ServerOptimizer | None = None
+        try:
+            optimizer = ServerOptimizer.load(path, len(self.model), settings)
+        except ServerOptimizerStateError as exc:
+            log.warning("not using the server optimiser state: %s", exc)
+        if optimizer is not None and optimizer.name == settings.name:
+            if optimizer.round == self.round:
+                return optimizer
+            log.warning(
+                "the server optimiser state is of round %d, the checkpoint of round %d: "
+                "starting it again from zero (this node's model will differ from its "
+                "peers' for a while)",
+                optimizer.round,
+                self.round,
+            )
+        return ServerOptimizer(settings, len(self.model), round=self.round)
 
     def _training_weight(self, weight: int) -> int:
         """The FedAvg weight of this node's trained model (spec/group.md, "Weights"): with DP
@@ -452,6 +486,8 @@ class Node:
             # a grid node starts from its own model: adopting a peer's aggregate would
             # count it twice in the grid's exact mean and put this node out of step
             await self._sync_model()
+        if self.exact and self.round == 0:
+            await self._settle()
         generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
         noise_rng = dp.noise_generator(self._randbytes)
         while not self._stop.is_set():
@@ -548,7 +584,7 @@ class Node:
         assert self.group is not None
         if not self.exact:
             outcome = await self._one_group(released, weight, initiate=initiate)
-            if outcome is None:
+            if outcome is None or isinstance(outcome, SitOut):
                 return None
             self.model = outcome.mean
             self.weight = outcome.share(self.node_id) if outcome.total_weight else weight
@@ -574,6 +610,9 @@ class Node:
                 return _CAUGHT_UP
             if outcome is None:
                 return None
+            if isinstance(outcome, SitOut):
+                await self._sit_out(outcome)
+                return _CAUGHT_UP
             steps += 1
             coverage *= len(outcome.members)
             model = outcome.mean
@@ -586,9 +625,10 @@ class Node:
             else:
                 weight = outcome.share(self.node_id)  # a fallback group: push-sum
             nodes = self._round_position.size if self._round_position is not None else 0
-            sizes = plan_sizes(
+            plan = round_plan(
                 nodes, group_min=self.group_config.group_min, group_max=self.group_config.group_max
             )
+            sizes = plan.sizes if self.options.training or not plan.sitting_out else ()
             if steps >= len(sizes):
                 break
             index = member_indices(outcome.group_id, [m.raw for m in outcome.members])
@@ -600,7 +640,19 @@ class Node:
                 else position
             )
         self.model, self.weight = model, weight
-        if coverage != nodes:
+        if sizes and coverage == plan.participants < nodes:
+            log.info(
+                "round %d was exact over %d of %d nodes (%d sat it out: %d nodes have no "
+                "plan of groups of %d to %d)",
+                self.round + 1,
+                coverage,
+                nodes,
+                nodes - coverage,
+                nodes,
+                self.group_config.group_min,
+                self.group_config.group_max,
+            )
+        elif coverage != nodes:
             log.warning(
                 "round %d was not exact: its average covers at most %d of %d nodes (%s)",
                 self.round + 1,
@@ -618,7 +670,7 @@ class Node:
         *,
         initiate: bool,
         position: Position | None = None,
-    ) -> GroupCompleted | None:
+    ) -> GroupCompleted | SitOut | None:
         assert self.group is not None
         self.contribution_weight = weight
         self.contribution = model
@@ -673,23 +725,52 @@ class Node:
         """The federation's server optimiser on this round's average (fedavg: adopt it)."""
         if self.server_optimizer is None:
             return average
-        return self.server_optimizer.step(start, average)
+        return self.server_optimizer.step(start, average, round=self.round + 1)
 
     # -- exact rounds: positions ---------------------------------------------------------
 
+    async def _sit_out(self, sit_out: SitOut) -> None:
+        """Sit round ``sit_out.round`` out: withdraw, wait for the participants' average of
+        that round, and adopt it (spec/group.md, "Exact rounds", sitting out)."""
+        assert self.group is not None
+        self._act(self.group.withdraw())
+        self._round_position = None
+        behind = self.round
+        deadline = trio.current_time() + 2 * self.group_config.class_timeout
+        while self.round <= behind and trio.current_time() < deadline:
+            if self._stop.is_set():
+                return
+            await self._sync_model(timeout=max(self.options.sync_timeout, 1.0))
+            if self.round <= behind:
+                await trio.sleep(0.05)
+        log.info(
+            "sat round %d out (%d of %d nodes take part in a round); %s",
+            behind + 1,
+            sit_out.participants,
+            sit_out.nodes,
+            f"adopted its average (round {self.round})"
+            if self.round > behind
+            else "no peer served its average in time",
+            extra={"event": "sat_out", "round": behind + 1},
+        )
+
     def _class_count(self) -> int:
         """The nodes of this node's exact round as it sees them: itself and each connected
-        peer that has announced a position (a node behind catches up, see
+        peer that speaks exact rounds (a channel of protocol version 2), whether or not
+        its position has arrived yet (a node behind catches up, see
         :meth:`_refresh_position`)."""
-        assert self.group is not None
-        peers = self._connected()
-        return 1 + sum(1 for peer in peers if self.group.peer_position(peer) is not None)
+        return 1 + sum(
+            1
+            for peer in self._connected()
+            if (links := self._links.get(peer)) and links[0].channel.version >= _POSITION_VERSION
+        )
 
     def _refresh_position(self) -> None:
         """At step 0, keep the announced count of nodes current as peers come and go, and
-        notice when this node is behind: every peer with a position is at a later round
-        (a node restarted from an old checkpoint, or left out of a round), so nobody will
-        ever group with it at its round; it then adopts a peer's latest average."""
+        notice when this node is behind: a peer is already at a later round (this node
+        started late, restarted from an old checkpoint, or was left out of a round), so
+        the round it waits for has happened without it; it then adopts a peer's latest
+        average instead of holding up the next round."""
         position = self._round_position
         if self.group is None or position is None or position.step != 0:
             return
@@ -700,17 +781,17 @@ class Node:
             if (q := self.group.peer_position(peer)) is not None
         ]
         exact_possible = bool(
-            plan_sizes(
+            round_plan(
                 count,
                 group_min=self.group_config.group_min,
                 group_max=self.group_config.group_max,
-            )
+            ).sizes
         )
         if (
             exact_possible
             and self.options.sync_timeout > 0  # adopting peers' models is allowed
             and rounds
-            and min(rounds) > position.round
+            and max(rounds) > position.round
             and self.group.phase is Phase.READY
             and not self._behind
         ):
@@ -733,6 +814,15 @@ class Node:
         message = GroupPosition(
             round=position.round, step=position.step, key=position.key, size=position.size
         )
+        if peer is None:
+            log.debug(
+                "position: round %d step %d key %s of %d nodes (%d peers connected)",
+                position.round,
+                position.step,
+                list(position.key),
+                position.size,
+                len(self._connected()),
+            )
         for target in [peer] if peer is not None else self._connected():
             links = self._links.get(target)
             if links and links[0].channel.version >= _POSITION_VERSION:
@@ -853,8 +943,10 @@ class Node:
                 extra={"local_rounds": self.local_rounds},
             ),
         )
+        if self.server_optimizer is not None:
+            self.server_optimizer.save(self.node_dir / SERVER_OPTIMIZER_FILE_NAME)
 
-    async def _await_group(self) -> GroupCompleted | None:
+    async def _await_group(self) -> GroupCompleted | SitOut | None:
         """Wait for a completed group (None: stopping); aborted groups are retried."""
         while True:
             outcome = await self._outcomes.receive()
@@ -862,6 +954,8 @@ class Node:
                 if self._stop.is_set() or self._behind:
                     return None
                 continue  # a wake-up for a catch-up that a completed group overtook
+            if isinstance(outcome, SitOut):
+                return outcome
             if self._on_group is not None:
                 self._on_group(outcome, trio.current_time() - self._offered_at)
             if isinstance(outcome, GroupCompleted):
@@ -875,7 +969,23 @@ class Node:
                 extra={"event": "group_aborted", "group": outcome.group_id.hex()[:8]},
             )
 
-    async def _sync_model(self) -> None:
+    async def _settle(self, quiet: float = 1.0) -> None:
+        """Exact rounds, before a fresh federation's first round: wait until this node's
+        set of peers has stopped changing for ``quiet`` seconds (at most ``sync_timeout``
+        in all), so that the first round is not run by the first few nodes up while the
+        others are still connecting (they would only catch up by adopting its average)."""
+        deadline = trio.current_time() + self.options.sync_timeout
+        last = set(self._connected())
+        changed_at = trio.current_time()
+        while trio.current_time() < deadline and not self._stop.is_set():
+            await trio.sleep(0.05)
+            now, peers = trio.current_time(), set(self._connected())
+            if peers != last:
+                last, changed_at = peers, now
+            elif now - changed_at >= quiet:
+                return
+
+    async def _sync_model(self, timeout: float | None = None) -> None:
         """A fresh node adopts the latest aggregated model of its peers, if any has one.
 
         Only aggregated models are ever served (never a peer's freshly trained one), so
@@ -887,7 +997,7 @@ class Node:
         asked: set[NodeId] = set()
         answers = 0
         best: ModelState | None = None
-        with trio.move_on_after(self.options.sync_timeout):
+        with trio.move_on_after(self.options.sync_timeout if timeout is None else timeout):
             while not asked or answers < len(asked):
                 for peer in self._connected():
                     if peer not in asked:
@@ -902,6 +1012,9 @@ class Node:
         if best is not None:
             self.model = np.frombuffer(best.parameters, dtype="<f4").astype(np.float32)
             self.round = best.round
+            if self.server_optimizer is not None:
+                # the peer's optimiser state is not transferred: start it from zero
+                self.server_optimizer.reset(self.round)
             log.info("adopted the aggregated model of round %d from a peer", best.round)
 
     # -- the group protocol driver -------------------------------------------------------
@@ -915,6 +1028,8 @@ class Node:
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
+            # a count that changed while the node was forming a group is announced now
+            self._refresh_position()
             eligible = [p for p in self._connected() if not self.peers.is_excluded(p, now)]
             # the loop recomputes its deadline itself: no need to wake itself up again
             self._act(self.group.poll(now, eligible), wake=False)

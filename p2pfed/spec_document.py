@@ -31,6 +31,7 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("secure-aggregation.md", "Secure aggregation"),
     ("privacy.md", "Local differential privacy and accounting"),
     ("group.md", "Groups: formation, all-reduce, abort, synchronisation"),
+    ("server-optimizer.md", "Server optimisers"),
     ("security.md", "Security and privacy considerations"),
     ("implementers-guide.md", "Implementer's guide"),
 )

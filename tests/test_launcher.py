@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from support.node_logs import rounds_logged
 
+import p2pfed.launcher as launcher_module
 from p2pfed.demo import create_local_federation
 from p2pfed.federation import Federation, ProtocolParams
-from p2pfed.launcher import NodeLauncher
+from p2pfed.launcher import WARM_MODULES, NodeLauncher
 
 
 def private_and_resident(pid: int) -> tuple[int, int]:
@@ -69,3 +72,28 @@ def test_exit_status_and_error_output_reach_the_caller(tmp_path: Path) -> None:
     assert process.wait(60) == 1
     assert "is not a node directory" in (tmp_path / "err").read_text()
     assert process.poll() == 1
+
+
+def _write_imported(path: str, names: list[str]) -> None:
+    """Body of a forked process: which of ``names`` it has without importing anything."""
+    Path(path).write_text(json.dumps([name for name in names if name in sys.modules]))
+
+
+def test_fork_server_preloads_what_local_training_imports(tmp_path: Path) -> None:
+    # A task's first torch.optim optimizer imports TorchDynamo (~800 modules, over a second
+    # of CPU per node): the fork server imports it once so that every node inherits it.
+    launcher = NodeLauncher()
+    out = tmp_path / "imported.json"
+    names = ["torch._dynamo", "numpy.random", "p2pfed.server_optimizer", "p2pfed.proximal"]
+    assert set(names) <= set(WARM_MODULES)
+    process = launcher._context.Process(target=_write_imported, args=(str(out), names))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    assert json.loads(out.read_text()) == names
+
+
+def test_warm_preload_skips_modules_this_installation_lacks(monkeypatch: Any) -> None:
+    monkeypatch.setattr(launcher_module, "WARM_MODULES", ("p2pfed.no_such_module", "json"))
+    launcher_module.preload(warm=True)
+    assert "p2pfed.no_such_module" not in sys.modules
