@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2pfed.errors import InvalidGroupSumError, SecureAggregationError
-from p2pfed.exact_rounds import Position, class_chunks, round_plan, sitting_out
+from p2pfed.exact_rounds import Position, RoundPlan, class_chunks, round_plan, sitting_out
 from p2pfed.fixedpoint import FixedPointParams, decode_group_sum, make_contribution
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
@@ -432,13 +432,20 @@ class GroupProtocol:
         if self.phase is not Phase.READY or self._formation is not None:
             return False
         self._position = position
-        planned = round_plan(
-            position.size, group_min=self.config.group_min, group_max=self.config.group_max
-        ).sizes
+        planned = self.exact_plan(position.size).sizes
         if planned and self._now < self._offered_at + self.config.class_timeout:
             # fell back for a count that had no plan: the new count has one
             self._grid_until = max(self._grid_until, self._offered_at + self.config.class_timeout)
         return True
+
+    def exact_plan(self, nodes: int) -> RoundPlan:
+        """The plan of an exact round of ``nodes`` nodes (:func:`round_plan`). Without
+        sitting out (pure averaging: a model that sits out would drop its weight), a count
+        that would need it has no plan: its rounds use random groups."""
+        plan = round_plan(nodes, group_min=self.config.group_min, group_max=self.config.group_max)
+        if plan.sitting_out and not self.sit_out:
+            return RoundPlan(nodes, 0, ())
+        return plan
 
     def class_of(self, peers: Sequence[NodeId]) -> list[NodeId]:
         """This node and those of ``peers`` in its exact-rounds class, sorted by id: peers
@@ -657,10 +664,8 @@ class GroupProtocol:
         whole class is here (spec/group.md, "Exact rounds")."""
         position = self._position
         assert position is not None
-        plan = round_plan(
-            position.size, group_min=self.config.group_min, group_max=self.config.group_max
-        )
-        sizes = plan.sizes if self.sit_out or not plan.sitting_out else ()
+        plan = self.exact_plan(position.size)
+        sizes = plan.sizes
         members = self.class_of([p for p in connected if p != self.node_id])
         if not sizes or position.step >= len(sizes):
             # every node counted agrees on the count (alone, or below group_min, more may come)

@@ -54,7 +54,7 @@ from p2pfed.errors import (
     ConfigError,
     RemoteProtocolError,
 )
-from p2pfed.exact_rounds import Position, member_indices, round_plan
+from p2pfed.exact_rounds import Position, RoundPlan, member_indices
 from p2pfed.federation import Federation, load_federation
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import (
@@ -579,7 +579,8 @@ class Node:
         """Average ``released`` with peers: one group, or the steps of an exact round.
 
         Sets ``self.model`` and ``self.weight`` to the result and returns the last group,
-        the number of steps, the coverage and the number of nodes (None: stopping).
+        the number of steps, the coverage and the number of nodes (None: stopping;
+        ``_CAUGHT_UP``: the node adopted a peer's average instead).
         """
         assert self.group is not None
         if not self.exact:
@@ -594,19 +595,7 @@ class Node:
         while True:
             outcome = await self._one_group(model, weight, initiate=initiate, position=position)
             if outcome is None and self._behind and not self._stop.is_set():
-                self._behind = False
-                self._act(self.group.withdraw())
-                self._round_position = None
-                behind = self.round
-                await self._sync_model()
-                log.warning(
-                    "this node was at round %d while its peers were further: adopted their "
-                    "average of round %d (its training of round %d is not used)",
-                    behind,
-                    self.round,
-                    behind,
-                    extra={"event": "caught_up", "from_round": behind, "to_round": self.round},
-                )
+                await self._catch_up()
                 return _CAUGHT_UP
             if outcome is None:
                 return None
@@ -624,44 +613,58 @@ class Node:
                 weight = self._ring_cap(outcome.total_weight)
             else:
                 weight = outcome.share(self.node_id)  # a fallback group: push-sum
-            nodes = self._round_position.size if self._round_position is not None else 0
-            plan = round_plan(
-                nodes, group_min=self.group_config.group_min, group_max=self.group_config.group_max
-            )
-            sizes = plan.sizes if self.options.training or not plan.sitting_out else ()
-            if steps >= len(sizes):
+            # the position the group formed at (its count may have moved while waiting)
+            current = self._round_position
+            assert current is not None
+            plan = self.group.exact_plan(current.size)
+            if steps >= len(plan.sizes):
                 break
             index = member_indices(outcome.group_id, [m.raw for m in outcome.members])
-            position = (
-                Position(
-                    self.round, steps, (*self._round_position.key, index[self.node_id.raw]), nodes
-                )
-                if self._round_position is not None
-                else position
-            )
+            position = current.next(index[self.node_id.raw])
         self.model, self.weight = model, weight
-        if sizes and coverage == plan.participants < nodes:
+        self._log_coverage(plan, coverage)
+        return outcome, steps, coverage, plan.nodes
+
+    def _log_coverage(self, plan: RoundPlan, coverage: int) -> None:
+        if plan.sizes and coverage == plan.participants < plan.nodes:
             log.info(
                 "round %d was exact over %d of %d nodes (%d sat it out: %d nodes have no "
                 "plan of groups of %d to %d)",
                 self.round + 1,
                 coverage,
-                nodes,
-                nodes - coverage,
-                nodes,
+                plan.nodes,
+                plan.sitting_out,
+                plan.nodes,
                 self.group_config.group_min,
                 self.group_config.group_max,
             )
-        elif coverage != nodes:
+        elif coverage != plan.nodes:
             log.warning(
                 "round %d was not exact: its average covers at most %d of %d nodes (%s)",
                 self.round + 1,
                 coverage,
-                nodes,
-                "no exact plan for this many nodes" if not sizes else "a class was incomplete",
-                extra={"event": "inexact_round", "coverage": coverage, "nodes": nodes},
+                plan.nodes,
+                "a class was incomplete" if plan.sizes else "no exact plan for this many nodes",
+                extra={"event": "inexact_round", "coverage": coverage, "nodes": plan.nodes},
             )
-        return outcome, steps, coverage, nodes
+
+    async def _catch_up(self) -> None:
+        """Adopt a peer's later average: this node was left behind (see
+        :meth:`_refresh_position`)."""
+        assert self.group is not None
+        self._behind = False
+        self._act(self.group.withdraw())
+        self._round_position = None
+        behind = self.round
+        await self._sync_model()
+        log.warning(
+            "this node was at round %d while its peers were further: adopted their "
+            "average of round %d (its training of round %d is not used)",
+            behind,
+            self.round,
+            behind,
+            extra={"event": "caught_up", "from_round": behind, "to_round": self.round},
+        )
 
     async def _one_group(
         self,
@@ -780,15 +783,8 @@ class Node:
             for peer in self._connected()
             if (q := self.group.peer_position(peer)) is not None
         ]
-        exact_possible = bool(
-            round_plan(
-                count,
-                group_min=self.group_config.group_min,
-                group_max=self.group_config.group_max,
-            ).sizes
-        )
         if (
-            exact_possible
+            self.group.exact_plan(count).sizes
             and self.options.sync_timeout > 0  # adopting peers' models is allowed
             and rounds
             and max(rounds) > position.round

@@ -6,13 +6,15 @@ import hashlib
 
 import numpy as np
 
-from p2pfed.exact_rounds import member_indices, plan_sizes
+from p2pfed.exact_rounds import member_indices, plan_sizes, round_plan, sitting_out
 from p2pfed.group import GroupCompleted
 from p2pfed.identity import NodeId
 
 NAME = "exact_rounds"
 SECTION = 'spec/group.md, "Exact rounds" and "Weights"'
-DESCRIPTION = "group-size plans, member indices after a group, push-sum weight shares"
+DESCRIPTION = (
+    "group-size plans, who sits a round out, member indices after a group, push-sum shares"
+)
 
 _PLANS = [
     (1, 3, 8),
@@ -64,7 +66,23 @@ def generate() -> dict:
         shares.append(
             {"total_weight": total, "k": k, "shares": [done.share(m) for m in done.members]}
         )
-    return {"plans": plans, "indices": indices, "shares": shares}
+    members = sorted(_node_id(i) for i in range(11))
+    sit_out = []
+    for round_ in (0, 1, 41):
+        plan = round_plan(11, group_min=3, group_max=8)
+        out = sitting_out(round_, members, plan.sitting_out)
+        sit_out.append(
+            {
+                "round": round_,
+                "members": [m.hex() for m in members],
+                "group_min": 3,
+                "group_max": 8,
+                "participants": plan.participants,
+                "sizes": list(plan.sizes),
+                "sitting_out": sorted(m.hex() for m in out),
+            }
+        )
+    return {"plans": plans, "indices": indices, "shares": shares, "sit_out": sit_out}
 
 
 def verify(vectors: dict) -> None:
@@ -81,6 +99,13 @@ def verify(vectors: dict) -> None:
         w, k = case["total_weight"], case["k"]
         assert case["shares"] == [w // k + (1 if j < w % k else 0) for j in range(k)]
         assert sum(case["shares"]) == w
+    for case in vectors["sit_out"]:
+        members = [bytes.fromhex(m) for m in case["members"]]
+        prefix = b"p2pfed-exact-sit-out:v1\x00" + case["round"].to_bytes(8, "big")
+        ranked = sorted(members, key=lambda m: hashlib.sha256(prefix + m).digest())
+        count = len(members) - case["participants"]
+        assert sorted(m.hex() for m in ranked[len(members) - count :]) == case["sitting_out"]
+        assert int(np.prod(case["sizes"])) == case["participants"]
     for case in vectors["plans"]:
         sizes = case["sizes"]
         if sizes:
