@@ -65,9 +65,10 @@ What we learned (16 nodes on the 2-core development machine, 2026-11-28):
   went from 2.7 to 3.4 s, and its nodes' RSS grows by ~70 MB of *shared* pages (USS
   unchanged, 5 MB in a bare forked process); an optimizer-using node's private memory
   drops from 111 to 6 MB. With ``averaging = "exact"`` the slowest node's first round
-  came 40-50 s after launch in these runs: a round stranded until ``class_timeout``, and a
-  node whose bootstrap peer was not yet listening waits 5 s to redial; both are in the
-  node's protocol, not in the launch.
+  came 40-50 s after launch in those runs: a round stranded until ``class_timeout`` (fixed
+  since: a node's count of nodes now includes every version-2 peer, and a fresh node
+  waits for its peers to settle), and a node whose bootstrap peer was not yet listening
+  waited 5 s to redial (node 0, everyone's bootstrap, is now started first).
 * Round times with the fork server are unchanged: recorded run (bench/results/), 0.07 s
   median averaging (p90 0.17 s) and 0.09 s with 0.012 s of training; 0.10 s and 0.15 s in
   a run that shared the machine with three other jobs.
@@ -145,7 +146,21 @@ def _start_nodes(
                     cwd=REPO, env=env, stdout=out, stderr=log_out, start_new_session=True,
                 )  # fmt: skip
         runs.append(NodeRun(index, node_dir, process, open(log_path, encoding="utf-8")))  # noqa: SIM115
+        if index == 0:
+            # node 0 is everyone's bootstrap address: a node dialing it before it listens
+            # is refused and redials 5 s later (spec/discovery.md's backoff), missing the
+            # first rounds; a deployment's bootstrap node is up first too
+            wait_listening(log_path, process)
     return runs
+
+
+def wait_listening(log_path: Path, process: Any, timeout: float = 30.0) -> None:
+    """Wait until the node logging to ``log_path`` says it listens (or has exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if "listening on port" in log_path.read_text(encoding="utf-8", errors="replace"):
+            return
+        time.sleep(0.02)
 
 
 def run_phase(

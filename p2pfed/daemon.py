@@ -68,6 +68,13 @@ def add_node_parser(subparsers: Any) -> None:
         help="after --rounds, keep averaging (without training) until stopped",
     )
     p.add_argument("--no-train", action="store_true", help="pure secure averaging, no training")
+    p.add_argument(
+        "--evaluate-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="evaluate on the local test data every N rounds (default 1; 0: never)",
+    )
     p.add_argument("--listen", metavar="HOST:PORT", help="listen address (overrides config.toml)")
     p.add_argument(
         "--bootstrap",
@@ -113,7 +120,12 @@ def cmd_node(args: argparse.Namespace) -> int:
         linger=args.linger,
         task_config=parse_task_settings(args.task_settings),
         masking=not args.insecure_no_masking,
+        evaluate_every=args.evaluate_every,
     )
+    if args.evaluate_every < 0:
+        raise ConfigError(
+            f"--evaluate-every must be 0 (never) or a number of rounds, got {args.evaluate_every}"
+        )
     result = trio.run(run_node, node_dir, options, args)
     print(json.dumps(result), flush=True)
     return 0

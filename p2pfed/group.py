@@ -525,7 +525,10 @@ class GroupProtocol:
         self._grid_until = now + wait
         if self.phase is Phase.IDLE:
             self.phase = Phase.READY
-            self._schedule_initiate(now, self.config.initiate_delay)
+            # a random delay spreads contending initiators; a run of an exact round has
+            # one initiator and nothing to contend with
+            spread = 0.0 if self._position is not None else self.config.initiate_delay
+            self._schedule_initiate(now, spread)
 
     def withdraw(self) -> list[Action]:
         """Stop offering a contribution (shutdown, or out of privacy budget)."""
