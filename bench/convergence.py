@@ -61,7 +61,7 @@ from typing import Any
 
 from bench._fedsim import History, ServerOptimizer, Setup, centralized, client_data, replay
 from bench.federation import wait_listening
-from bench.memory import process_memory, unique_resident_bytes
+from bench.memory import memory_summary
 from bench.results import report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -294,27 +294,6 @@ def _timestamp(record: dict[str, Any]) -> float:
     return datetime.datetime.fromisoformat(record["ts"]).timestamp()
 
 
-def _memory(pids: list[int], extra: list[int]) -> dict[str, Any]:
-    """Memory of ``pids`` (the system's processes) and ``extra`` (a fork server), read as
-    ``bench/federation.py`` does."""
-    mib = 1024 * 1024
-    memory = [process_memory(pid) for pid in pids]
-    host = [process_memory(pid) for pid in extra]
-    unique = unique_resident_bytes(pids + extra)
-    rss = [m["rss"] for m in memory]
-    return {
-        "processes": len(pids),
-        "rss_max_mb": round(max(rss) / mib, 1),
-        "rss_median_mb": round(statistics.median(rss) / mib, 1),
-        "peak_rss_max_mb": round(max(m["peak_rss"] for m in memory) / mib, 1),
-        "uss_median_mb": round(statistics.median(m["uss"] for m in memory) / mib, 1),
-        "pss_total_mb": round(sum(m["pss"] for m in memory + host) / mib, 1),
-        "rss_total_mb": round((unique or sum(m["pss"] for m in memory + host)) / mib, 1),
-        "rss_total_kind": "distinct resident pages" if unique else "PSS (no root)",
-        "rss_summed_mb": round(sum(rss) / mib, 1),
-    }
-
-
 def run_p2pfed(
     variant: str, setup: Setup, workdir: Path, launcher: Any, *, timeout: float
 ) -> dict[str, Any]:
@@ -386,7 +365,7 @@ def run_p2pfed(
                 Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] for pid in pids
             }
             fork_servers = [int(p) for p in servers if int(p) != os.getpid()]
-            memory = _memory(pids, fork_servers)
+            memory = memory_summary(pids, fork_servers)
     finally:
         for node in nodes:
             if node.process.poll() is None:
@@ -548,7 +527,7 @@ def run_flower(setup: Setup, workdir: Path, *, timeout: float) -> dict[str, Any]
                 cpu_at_round1 = sum(_cpu_seconds(pid) for pid in pids)
             if done >= setup.rounds - 1 and not memory and setup.rounds > 1:
                 try:  # before the clients are told to disconnect
-                    memory = _memory(pids, [])
+                    memory = memory_summary(pids, [])
                 except OSError:
                     memory = {}
             if done != shown and (done % 10 == 0 or done >= setup.rounds):

@@ -90,7 +90,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench.memory import process_memory, unique_resident_bytes
+from bench.memory import memory_summary
 from bench.results import report
 from p2pfed.launcher import NodeLauncher, NodeProcess
 
@@ -203,12 +203,10 @@ def run_phase(
                     raise SystemExit(f"\n{label}: node {run.index} exited; see {run.node_dir}")
             time.sleep(0.25)
         pids = [r.process.pid for r in runs]
-        memory = [process_memory(pid) for pid in pids]
         # The fork server holds the pages its children share: it is part of the footprint.
         servers = {Path(f"/proc/{pid}/stat").read_text().split()[3] for pid in pids}
         extra = [int(p) for p in servers if int(p) != os.getpid()]
-        host = [process_memory(pid) for pid in extra]
-        unique = unique_resident_bytes(pids + extra)
+        memory = memory_summary(pids, extra)
     finally:
         for run in runs:
             if run.process.poll() is None:
@@ -222,7 +220,7 @@ def run_phase(
             run.log.close()
     measured = [rec for r in runs for rec in r.rounds[WARMUP_ROUNDS:want]]
     startup = max(_log_time(r.rounds[0]["ts"]) for r in runs) - launched
-    return _summary(label, measured, memory, host, unique, startup)
+    return _summary(label, measured, memory, startup)
 
 
 def _log_time(stamp: str) -> float:
@@ -239,14 +237,10 @@ def _quantile(values: list[float], q: float) -> float:
 def _summary(
     label: str,
     records: list[dict[str, Any]],
-    memory: list[dict[str, int]],
-    host: list[dict[str, int]],
-    unique: int | None,
+    memory: dict[str, Any],
     startup: float,
 ) -> dict:
     rounds = [r["seconds"] for r in records]
-    mib = 1024 * 1024
-    rss = [m["rss"] for m in memory]
     result = {
         "startup_seconds": round(startup, 2),
         "round_median_s": round(statistics.median(rounds), 4),
@@ -255,15 +249,7 @@ def _summary(
         "allreduce_median_s": round(statistics.median(r["allreduce_seconds"] for r in records), 4),
         "train_median_s": round(statistics.median(r["train_seconds"] for r in records), 4),
         "rounds_measured": len(records),
-        "rss_max_mb": round(max(rss) / mib, 1),
-        "rss_median_mb": round(statistics.median(rss) / mib, 1),
-        "peak_rss_max_mb": round(max(m["peak_rss"] for m in memory) / mib, 1),
-        "uss_median_mb": round(statistics.median(m["uss"] for m in memory) / mib, 1),
-        "pss_total_mb": round(sum(m["pss"] for m in memory + host) / mib, 1),
-        "rss_total_mb": round((unique or sum(m["pss"] for m in memory + host)) / mib, 1),
-        "rss_total_kind": "distinct resident pages" if unique else "PSS (no root)",
-        "fork_server_rss_mb": round(sum(m["rss"] for m in host) / mib, 1),
-        "rss_summed_mb": round(sum(rss) / mib, 1),
+        **memory,
     }
     print(f"{label}: {json.dumps(result)}", file=sys.stderr)
     return result

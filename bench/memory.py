@@ -18,8 +18,10 @@ Four views, because "the RSS of 16 processes" has more than one meaning:
 from __future__ import annotations
 
 import os
+import statistics
 import struct
 from pathlib import Path
+from typing import Any
 
 __all__ = ["process_memory", "unique_resident_bytes"]
 
@@ -83,3 +85,27 @@ def unique_resident_bytes(pids: list[int]) -> int | None:
             return None
         union |= frames
     return len(union) * PAGE
+
+
+def memory_summary(pids: list[int], extra: list[int]) -> dict[str, Any]:
+    """The memory of a federation's processes ``pids`` and of ``extra`` (a fork server,
+    whose pages the children share), in MB: per-process RSS (max, median, peak) and USS
+    (median), and for all together the PSS total, the distinct resident pages (PSS
+    without root), the fork server's RSS and the plain sum of per-process RSS."""
+    mib = 1024 * 1024
+    memory = [process_memory(pid) for pid in pids]
+    host = [process_memory(pid) for pid in extra]
+    unique = unique_resident_bytes(pids + extra)
+    rss = [m["rss"] for m in memory]
+    return {
+        "processes": len(pids),
+        "rss_max_mb": round(max(rss) / mib, 1),
+        "rss_median_mb": round(statistics.median(rss) / mib, 1),
+        "peak_rss_max_mb": round(max(m["peak_rss"] for m in memory) / mib, 1),
+        "uss_median_mb": round(statistics.median(m["uss"] for m in memory) / mib, 1),
+        "pss_total_mb": round(sum(m["pss"] for m in memory + host) / mib, 1),
+        "rss_total_mb": round((unique or sum(m["pss"] for m in memory + host)) / mib, 1),
+        "rss_total_kind": "distinct resident pages" if unique else "PSS (no root)",
+        "fork_server_rss_mb": round(sum(m["rss"] for m in host) / mib, 1),
+        "rss_summed_mb": round(sum(rss) / mib, 1),
+    }
