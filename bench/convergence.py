@@ -303,7 +303,9 @@ def run_p2pfed(
 
     allowed = set(ProtocolParams.allowed_keys())
     extra = {k: v for k, v in federation_params(variant).items() if k in allowed}
-    params = ProtocolParams(group_min=3, group_max=4, dp_enabled=False, **extra)
+    params = ProtocolParams(
+        group_min=3, group_max=4, dp_enabled=False, min_nodes=setup.num_nodes, **extra
+    )
     federation = dataclasses.replace(Federation.new(f"conv-{variant}"), params=params)
     dirs = create_local_federation(
         workdir / variant, federation, setup.num_nodes, mdns=False, task=TASK

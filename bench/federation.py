@@ -177,7 +177,7 @@ def run_phase(
     from p2pfed.demo import create_local_federation
     from p2pfed.federation import Federation, ProtocolParams
 
-    params = ProtocolParams(group_min=3, group_max=4, dp_enabled=False)
+    params = ProtocolParams(group_min=3, group_max=4, dp_enabled=False, min_nodes=nodes)
     federation = dataclasses.replace(Federation.new(f"bench-{label}"), params=params)
     dirs = create_local_federation(workdir / label, federation, nodes, mdns=False, task=TASK)
     started = time.monotonic()

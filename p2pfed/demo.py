@@ -164,6 +164,7 @@ def _make_federation(
     # exact rounds (the default averaging): every round averages the whole federation,
     # as the digits task's calibration assumed (tests/test_tasks.py), in groups of 3 to 8
     params = ProtocolParams(
+        min_nodes=nodes,  # the first round waits until every node of the demo is there
         dp_enabled=dp,
         dp_clip_norm=DEFAULT_DP_CLIP,
         dp_noise_multiplier=noise if dp else 1.0,

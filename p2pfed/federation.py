@@ -121,6 +121,10 @@ class ProtocolParams:
     holding the exact weighted average of all nodes' models, in a few steps of small
     groups; falls back to random groups for a round it cannot complete) or "random"
     (one random group per round: for very large or churning federations)."""
+    min_nodes: int = 0
+    """Exact rounds: a fresh federation's first round starts only once a node sees at
+    least this many nodes (itself included), like Flower's ``min_available_clients``
+    (0: as soon as its peers stop changing)."""
     server_optimizer: str = "fedavg"
     """What every node does with a round's average (spec/server-optimizer.md): "fedavg"
     (adopt it), "fedavgm" (server momentum) or "fedadam" (Reddi et al. 2021)."""
@@ -192,6 +196,9 @@ class ProtocolParams:
             raise _ParamError(f"dp_delta must be strictly between 0 and 1, got {self.dp_delta}")
         if self.dp_epsilon_budget <= 0:
             raise _ParamError(f"dp_epsilon_budget must be > 0, got {self.dp_epsilon_budget}")
+        min_nodes = _int("min_nodes", self.min_nodes)
+        if not 0 <= min_nodes <= 65536:
+            raise _ParamError(f"min_nodes must be between 0 and 65536, got {min_nodes}")
         if self.averaging not in self.AVERAGING_MODES:
             raise _ParamError(f'averaging must be "exact" or "random", got {self.averaging!r}')
         self._validate_server_optimizer()
@@ -238,6 +245,7 @@ _PARAM_COMMENTS: dict[str, str] = {
     "dp_delta": "delta of the (epsilon, delta) privacy guarantee",
     "dp_epsilon_budget": "total epsilon a node may spend before it stops contributing",
     "averaging": 'groups: "exact" (the exact average every round) or "random"',
+    "min_nodes": "exact rounds: the first round waits for this many nodes (0: no minimum)",
     "server_optimizer": 'applied to each round\'s average: "fedavg", "fedavgm" or "fedadam"',
     "server_lr": "server learning rate (fedavgm, fedadam)",
     "server_momentum": "fedavgm momentum / fedadam beta1, in [0, 1)",

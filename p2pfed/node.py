@@ -966,10 +966,27 @@ class Node:
             )
 
     async def _settle(self, quiet: float = 1.0) -> None:
-        """Exact rounds, before a fresh federation's first round: wait until this node's
-        set of peers has stopped changing for ``quiet`` seconds (at most ``sync_timeout``
-        in all), so that the first round is not run by the first few nodes up while the
-        others are still connecting (they would only catch up by adopting its average)."""
+        """Exact rounds, before a fresh federation's first round: wait until this node sees
+        the federation's ``min_nodes`` (logging what it waits for every 10 s), then until
+        its set of peers has stopped changing for ``quiet`` seconds (at most
+        ``sync_timeout``), so that the first round is not run by the first few nodes up
+        while the others are still connecting (they would only catch up by adopting its
+        average)."""
+        wanted = self.federation.params.min_nodes
+        waiting_since = trio.current_time()
+        next_log = waiting_since + 10.0
+        while 1 + len(self._connected()) < wanted and not self._stop.is_set():
+            now = trio.current_time()
+            if now >= next_log:
+                log.info(
+                    "waiting for the first round: %d of the federation's min_nodes = %d "
+                    "nodes connected (%.0f s)",
+                    1 + len(self._connected()),
+                    wanted,
+                    now - waiting_since,
+                )
+                next_log = now + 10.0
+            await trio.sleep(0.05)
         deadline = trio.current_time() + self.options.sync_timeout
         last = set(self._connected())
         changed_at = trio.current_time()

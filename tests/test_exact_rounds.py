@@ -313,3 +313,47 @@ def test_a_count_without_a_plan_sits_a_few_nodes_out_in_rotation(
     assert len(sat) >= 2 * 3  # two nodes in each of (at least) rounds 1 to 3
     exact = [r for r in caplog.records if "was exact over 9 of 11 nodes" in r.getMessage()]
     assert exact
+
+
+async def test_the_first_round_waits_for_min_nodes(tmp_path: Path) -> None:
+    """With min_nodes = 4, three nodes never start round 0 among themselves; once the
+    fourth arrives, all four train round 0 and average it together (nobody catches up by
+    adopting an average it did not contribute to)."""
+    federation = dataclasses.replace(
+        Federation.new("min-nodes"), params=ProtocolParams(dp_enabled=False, min_nodes=4)
+    )
+    settings = {"params": 8, "samples": 10}
+
+    def make(i: int, port: int) -> Node:
+        node_dir = tmp_path / f"n{i}"
+        node_dir.mkdir()
+        return Node(
+            identity=NodeIdentity.generate(),
+            federation=federation,
+            config=NodeConfig(
+                listen_host="127.0.0.1",
+                listen_port=0,
+                mdns=False,
+                bootstrap=(f"127.0.0.1:{port}",) if port else (),
+            ),
+            node_dir=node_dir,
+            network=TcpNetwork(mdns=False),
+            task=task,
+            options=NodeOptions(max_rounds=2, task_config={**settings, "node_index": i}),
+        )
+
+    async with trio.open_nursery() as nursery:
+        first = make(0, 0)
+        port = await nursery.start(first.run)
+        nodes = [first]
+        for i in (1, 2):
+            nodes.append(make(i, port))
+            await nursery.start(nodes[-1].run)
+        await trio.sleep(4.0)  # three nodes, connected and settled: still no round
+        assert all(n.round == 0 and n.groups_completed == 0 for n in nodes)
+        nodes.append(make(3, port))
+        await nursery.start(nodes[-1].run)
+        with trio.fail_after(30):
+            while not all(n.finished.is_set() for n in nodes):
+                await trio.sleep(0.05)
+    assert all(n.round == 2 and n.local_rounds == 2 for n in nodes)

@@ -150,6 +150,7 @@ def verify(vectors: dict) -> None:
         "dp_delta": 1e-5,
         "dp_epsilon_budget": 10.0,
         "averaging": "exact",
+        "min_nodes": 0,
         "server_optimizer": "fedavg",
         "server_lr": 1.0,
         "server_momentum": 0.9,
