@@ -214,6 +214,28 @@ nodes = [5]
     assert result.rows[-1]["live_nodes"] == 15
 
 
+def _loopback_node(
+    node_dir: Path, federation: Federation, bootstrap_port: int, options: NodeOptions
+) -> Node:
+    """A node of simnet's tiny task on real loopback TCP, bootstrapping from
+    ``bootstrap_port`` (0: none, the first node)."""
+    node_dir.mkdir()
+    return Node(
+        identity=NodeIdentity.generate(),
+        federation=federation,
+        config=NodeConfig(
+            listen_host="127.0.0.1",
+            listen_port=0,
+            mdns=False,
+            bootstrap=(f"127.0.0.1:{bootstrap_port}",) if bootstrap_port else (),
+        ),
+        node_dir=node_dir,
+        network=TcpNetwork(mdns=False),
+        task=task,
+        options=options,
+    )
+
+
 def _vector(model: object) -> np.ndarray:
     import torch
 
@@ -249,22 +271,8 @@ async def test_real_nodes_follow_a_framework_free_replay(
     async with trio.open_nursery() as nursery:
         port = 0
         for i in range(count):
-            node_dir = tmp_path / f"n{i}"
-            node_dir.mkdir()
-            node = Node(
-                identity=NodeIdentity.generate(),
-                federation=federation,
-                config=NodeConfig(
-                    listen_host="127.0.0.1",
-                    listen_port=0,
-                    mdns=False,
-                    bootstrap=(f"127.0.0.1:{port}",) if i else (),
-                ),
-                node_dir=node_dir,
-                network=TcpNetwork(mdns=False),
-                task=task,
-                options=NodeOptions(max_rounds=rounds, linger=False, task_config=configs[i]),
-            )
+            options = NodeOptions(max_rounds=rounds, task_config=configs[i])
+            node = _loopback_node(tmp_path / f"n{i}", federation, port, options)
             listening = await nursery.start(node.run)
             port = port or listening
             nodes.append(node)
@@ -325,22 +333,8 @@ async def test_the_first_round_waits_for_min_nodes(tmp_path: Path) -> None:
     settings = {"params": 8, "samples": 10}
 
     def make(i: int, port: int) -> Node:
-        node_dir = tmp_path / f"n{i}"
-        node_dir.mkdir()
-        return Node(
-            identity=NodeIdentity.generate(),
-            federation=federation,
-            config=NodeConfig(
-                listen_host="127.0.0.1",
-                listen_port=0,
-                mdns=False,
-                bootstrap=(f"127.0.0.1:{port}",) if port else (),
-            ),
-            node_dir=node_dir,
-            network=TcpNetwork(mdns=False),
-            task=task,
-            options=NodeOptions(max_rounds=2, task_config={**settings, "node_index": i}),
-        )
+        options = NodeOptions(max_rounds=2, task_config={**settings, "node_index": i})
+        return _loopback_node(tmp_path / f"n{i}", federation, port, options)
 
     async with trio.open_nursery() as nursery:
         first = make(0, 0)
