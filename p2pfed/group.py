@@ -623,6 +623,10 @@ class GroupProtocol:
 
     # -- formation -----------------------------------------------------------------------
 
+    def _look_again(self, now: float) -> None:
+        """Try initiating again shortly: what was missing (peers, mates, a class) may come."""
+        self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+
     def _schedule_initiate(self, now: float, spread: float) -> None:
         if self._passive:
             self._initiate_at = None
@@ -638,7 +642,7 @@ class GroupProtocol:
         candidates = sorted(p for p in connected if p != self.node_id)
         if len(candidates) < self.config.group_min - 1:
             # not enough peers yet: try again later rather than spin
-            self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+            self._look_again(now)
             return []
         chosen = self._rng.sample(candidates, min(len(candidates), self.config.group_max - 1))
         return self._invite(now, chosen, full=False)
@@ -658,7 +662,7 @@ class GroupProtocol:
             return []
         if len(mates) < grid.side - 1:
             # not every mate is connected (or announced) yet: look again shortly
-            self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+            self._look_again(now)
             return []
         return self._invite(now, mates[: self.config.group_max - 1], full=True)
 
@@ -679,7 +683,7 @@ class GroupProtocol:
             too_few = position.size < self.config.group_min  # nothing can form: wait for more
             if too_few or (not settled and now < self._offered_at + self.config.invite_timeout):
                 # the count of nodes may still be growing (peers connecting, announcing)
-                self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+                self._look_again(now)
                 return []
             # no exact plan for this many nodes: random grouping for this contribution
             self._grid_until = now
@@ -687,7 +691,7 @@ class GroupProtocol:
         expected = position.size if position.step == 0 else plan.participants
         if len(members) < position.expected_class_size(expected, sizes):
             # part of the class has not arrived (still training, or not yet announced)
-            self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
+            self._look_again(now)
             return []
         if position.step == 0 and plan.sitting_out:
             out = sitting_out(position.round, [m.raw for m in members], plan.sitting_out)

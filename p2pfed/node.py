@@ -297,7 +297,6 @@ class Node:
         self.group: GroupProtocol | None = None
         self.ledger: PrivacyLedger | None = None
         self.last_metrics: dict[str, float] = {}
-        self.last_train_loss: float | None = None
         self._round_position: Position | None = None  # exact rounds: the current step's class
         self._behind = False  # exact rounds: every peer is at a later round (catch up)
         self.server_optimizer: ServerOptimizer | None = None
@@ -537,8 +536,6 @@ class Node:
                 metrics = await self._offload(self._evaluate, torch_model, data)
                 self.last_metrics = metrics
             train_loss = result.loss if result is not None else None
-            if train_loss is not None and math.isfinite(train_loss):
-                self.last_train_loss = train_loss
             report = RoundReport(
                 round=self.round,
                 group_size=len(outcome.members),
@@ -802,27 +799,24 @@ class Node:
             self._announce_position()
             self._wake.set()
 
-    def _announce_position(self, peer: NodeId | None = None) -> None:
-        """Send this node's position to ``peer`` (default: every connected peer)."""
+    def _announce_position(self) -> None:
+        """Send this node's position to every connected peer that speaks version 2."""
         position = self._round_position
         if position is None:
             return
-        message = GroupPosition(
-            round=position.round, step=position.step, key=position.key, size=position.size
+        log.debug(
+            "position: round %d step %d key %s of %d nodes (%d peers connected)",
+            position.round,
+            position.step,
+            list(position.key),
+            position.size,
+            len(self._connected()),
         )
-        if peer is None:
-            log.debug(
-                "position: round %d step %d key %s of %d nodes (%d peers connected)",
-                position.round,
-                position.step,
-                list(position.key),
-                position.size,
-                len(self._connected()),
-            )
-        for target in [peer] if peer is not None else self._connected():
-            links = self._links.get(target)
+        message = _position_message(position)
+        for peer in self._connected():
+            links = self._links.get(peer)
             if links and links[0].channel.version >= _POSITION_VERSION:
-                self._send(target, message)
+                self._send(peer, message)
 
     async def _contribution(
         self,
@@ -1325,13 +1319,8 @@ class Node:
         session = self._pex.setdefault(peer, PeerExchangeSession())
         grid = self.options.grid.coordinate if self.options.grid is not None else ()
         send.send_nowait(NodeAnnounce(listen_port=self.listen_port, grid=grid))
-        position = self._round_position
-        if position is not None and channel.version >= _POSITION_VERSION:
-            send.send_nowait(
-                GroupPosition(
-                    round=position.round, step=position.step, key=position.key, size=position.size
-                )
-            )
+        if self._round_position is not None and channel.version >= _POSITION_VERSION:
+            send.send_nowait(_position_message(self._round_position))
         for message in self._queued.pop(peer, []):
             send.send_nowait(message)
         # ask for more peers only while short of them (spec/discovery.md: a node SHOULD ask
@@ -1516,6 +1505,12 @@ class Node:
         for links in list(self._links.values()):
             for link in list(links):
                 await link.channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
+
+
+def _position_message(position: Position) -> GroupPosition:
+    return GroupPosition(
+        round=position.round, step=position.step, key=position.key, size=position.size
+    )
 
 
 def federation_seed(federation: Federation) -> int:

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from p2pfed import partition as partitioners
 from p2pfed.errors import ConfigError
 from p2pfed.task import NodeData, RoundContext, TrainResult
 
@@ -95,7 +96,6 @@ DEFAULT_ALPHA = 0.5
 """Dirichlet concentration of the non-IID label split."""
 MIN_SAMPLES_PER_NODE = 10
 """Every node gets at least this many training images."""
-_MAX_PARTITION_DRAWS = 10_000
 
 DEFAULT_TRAINING: dict[str, float | int] = {
     "lr": 0.1,
@@ -202,25 +202,15 @@ def partition(
             f"cannot give each of {num_nodes} nodes at least {min_samples} of the "
             f"{len(labels)} training examples; use at most {len(labels) // min_samples} nodes"
         )
-    rng = np.random.Generator(np.random.PCG64(seed))
-    classes = np.unique(labels)
-    for _ in range(_MAX_PARTITION_DRAWS):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_nodes)]
-        for value in classes:
-            members = np.flatnonzero(labels == value)
-            members = members[rng.permutation(len(members))]
-            shares = rng.dirichlet(np.full(num_nodes, float(alpha)))
-            cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
-            for node, chunk in enumerate(np.split(members, cuts)):
-                parts[node].append(chunk)
-        result = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(r) for r in result) >= min_samples:
-            return result
-    raise ConfigError(
-        f"no Dirichlet(alpha={alpha}) split gave each of {num_nodes} nodes at least "
-        f"{min_samples} examples in {_MAX_PARTITION_DRAWS} draws; raise dirichlet_alpha "
-        "or use fewer nodes"
-    )
+    try:
+        # the reusable partitioner draws exactly what this task was calibrated with
+        return partitioners.dirichlet(labels, num_nodes, alpha, seed, min_size=min_samples)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"no Dirichlet(alpha={alpha}) split gave each of {num_nodes} nodes at least "
+            f"{min_samples} examples in {partitioners.MAX_DIRICHLET_DRAWS} draws; raise "
+            "dirichlet_alpha or use fewer nodes"
+        ) from exc
 
 
 def _int_setting(config: Mapping[str, Any], key: str, default: int | None, low: int) -> int:
