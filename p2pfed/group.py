@@ -377,7 +377,6 @@ class GroupProtocol:
         self._position: Position | None = None  # exact rounds: this contribution's class
         self._peer_position: dict[NodeId, Position] = {}
         self._grid_until = 0.0  # grid grouping / exact classes for this contribution until then
-        self._offered_at = 0.0
         self._passive = False  # answer invites only, never initiate (set_contribution)
         self._address_of = address_of
         self._rng = rng or random.Random(int.from_bytes(randbytes(16), "big"))
@@ -432,10 +431,6 @@ class GroupProtocol:
         if self.phase is not Phase.READY or self._formation is not None:
             return False
         self._position = position
-        planned = self.exact_plan(position.size).sizes
-        if planned and self._now < self._offered_at + self.config.class_timeout:
-            # fell back for a count that had no plan: the new count has one
-            self._grid_until = max(self._grid_until, self._offered_at + self.config.class_timeout)
         return True
 
     def exact_plan(self, nodes: int) -> RoundPlan:
@@ -483,8 +478,16 @@ class GroupProtocol:
         return self.grid is not None and now < self._grid_until
 
     def _exact_grouping(self, now: float) -> bool:
-        """Whether the current contribution is still grouped by its exact-rounds class."""
-        return self.exact and self._position is not None and now < self._grid_until
+        """Whether the current contribution is still grouped by its exact-rounds class: not
+        fallen back, and its count of nodes has a plan (a count without one, say while
+        peers are still connecting, groups by the random rules until it changes)."""
+        position = self._position
+        return (
+            self.exact
+            and position is not None
+            and now < self._grid_until
+            and bool(self.exact_plan(position.size).sizes)
+        )
 
     # -- local decisions -----------------------------------------------------------------
 
@@ -515,7 +518,6 @@ class GroupProtocol:
             raise ValueError(f"expected a float32 vector of {self.model_size} values")
         self._contribution = _Contribution(vector, int(weight), round)
         self._position = position if self.exact else None
-        self._offered_at = now
         # a grid group must form within the formation bound, else random grouping takes
         # over for this contribution (mates that lag or crashed must not stall the node);
         # at step 0 of an exact round the class includes peers still training
@@ -674,18 +676,7 @@ class GroupProtocol:
         plan = self.exact_plan(position.size)
         sizes = plan.sizes
         members = self.class_of([p for p in connected if p != self.node_id])
-        if not sizes or position.step >= len(sizes):
-            # every node counted agrees on the count (alone, or below group_min, more may come)
-            sizes_seen = {
-                q.size for p in connected if (q := self._peer_position.get(p)) is not None
-            }
-            settled = sizes_seen <= {position.size} and position.size >= self.config.group_min
-            too_few = position.size < self.config.group_min  # nothing can form: wait for more
-            if too_few or (not settled and now < self._offered_at + self.config.invite_timeout):
-                # the count of nodes may still be growing (peers connecting, announcing)
-                self._look_again(now)
-                return []
-            # no exact plan for this many nodes: random grouping for this contribution
+        if position.step >= len(sizes):  # a step the plan does not have: random grouping
             self._grid_until = now
             return self._initiate(now, connected)
         expected = position.size if position.step == 0 else plan.participants

@@ -112,7 +112,10 @@ async def test_pure_secure_averaging_reaches_the_sample_weighted_mean(tmp_path: 
         # no late-joiner sync: a node adopting an average would replace its own model and
         # break the conservation this test is about (the nodes start one after another)
         options.sync_timeout = 0.0
-    fed = federation()
+    # the first exact round waits for all five: an exact group of the first three up gives
+    # each of them the group's whole weight, which a later random group would count again
+    # (spec/group.md, "Weights": pure averaging conserves the sum over complete rounds)
+    fed = federation(min_nodes=5)
     initial = [model_to_vector(TinyTask().build_model({"init": i + 1})) for i in range(5)]
     target = sum(w * x.astype(np.float64) for w, x in zip(samples, initial, strict=True))
     target /= sum(samples)
