@@ -19,8 +19,9 @@ draws it from ``(seed, client, round)``), so their curves differ only by how the
   (:class:`p2pfed.launcher.NodeLauncher`), secure aggregation on, DP off, one federation
   run per variant, chosen by federation parameters (``[params]``):
   ``exact-fedavg`` (``averaging = "exact"``), ``exact-fedavgm`` and ``exact-fedadam``
-  (``server_optimizer``), ``random-fedavg`` (``averaging = "random"``: one random group of
-  3-4 per round). A variant whose parameter keys this p2pfed does not know, or whose server
+  (``server_optimizer``), ``random-fedavg`` (``averaging = "random"``: push-sum over random
+  groups of 3-4, ``random_steps`` of them per round, 3 for 16 nodes by the automatic
+  rule). A variant whose parameter keys this p2pfed does not know, or whose server
   optimiser the node does not apply yet, is skipped with the reason in the JSON. The curve
   is the mean over nodes of each node's logged test accuracy after round ``r`` (every node
   evaluates: 16 times the work of Flower's one evaluation per round on the server, which
@@ -238,10 +239,12 @@ def variant_blocker(variant: str, allowed: Sequence[str], node_source: str) -> s
     return None
 
 
-def federation_params(variant: str) -> dict[str, Any]:
+def federation_params(variant: str, random_steps: int = 0) -> dict[str, Any]:
     """The ``[params]`` entries that select ``variant``."""
     averaging, optimizer = VARIANTS[variant]
     params: dict[str, Any] = {"averaging": averaging, "server_optimizer": optimizer}
+    if averaging == "random" and random_steps:
+        params["random_steps"] = random_steps
     if optimizer != "fedavg":
         opt = OPTIMIZERS[optimizer]
         params.update(server_lr=opt.lr, server_momentum=opt.momentum)
@@ -295,14 +298,20 @@ def _timestamp(record: dict[str, Any]) -> float:
 
 
 def run_p2pfed(
-    variant: str, setup: Setup, workdir: Path, launcher: Any, *, timeout: float
+    variant: str,
+    setup: Setup,
+    workdir: Path,
+    launcher: Any,
+    *,
+    timeout: float,
+    random_steps: int = 0,
 ) -> dict[str, Any]:
     """One federation of ``setup.num_nodes`` node processes for ``setup.rounds`` rounds."""
     from p2pfed.demo import create_local_federation
     from p2pfed.federation import Federation, ProtocolParams
 
     allowed = set(ProtocolParams.allowed_keys())
-    extra = {k: v for k, v in federation_params(variant).items() if k in allowed}
+    extra = {k: v for k, v in federation_params(variant, random_steps).items() if k in allowed}
     params = ProtocolParams(
         group_min=3, group_max=4, dp_enabled=False, min_nodes=setup.num_nodes, **extra
     )
@@ -727,6 +736,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(VARIANTS),
         help=f"p2pfed variants, comma-separated, or 'none' (default: {','.join(VARIANTS)})",
     )
+    parser.add_argument(
+        "--random-steps",
+        type=int,
+        default=0,
+        help="random variants: groups per round (default 0: the node's automatic rule)",
+    )
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower run")
     parser.add_argument(
         "--force", action="store_true", help="run variants even if the node seems to lack them"
@@ -781,7 +796,14 @@ def run_all(
             launcher = NodeLauncher(preload=[TASK_MODULE])
             for variant in runnable:
                 try:
-                    runs[variant] = run_p2pfed(variant, setup, workdir, launcher, timeout=timeout)
+                    runs[variant] = run_p2pfed(
+                        variant,
+                        setup,
+                        workdir,
+                        launcher,
+                        timeout=timeout,
+                        random_steps=args.random_steps,
+                    )
                 except Exception as exc:  # one broken run must not lose the others' numbers
                     log(f"[p2pfed {variant}] crashed: {exc!r}")
                     runs[variant] = {"curve": [], "failure": f"benchmark error: {exc!r}"}

@@ -32,8 +32,15 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, durable: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` atomically and (unless ``durable=False``) durably.
+
+    ``durable=False`` skips both fsyncs: readers still never see a torn file (the rename
+    is atomic), but a power loss may leave the previous version. That suits files a node
+    rewrites every second for humans to read (status.json), where two fsyncs per write
+    would block the event loop for tens of milliseconds on a busy disk.
 
     The file is created with permission bits ``mode`` from the start (a secret is never
     readable by others, not even briefly). Leftover temporary files from a crash are named
@@ -50,16 +57,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, target)
-    fsync_directory(directory)
+    if durable:
+        fsync_directory(directory)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int = 0o644) -> None:
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, mode: int = 0o644, durable: bool = True
+) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode, durable=durable)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ __all__ = [
     "Event",
     "HandshakeComplete",
     "MessageReceived",
+    "ReassemblyBudget",
     "Role",
     "State",
     "StaticKey",
@@ -96,6 +98,66 @@ MAX_HANDSHAKE_MESSAGE = 1024
 MAX_CLOSE_REASON = 256
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 FRAME_HEADER = 4
+LAZY_FRAME_SIZE = 64 * 1024
+"""Frame bodies above this size are not allocated from the header: their memory is
+committed page by page as body bytes arrive (spec/transport.md, section 8)."""
+
+
+class ReassemblyBudget:
+    """Body bytes received into unfinished large frames, over every channel sharing it.
+
+    A frame header alone costs nothing (large bodies are committed as their bytes arrive),
+    so what a peer can make a node hold is what it actually sent. This counter bounds
+    that over all channels: while :attr:`exhausted`, a driver reads on only for the
+    channel holding the most (it can finish its frame and give the bytes back; the others
+    wait), see spec/transport.md, section 8. Pure bookkeeping, no I/O: a driver may
+    subclass it to learn of releases (:meth:`_released`).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a reassembly budget must be positive")
+        self.limit = limit
+        self.used = 0
+        self._held: dict[int, int] = {}  # id of a connection -> bytes it holds
+
+    @property
+    def exhausted(self) -> bool:
+        return self.used >= self.limit
+
+    def hold(self, owner: object, size: int) -> None:
+        """``owner`` now holds ``size`` bytes (0: none)."""
+        key = id(owner)
+        before = self._held.pop(key, 0)
+        if size:
+            self._held[key] = size
+        self.used += size - before
+        if size < before:
+            self._released()
+
+    def may_grow(self, owner: object) -> bool:
+        """Whether ``owner`` may receive more now: the budget has room, or ``owner``
+        holds the most (so one frame always progresses and no set of channels can wait
+        on each other forever)."""
+        if not self.exhausted:
+            return True
+        mine = self._held.get(id(owner), 0)
+        return mine > 0 and mine >= max(self._held.values())
+
+    def _released(self) -> None:
+        """Called when some owner gave bytes back."""
+
+
+def _frame_buffer(length: int) -> memoryview:
+    """A zeroed, writable buffer for a frame body of ``length`` bytes.
+
+    Above :data:`LAZY_FRAME_SIZE` it is an anonymous mapping: the kernel commits (and
+    zeroes) its pages on first write, so a header announcing 256 MiB costs one page until
+    the body arrives, where ``bytearray(length)`` would zero, and so commit, all of it.
+    """
+    if length <= LAZY_FRAME_SIZE:
+        return memoryview(bytearray(length))
+    return memoryview(mmap.mmap(-1, length))
 
 
 def prologue(federation_id: bytes) -> bytes:
@@ -303,6 +365,7 @@ class ChannelConnection:
         noise_static: bytes | StaticKey | None = None,
         noise_ephemeral: bytes | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
+        budget: ReassemblyBudget | None = None,
     ) -> None:
         if len(psk) != 32:
             raise LocalProtocolError(f"the federation secret must be 32 bytes, got {len(psk)}")
@@ -338,6 +401,7 @@ class ChannelConnection:
         self._frame_header = bytearray()
         self._frame_body: memoryview | None = None
         self._frame_filled = 0
+        self._budget = budget
         self._peer_payload: HandshakePayload | None = None
         self.peer_id: NodeId | None = None
         self.peer_identity_key: bytes | None = None
@@ -366,6 +430,7 @@ class ChannelConnection:
             reason = str(error).encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
             self._queue_message(Close(code=int(error.code), reason=reason))
         self.state = State.CLOSED
+        self.discard_buffers()
         raise error
 
     # -- local calls ---------------------------------------------------------------------
@@ -662,8 +727,9 @@ class ChannelConnection:
                 receive.decrypt_into(b"", noise_message, body[start : start + size])
                 self._frame_filled += size
                 if self._frame_filled < len(body):
+                    self._charge_frame()
                     return []
-                self._frame_body = None
+                self._frame_done()
                 event = self._handle_frame(body)
                 return [] if event is None else [event]
             plaintext = receive.decrypt_with_ad(b"", noise_message)
@@ -696,7 +762,7 @@ class ChannelConnection:
                     )
                 if length == 0:
                     self._fail(DecodeError("empty frame (a message must not be empty)"))
-                self._frame_body = memoryview(bytearray(length))
+                self._frame_body = _frame_buffer(length)
                 self._frame_filled = 0
                 continue
             take = min(len(body) - self._frame_filled, len(view) - position)
@@ -704,11 +770,40 @@ class ChannelConnection:
             position += take
             self._frame_filled += take
             if self._frame_filled == len(body):
-                self._frame_body = None
+                self._frame_done()
                 event = self._handle_frame(body)
                 if event is not None:
                     events.append(event)
+        if self._frame_body is not None:
+            self._charge_frame()
         return events
+
+    @property
+    def reassembling(self) -> int:
+        """Body bytes received so far of a large frame under reassembly (0: none)."""
+        body = self._frame_body
+        return self._frame_filled if body is not None and len(body) > LAZY_FRAME_SIZE else 0
+
+    def _charge_frame(self) -> None:
+        if self._budget is not None:
+            self._budget.hold(self, self.reassembling)
+
+    def _frame_done(self) -> None:
+        """The frame under reassembly is complete (or abandoned): it no longer counts."""
+        self._frame_body = None
+        if self._budget is not None:
+            self._budget.hold(self, 0)
+
+    def may_receive(self) -> bool:
+        """Whether the node's reassembly budget lets this channel read more now (always
+        true without a budget, or without a large frame under reassembly)."""
+        return self._budget is None or not self.reassembling or self._budget.may_grow(self)
+
+    def discard_buffers(self) -> None:
+        """Drop a frame under reassembly (the driver closed the channel): give back its
+        memory and its share of the budget."""
+        self._frame_done()
+        self._inbuf = bytearray()
 
     def _handle_frame(self, body: memoryview) -> Event | None:
         try:

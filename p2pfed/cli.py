@@ -17,6 +17,8 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -35,11 +37,13 @@ from p2pfed.config import (
 from p2pfed.conformance import add_conformance_parser
 from p2pfed.daemon import add_node_parser
 from p2pfed.demo import add_demo_parser
-from p2pfed.errors import ConfigError, P2pfedError
-from p2pfed.federation import Federation, load_federation, save_federation
+from p2pfed.dp import DP_MODES, calibrate, check_budget, release_cost
+from p2pfed.errors import ConfigError, fatal_message, main_error
+from p2pfed.export import add_export_parser
+from p2pfed.federation import Federation, ProtocolParams, load_federation, save_federation
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
+from p2pfed.run import add_run_parser
 from p2pfed.status import add_status_parser
-from simnet.cli import add_simnet_parser
 
 __all__ = [
     "SUBCOMMANDS",
@@ -200,6 +204,55 @@ def add_federation_parser(subparsers: Subparsers) -> None:
         "-o", "--output", metavar="FILE", help="file to write (default: ./NAME.federation.toml)"
     )
     new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    privacy = new.add_argument_group(
+        "differential privacy",
+        "The noise is calibrated with the RDP accountant so that --rounds rounds spend at "
+        "most --epsilon at --delta (spec/privacy.md).",
+    )
+    privacy.add_argument(
+        "--dp",
+        choices=DP_MODES,
+        default="record",
+        help="record: DP-SGD protects each record of a node's data (default); node: each "
+        "round's update is noised to protect a node's whole dataset (needs many nodes to "
+        "learn); off: no differential privacy",
+    )
+    privacy.add_argument(
+        "--epsilon", type=float, default=8.0, metavar="E", help="privacy budget (default 8)"
+    )
+    privacy.add_argument(
+        "--delta", type=float, default=1e-5, metavar="D", help="delta (default 1e-5)"
+    )
+    privacy.add_argument(
+        "--rounds",
+        type=int,
+        default=100,
+        metavar="R",
+        help="expected number of training rounds the budget must last (default 100)",
+    )
+    privacy.add_argument(
+        "--sample-rate",
+        type=float,
+        default=ProtocolParams.dp_sample_rate,
+        metavar="Q",
+        help="record level: probability that a record joins a DP-SGD batch (default "
+        f"{ProtocolParams.dp_sample_rate:g})",
+    )
+    privacy.add_argument(
+        "--steps",
+        type=int,
+        default=ProtocolParams.dp_steps,
+        metavar="N",
+        help=f"record level: DP-SGD steps per round (default {ProtocolParams.dp_steps})",
+    )
+    privacy.add_argument(
+        "--clip-norm",
+        type=float,
+        default=ProtocolParams.dp_clip_norm,
+        metavar="C",
+        help="L2 clip norm: of each record's gradient (record) or of the round's update "
+        f"(node) (default {ProtocolParams.dp_clip_norm:g})",
+    )
     new.set_defaults(handler=cmd_federation_new)
 
     show = sub.add_parser(
@@ -211,15 +264,60 @@ def add_federation_parser(subparsers: Subparsers) -> None:
     show.set_defaults(handler=cmd_federation_show)
 
 
+def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
+    """The DP parameters ``federation new`` was asked for, calibrated, and a summary line."""
+    if args.dp == "off":
+        return ProtocolParams(dp_enabled=False), "differential privacy: OFF"
+    level = args.dp
+    try:
+        base = ProtocolParams(
+            dp_level=level,
+            dp_delta=args.delta,
+            dp_epsilon_budget=args.epsilon,
+            dp_sample_rate=args.sample_rate,
+            dp_steps=args.steps,
+            dp_clip_norm=args.clip_norm,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (check --epsilon, --delta, --sample-rate, --steps)") from None
+    sigma = calibrate(
+        level,
+        epsilon=base.dp_epsilon_budget,
+        delta=base.dp_delta,
+        rounds=args.rounds,
+        sampling_rate=base.dp_sample_rate,
+        steps=base.dp_steps,
+    )
+    params = dataclasses.replace(base, dp_noise_multiplier=sigma)
+    check_budget(params)
+    cost = release_cost(params)
+    spent = cost.epsilon(args.rounds, params.dp_delta)
+    what = (
+        f"DP-SGD, {params.dp_steps} steps per round sampling {params.dp_sample_rate:g} of the "
+        "records"
+        if level == "record"
+        else "each round's update clipped and noised"
+    )
+    summary = (
+        f"differential privacy: {level} level ({what}); noise multiplier {sigma:g} gives "
+        f"epsilon {spent:.3g} after {args.rounds} rounds (budget {params.dp_epsilon_budget:g}, "
+        f"delta {params.dp_delta:g})"
+    )
+    return params, summary
+
+
 def cmd_federation_new(args: argparse.Namespace) -> int:
     """Create a federation file."""
-    fed = Federation.new(args.name)  # validates the name before it becomes part of a path
+    params, privacy = _privacy_params(args)
+    # validates the name before it becomes part of a path
+    fed = Federation.new(args.name, params=params)
     path = Path(args.output).expanduser() if args.output else Path(f"{fed.name}.federation.toml")
     save_federation(path, fed, force=args.force)
     _out(
         f"Wrote federation {fed.name!r} to {path}",
         f"  id:  {fed.federation_id.hex()}",
         f"  tag: {fed.tag}",
+        f"  {privacy}",
     )
     print(
         f"WARNING: {path} contains the federation secret: anyone who has it can join the "
@@ -249,13 +347,25 @@ def cmd_federation_show(args: argparse.Namespace) -> int:
 
 # --- parser and entry point ------------------------------------------------------------------
 
+def add_simnet_parser(subparsers: Subparsers) -> None:
+    """``p2pfed simnet ...``, from the simulator package when it is installed: the node
+    itself never imports simnet (simnet depends on the node, not the other way round)."""
+    try:
+        from simnet.cli import add_simnet_parser as add
+    except ImportError:  # a node-only installation: no simulator subcommand
+        return
+    add(subparsers)
+
+
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_init_parser,
     add_id_parser,
     add_federation_parser,
     add_status_parser,
     add_node_parser,
+    add_run_parser,
     add_demo_parser,
+    add_export_parser,
     add_conformance_parser,
     add_simnet_parser,
 ]
@@ -286,14 +396,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
-    except P2pfedError as exc:
-        print(f"p2pfed: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        # Permission denied, disk full ...: the user's environment, not a bug.
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"p2pfed: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except BaseException as exc:  # every failure ends in one line
+        return _report_failure(exc)
+
+
+def _report_failure(error: BaseException) -> int:
+    """Print one line ``p2pfed: error: WHAT (WHAT TO DO)`` for ``error`` and return the exit
+    status; the traceback goes to the log at debug level (``--log-level DEBUG``).
+
+    trio wraps an error escaping a task in an exception group per nursery it crosses: the
+    error that explains the failure is picked out of them (:func:`main_error`).
+    """
+    chosen = main_error(error)
+    if isinstance(chosen, KeyboardInterrupt):
         print("p2pfed: interrupted", file=sys.stderr)
         return 130
+    if isinstance(chosen, SystemExit):
+        return chosen.code if isinstance(chosen.code, int) else 1
+    logging.getLogger("p2pfed.cli").debug("fatal error", exc_info=error)
+    print(f"p2pfed: error: {fatal_message(chosen)}", file=sys.stderr)
+    return 1

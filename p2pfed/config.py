@@ -6,10 +6,25 @@ Ed25519 key, see :mod:`p2pfed.identity`), ``config.toml`` (this module) and
 a missing ``config.toml`` means all defaults. Unknown keys are errors (a typo must not silently
 fall back to a default).
 
+The training task is named either by a top-level ``task = "package.module:object"`` or by
+a ``[task]`` table whose ``name`` key names it and whose every other key is a *task
+setting*, handed to the task as its ``config`` dict (see :mod:`p2pfed.task`)::
+
+    [task]
+    name = "p2pfed.tasks.digits:task"
+    node_index = 0
+    num_nodes = 3
+
+(TOML allows only one of the two forms in a file: a key ``task`` and a table ``[task]``
+would define the same key twice.)
+
 Example::
 
     >>> parse_config("listen_port = 9000\\nbootstrap = ['10.0.0.2:7447']").listen_port
     9000
+    >>> c = parse_config('[task]\\nname = "mytasks.mnist:task"\\nlr = 0.05')
+    >>> c.task, c.task_settings
+    ('mytasks.mnist:task', {'lr': 0.05})
     >>> parse_config(default_config_text()) == NodeConfig()
     True
 """
@@ -36,12 +51,14 @@ __all__ = [
     "DEFAULT_PORT",
     "FEDERATION_FILE_NAME",
     "HOME_ENV_VAR",
+    "TASK_NAME_KEY",
     "NodeConfig",
     "default_config_text",
     "default_node_dir",
     "load_config",
     "parse_config",
     "parse_host_port",
+    "task_table_text",
 ]
 
 CONFIG_FILE_NAME = "config.toml"
@@ -50,6 +67,9 @@ HOME_ENV_VAR = "P2PFED_HOME"
 DEFAULT_PORT = 7447
 _MAX_FILE_SIZE = 1024 * 1024
 _TASK_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_DEVICE_RE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]+)?")
+TASK_NAME_KEY = "name"
+"""The key of the ``[task]`` table that names the task; every other key is a setting."""
 
 
 def default_node_dir() -> Path:
@@ -107,7 +127,12 @@ _DOCS: dict[str, str] = {
     "metrics": "Serve Prometheus metrics over HTTP.",
     "metrics_port": "TCP port of the metrics endpoint.",
     "metrics_host": "Address of the metrics endpoint (127.0.0.1 = this machine only).",
-    "task": 'Training task to run, as "package.module:object".',
+    "torch_threads": "Threads torch may use for training and evaluation (0 = torch's default,\n"
+    "one per core). 1 by default: nodes are often co-located on one machine, and several\n"
+    "processes that each start a thread per core slow each other down.",
+    "device": 'Where the task should train: "cpu", "cuda", "cuda:1", "mps". The node checks\n'
+    'that torch can use it and passes it to the task as config["device"]; the task moves\n'
+    "its model and batches there (the built-in tasks do).",
     "grid_side": "Grid grouping (Moshpit, spec/group.md): the side of the federation's grid;\n"
     "every node of the federation then sets the same side and its own grid_coordinate\n"
     "(unset = random grouping).",
@@ -117,7 +142,6 @@ _DOCS: dict[str, str] = {
 # Example values written (commented out) for keys whose default is "unset".
 _EXAMPLES: dict[str, Any] = {
     "max_message_size": 64 * 1024 * 1024,
-    "task": "mypackage.tasks:task",
     "grid_side": 9,
     "grid_coordinate": [0, 4, 2],
 }
@@ -190,9 +214,13 @@ class NodeConfig:
     metrics: bool = False
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
-    task: str | None = field(default=None)
     grid_side: int | None = None
     grid_coordinate: tuple[int, ...] | None = None
+    torch_threads: int = 1
+    device: str = "cpu"
+    task: str | None = field(default=None)
+    task_settings: dict[str, Any] = field(default_factory=dict, hash=False)
+    """The ``[task]`` table without its ``name``: the task's settings."""
 
     def __post_init__(self) -> None:
         try:
@@ -251,6 +279,16 @@ class NodeConfig:
                 "task",
                 f'must be "package.module:object" (e.g. "mytasks.mnist:task"), got {self.task!r}',
             )
+        if not isinstance(self.task_settings, dict) or not all(
+            isinstance(k, str) for k in self.task_settings
+        ):
+            raise _KeyError("task", f"settings must be a table, got {self.task_settings!r}")
+        self._set("task_settings", dict(self.task_settings))
+        self._set("torch_threads", _check_int("torch_threads", self.torch_threads, 0, 1024))
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            raise _KeyError(
+                "device", f'must be a torch device such as "cpu" or "cuda:0", got {self.device!r}'
+            )
         if self.grid_coordinate is not None:
             if not isinstance(self.grid_coordinate, list | tuple) or not all(
                 isinstance(c, int) and not isinstance(c, bool) for c in self.grid_coordinate
@@ -275,8 +313,8 @@ class NodeConfig:
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
-        """The keys ``config.toml`` may contain, in file order."""
-        return [f.name for f in fields(cls)]
+        """The keys ``config.toml`` may contain, in file order (``task`` may be a table)."""
+        return [f.name for f in fields(cls) if f.name != "task_settings"]
 
     def grid_position(self) -> GridPosition | None:
         """The node's place on the grid, or ``None`` for random grouping."""
@@ -337,6 +375,50 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+_TASK_TEXT = """\
+# The training task, as "package.module:object" (p2pfed --task overrides it). Either this
+# one line (above any table), for a task without settings:
+# task = "mypackage.tasks:task"
+# or a [task] table (at the end of the file) whose "name" is the task and whose other keys
+# are its settings, handed to it as its config (p2pfed node --set KEY=VALUE overrides one):
+#   [task]
+#   name = "mypackage.tasks:task"
+#   lr = 0.05
+#   data_dir = "/data/mine"
+"""
+
+
+def task_table_text(task: str, settings: dict[str, Any]) -> str:
+    """A ``[task]`` table naming ``task`` with ``settings``, to append to ``config.toml``.
+
+    Values may be booleans, numbers, strings and lists of them.
+
+    >>> print(task_table_text("p2pfed.tasks.digits:task", {"node_index": 0, "lr": 0.05}))
+    [task]
+    name = "p2pfed.tasks.digits:task"
+    node_index = 0
+    lr = 0.05
+    <BLANKLINE>
+    """
+    if TASK_NAME_KEY in settings:
+        raise ConfigError(
+            f"{TASK_NAME_KEY!r} is the key of the [task] table that names the task; a task "
+            "setting cannot be called that"
+        )
+    lines = ["[task]", f"{TASK_NAME_KEY} = {_toml_string(task)}"]
+    for key, value in settings.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ConfigError(f"task setting name {key!r}: use letters, digits, _ and - only")
+        try:
+            lines.append(f"{key} = {_toml_value(value)}")
+        except TypeError:
+            raise ConfigError(
+                f"task setting {key} = {value!r}: only booleans, numbers, strings and lists "
+                "can go into config.toml"
+            ) from None
+    return "\n".join(lines) + "\n"
+
+
 def default_config_text() -> str:
     """A fully commented ``config.toml``: every key with an explanation and its default.
 
@@ -350,6 +432,8 @@ def default_config_text() -> str:
         "",
     ]
     for f in fields(NodeConfig):
+        if f.name in ("task", "task_settings"):
+            continue  # written last: a [task] table must follow every top-level key
         lines.extend(f"# {line}" for line in _DOCS[f.name].splitlines())
         value = getattr(defaults, f.name)
         if value is None:
@@ -357,6 +441,8 @@ def default_config_text() -> str:
         else:
             lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
+    lines.extend(_TASK_TEXT.splitlines())
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -375,6 +461,15 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
         raise ConfigError(
             f"{source}: unknown key(s) {', '.join(unknown)}; allowed keys are: {', '.join(allowed)}"
         )
+    if isinstance(doc.get("task"), dict):
+        settings = dict(doc.pop("task"))
+        name = settings.pop(TASK_NAME_KEY, None)
+        if name is not None and not (isinstance(name, str) and _TASK_RE.fullmatch(name)):
+            raise ConfigError(
+                f'{source}: [task] {TASK_NAME_KEY}: must be "package.module:object" '
+                f'(e.g. "mytasks.mnist:task"), got {name!r}'
+            )
+        doc["task"], doc["task_settings"] = name, settings
     try:
         return NodeConfig(**doc)
     except ConfigError as exc:

@@ -35,7 +35,14 @@ if TYPE_CHECKING:  # the node pulls in torch: import it only when a node runs
     from p2pfed.group import GroupAborted, GroupCompleted
     from p2pfed.node import Node, NodeOptions, RoundReport
 
-__all__ = ["add_node_parser", "bootstrap_status", "cmd_node", "parse_task_settings", "run_node"]
+__all__ = [
+    "add_node_parser",
+    "bootstrap_status",
+    "cmd_node",
+    "parse_listen",
+    "parse_task_settings",
+    "run_node",
+]
 
 log = logging.getLogger("p2pfed.daemon")
 
@@ -142,7 +149,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
     config = load_config(node_dir)
     overrides: dict[str, Any] = {}
     if args.listen:
-        host, port = parse_host_port(args.listen)
+        host, port = parse_listen(args.listen)
         overrides.update(listen_host=host, listen_port=port)
     if args.bootstrap:
         for entry in args.bootstrap:
@@ -166,6 +173,9 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             metrics.test_loss.set(report.metrics["loss"])
         if report.epsilon_spent is not None:
             metrics.epsilon_spent.set(report.epsilon_spent)
+        if node.ledger is not None:
+            metrics.epsilon_remaining.set(node.ledger.remaining())
+            metrics.privacy_budget_exhausted.set(1.0 if node.budget_exhausted else 0.0)
         if report.train_loss is not None:
             metrics.train_loss.set(report.train_loss)
         if report.nodes:
@@ -176,6 +186,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             accuracy=report.metrics.get("accuracy"),
             loss=report.metrics.get("loss"),
             epsilon_spent=report.epsilon_spent,
+            dp_exhausted=node.budget_exhausted if node.ledger is not None else None,
         )
 
     def on_group(outcome: GroupCompleted | GroupAborted, seconds: float) -> None:
@@ -244,6 +255,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             )
             if node.ledger is not None:
                 metrics.epsilon_budget.set(node.ledger.epsilon_budget)
+                metrics.epsilon_remaining.set(node.ledger.remaining())
             running.start_soon(publish_periodically)
             await node.finished.wait()
             running.cancel_scope.cancel()
@@ -258,6 +270,22 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
         status.flush(trio.current_time())
         nursery.cancel_scope.cancel()
     return node.final_report()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``--listen HOST:PORT``, where port 0 means any free port (as in config.toml).
+
+    >>> parse_listen("127.0.0.1:0")
+    ('127.0.0.1', 0)
+    """
+    # parse_host_port is for addresses to dial, where port 0 is meaningless: reuse its
+    # checks of the host part with a stand-in port, then put the 0 back
+    any_port = text.endswith(":0") and not text.endswith("::0")
+    try:
+        host, port = parse_host_port(text[:-1] + "1" if any_port else text)
+    except ValueError as exc:
+        raise ConfigError(f"--listen: {exc}") from None
+    return host, 0 if any_port else port
 
 
 def bootstrap_status(node: Node, wall_offset: float) -> list[dict[str, Any]]:

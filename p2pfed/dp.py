@@ -35,17 +35,32 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from p2pfed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from p2pfed.federation import ProtocolParams
+
 __all__ = [
+    "DP_MODES",
     "SEED_BYTES",
+    "ReleaseCost",
+    "calibrate",
+    "check_budget",
     "clip_and_noise",
     "clip_update",
     "effective_noise_multiplier",
     "l2_norm",
     "noise_generator",
+    "release_cost",
 ]
+
+DP_MODES = ("off", "record", "node")
+"""``p2pfed federation new --dp``: no DP, record-level DP-SGD, node-level update noise."""
 
 SEED_BYTES = 32
 """Bytes of fresh entropy that seed one noise generator (256 bits)."""
@@ -179,3 +194,94 @@ def noise_generator(randbytes: Callable[[int], bytes] = os.urandom) -> np.random
         raise ValueError(f"randbytes({SEED_BYTES}) must return {SEED_BYTES} bytes, got {got}")
     entropy = int.from_bytes(bytes(seed), "little")
     return np.random.Generator(np.random.Philox(np.random.SeedSequence(entropy)))
+
+
+@dataclass(frozen=True)
+class ReleaseCost:
+    """What one release of a federation's DP mechanism costs the ledger.
+
+    ``noise_multiplier`` is the accounting ``z``; the release is ``steps`` steps of the
+    Gaussian mechanism subsampled at ``sampling_rate`` (1 and 1 at node level).
+    """
+
+    noise_multiplier: float
+    sampling_rate: float = 1.0
+    steps: int = 1
+
+    def epsilon(self, releases: int, delta: float) -> float:
+        """Epsilon of ``releases`` such releases at ``delta``."""
+        from p2pfed.accountant import epsilon_for
+
+        return epsilon_for(self.noise_multiplier, releases * self.steps, delta, self.sampling_rate)
+
+
+def release_cost(params: ProtocolParams) -> ReleaseCost:
+    """The cost of one release under ``params`` (which must have DP enabled).
+
+    Node level: one Gaussian release with ``z = sigma / 2`` (replacement of a whole
+    dataset). Record level: ``dp_steps`` DP-SGD steps sampled at ``dp_sample_rate`` with
+    ``z = sigma`` (add/remove one record: the clipped sum moves by at most C).
+    """
+    if params.dp_level == "record":
+        return ReleaseCost(params.dp_noise_multiplier, params.dp_sample_rate, params.dp_steps)
+    return ReleaseCost(effective_noise_multiplier(params.dp_noise_multiplier))
+
+
+def _round_up(value: float, digits: int = 4) -> float:
+    # a federation file is read by people: 4 significant digits, rounded towards more noise
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
+
+
+def calibrate(
+    level: str,
+    *,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    sampling_rate: float = 1.0,
+    steps: int = 1,
+) -> float:
+    """The noise multiplier sigma (a federation's ``dp_noise_multiplier``) with which
+    ``rounds`` releases at ``level`` ("node" or "record") spend at most ``epsilon``.
+
+    Bisection on the RDP accountant (:func:`p2pfed.accountant.noise_multiplier_for`),
+    rounded up to 4 significant digits, so the budget always holds. Raises
+    ``ConfigError`` when no noise reaches ``epsilon``.
+
+    >>> calibrate("node", epsilon=8.0, delta=1e-5, rounds=100)
+    12.76
+    """
+    from p2pfed.accountant import epsilon_for, noise_multiplier_for
+
+    if level not in ("node", "record"):
+        raise ConfigError(f'DP level must be "node" or "record", got {level!r}')
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"the expected number of rounds must be an integer >= 1, got {rounds!r}")
+    q = sampling_rate if level == "record" else 1.0
+    n = rounds * steps if level == "record" else rounds
+    try:
+        z = noise_multiplier_for(epsilon, n, delta, q)
+    except ValueError as exc:
+        raise ConfigError(f"cannot calibrate the noise: {exc}") from None
+    sigma = _round_up(z if level == "record" else 2.0 * z)
+    z_used = sigma if level == "record" else sigma / 2.0
+    if epsilon_for(z_used, n, delta, q) > epsilon:  # pragma: no cover - rounding is upwards
+        raise AssertionError("calibrated noise exceeds the target; this is a bug")
+    return sigma
+
+
+def check_budget(params: ProtocolParams, source: str = "the federation") -> None:
+    """Refuse (``ConfigError``) DP parameters whose first release already exceeds the budget:
+    such a federation would never train (every node would stop before its first round)."""
+    if not params.dp_enabled:
+        return
+    cost = release_cost(params)
+    one = cost.epsilon(1, params.dp_delta)
+    if one > params.dp_epsilon_budget:
+        raise ConfigError(
+            f"{source}: one round of {params.dp_level}-level DP costs epsilon {one:.4g}, more "
+            f"than the whole budget dp_epsilon_budget = {params.dp_epsilon_budget:g}, so no "
+            "node could ever train (create the federation again with `p2pfed federation new "
+            "--epsilon E --rounds R`, which calibrates dp_noise_multiplier to the budget)"
+        )

@@ -18,6 +18,9 @@ The numeric codes are the wire error-code registry of spec/transport.md ("Error 
 from __future__ import annotations
 
 import enum
+import errno
+import os
+from collections.abc import Iterable
 
 
 class CloseCode(enum.IntEnum):
@@ -190,3 +193,90 @@ class StatusError(P2pfedError):
     Raised by :func:`p2pfed.status.read_status`; the message names the file and says
     whether a node has ever run with that directory.
     """
+
+
+class ListenError(P2pfedError):
+    """The node (or its metrics endpoint) cannot listen on its address: the port is in use,
+    the address is not this host's, or binding is not permitted."""
+
+
+class TaskError(P2pfedError):
+    """The user's task raised an exception (its cause is the original exception)."""
+
+
+def raised_in(error: BaseException, files: Iterable[str]) -> bool:
+    """Whether any frame of ``error``'s traceback runs code from one of ``files``."""
+    wanted = {os.path.realpath(f) for f in files}
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.realpath(tb.tb_frame.f_code.co_filename) in wanted:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def leaf_errors(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order; ``[error]`` if it is
+    not a group. trio wraps an error escaping a task in one group per nursery it crosses."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_errors(inner)]
+    return [error]
+
+
+def main_error(error: BaseException) -> BaseException:
+    """The one exception a fatal ``error`` (maybe nested groups) is best reported by.
+
+    A user's interrupt wins, then an error of ours (it says what to do), then an
+    ``OSError`` (the environment), then the first one. Cancellations that merely
+    accompany the real error are never chosen.
+    """
+    leaves = [e for e in leaf_errors(error) if type(e).__name__ != "Cancelled"] or [error]
+    for kind in (KeyboardInterrupt, P2pfedError, OSError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
+
+
+_ADVICE: list[tuple[type[BaseException], str]] = [
+    (
+        CheckpointError,
+        "move the checkpoint aside to start from the federation's initial model; the privacy "
+        "ledger, not the checkpoint, keeps the budget spent",
+    ),
+    (
+        LedgerError,
+        "restore the ledger from a backup; never delete it, it is the record of the privacy "
+        "budget this node has spent",
+    ),
+    (TaskError, "fix the task; the traceback is in the log at debug level"),
+    (ConfigError, "fix the file or option named"),
+    (P2pfedError, "see the log for details"),
+]
+
+
+def fatal_message(error: BaseException) -> str:
+    """One line ``WHAT (WHAT TO DO)`` for a fatal ``error`` (after :func:`main_error`)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and not isinstance(error, P2pfedError):
+        where = f" {error.filename}" if error.filename else ""
+        what = error.strerror or text or type(error).__name__
+        if error.errno == errno.ENOSPC:
+            return (
+                f"disk full writing{where or ' a file'} (free space on that disk and restart "
+                "the node: it resumes from its last checkpoint)"
+            )
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return f"{what}:{where} (check the permissions of that path)"
+        return f"{what}{':' if where else ''}{where} (check the path, the disk and the network)"
+    if isinstance(error, P2pfedError):
+        if text.endswith(")"):
+            return text
+        for kind, advice in _ADVICE:
+            if isinstance(error, kind):
+                return f"{text} ({advice})"
+        return text
+    return (
+        f"unexpected {type(error).__name__}: {text or 'no message'} (a bug: please report it "
+        "with the log; --log-level DEBUG shows the traceback)"
+    )

@@ -110,17 +110,32 @@ class ProtocolParams:
     """Whether every contribution is clipped and noised (local differential privacy)."""
     dp_clip_norm: float = 1.0
     """L2 norm C to which a model update is clipped (> 0)."""
-    dp_noise_multiplier: float = 1.0
-    """sigma: the Gaussian noise added has standard deviation sigma * C (> 0 when enabled)."""
+    dp_noise_multiplier: float = 12.76
+    """sigma: the Gaussian noise added has standard deviation sigma * C (> 0 when enabled).
+    The default is what ``p2pfed federation new --dp node`` calibrates for 100 rounds at
+    epsilon 8, delta 1e-5 (:func:`p2pfed.dp.calibrate`)."""
     dp_delta: float = 1e-5
     """delta of the (epsilon, delta) guarantee, 0 < delta < 1."""
-    dp_epsilon_budget: float = 10.0
+    dp_epsilon_budget: float = 8.0
     """Total epsilon a node may spend; it stops contributing once reached (> 0)."""
+    dp_level: str = "node"
+    """What one neighbouring change is (spec/privacy.md): "node" (a node's whole dataset:
+    its round update is clipped and noised) or "record" (one record: DP-SGD in local
+    training, with ``dp_sample_rate`` and ``dp_steps``)."""
+    dp_sample_rate: float = 0.02
+    """Record level: probability that a record joins a DP-SGD step's batch, in (0, 1]."""
+    dp_steps: int = 50
+    """Record level: DP-SGD steps per round (1 .. 1000000)."""
     averaging: str = "exact"
     """How groups are chosen (spec/group.md): "exact" (every round ends with every node
     holding the exact weighted average of all nodes' models, in a few steps of small
     groups; falls back to random groups for a round it cannot complete) or "random"
-    (one random group per round: for very large or churning federations)."""
+    (random groups, ``random_steps`` of them per round: for very large or churning
+    federations)."""
+    random_steps: int = 0
+    """Random averaging: groups a node joins after each local training round (push-sum
+    gossip: more steps, closer agreement). 0: enough for a federation of the size the node
+    sees (``random_steps_for``); 1 .. 16: that many."""
     min_nodes: int = 0
     """Exact rounds: a fresh federation's first round starts only once a node sees at
     least this many nodes (itself included), like Flower's ``min_available_clients``
@@ -138,6 +153,7 @@ class ProtocolParams:
     """fedadam's adaptivity tau (> 0)."""
 
     AVERAGING_MODES: ClassVar[tuple[str, ...]] = ("exact", "random")
+    DP_LEVELS: ClassVar[tuple[str, ...]] = ("node", "record")
 
     FLOAT_FIELDS: ClassVar[tuple[str, ...]] = (
         "clip",
@@ -145,6 +161,7 @@ class ProtocolParams:
         "dp_noise_multiplier",
         "dp_delta",
         "dp_epsilon_budget",
+        "dp_sample_rate",
         "server_lr",
         "server_momentum",
         "server_beta2",
@@ -196,6 +213,18 @@ class ProtocolParams:
             raise _ParamError(f"dp_delta must be strictly between 0 and 1, got {self.dp_delta}")
         if self.dp_epsilon_budget <= 0:
             raise _ParamError(f"dp_epsilon_budget must be > 0, got {self.dp_epsilon_budget}")
+        if self.dp_level not in self.DP_LEVELS:
+            raise _ParamError(f'dp_level must be "node" or "record", got {self.dp_level!r}')
+        if not 0 < self.dp_sample_rate <= 1:
+            raise _ParamError(f"dp_sample_rate must be in (0, 1], got {self.dp_sample_rate}")
+        dp_steps = _int("dp_steps", self.dp_steps)
+        if not 1 <= dp_steps <= 1_000_000:
+            raise _ParamError(f"dp_steps must be between 1 and 1000000, got {dp_steps}")
+        random_steps = _int("random_steps", self.random_steps)
+        if not 0 <= random_steps <= 16:
+            raise _ParamError(
+                f"random_steps must be between 0 (automatic) and 16, got {random_steps}"
+            )
         min_nodes = _int("min_nodes", self.min_nodes)
         if not 0 <= min_nodes <= 65536:
             raise _ParamError(f"min_nodes must be between 0 and 65536, got {min_nodes}")
@@ -244,7 +273,11 @@ _PARAM_COMMENTS: dict[str, str] = {
     "dp_noise_multiplier": "sigma: Gaussian noise standard deviation is sigma * C",
     "dp_delta": "delta of the (epsilon, delta) privacy guarantee",
     "dp_epsilon_budget": "total epsilon a node may spend before it stops contributing",
+    "dp_level": 'DP unit: "node" (whole local dataset) or "record" (one record: DP-SGD)',
+    "dp_sample_rate": "record level: probability a record joins a DP-SGD step's batch",
+    "dp_steps": "record level: DP-SGD steps per round",
     "averaging": 'groups: "exact" (the exact average every round) or "random"',
+    "random_steps": "random averaging: groups per round (0: enough for the federation's size)",
     "min_nodes": "exact rounds: the first round waits for this many nodes (0: no minimum)",
     "server_optimizer": 'applied to each round\'s average: "fedavg", "fedavgm" or "fedadam"',
     "server_lr": "server learning rate (fedavgm, fedadam)",

@@ -9,9 +9,13 @@ a run exactly.
 Rules of this file:
 
 * A node is in one :class:`Phase` at a time; :data:`PHASES` lists, for each phase, the
-  messages it accepts. A message that is not accepted where it arrives is answered as
-  the spec says (an invite gets a decline) or ignored if it concerns a group we are not
-  in (messages of an aborted group may still be in flight).
+  messages it acts on. Three kinds are answered in every phase (:data:`ANSWERED`): an
+  invite (a decline where it cannot be accepted), a GroupStart (refused with GroupAbort
+  to its members unless it is the start of the group the node is pending for, so they
+  abort at once) and an accepting GroupReply for a group the node is not forming
+  (answered with GroupAbort, so the invitee stops waiting). Anything else outside the
+  table concerns a group we are not in (messages of an aborted group may still be in
+  flight) and is ignored.
 * Formation: a READY node initiates after a short random delay by inviting up to
   ``group_max - 1`` connected peers with a random 64-bit *priority*. An invitee that is
   READY accepts; an initiator or pending member that receives an invite of *higher*
@@ -66,9 +70,11 @@ from p2pfed.messages import (
     Message,
     ReducedShard,
     Shard,
+    is_address_literal,
 )
 
 __all__ = [
+    "ANSWERED",
     "MASK_KEY_SIGNATURE_CONTEXT",
     "PHASES",
     "Action",
@@ -192,14 +198,19 @@ class Phase(enum.Enum):
     RUNNING = "running"  # in an all-reduce
 
 
-#: Messages each phase acts on. Invites are answered in every phase (declined where they
-#: cannot be accepted); anything else outside this table is stale and ignored.
+#: Messages answered in every phase, whatever group they are about (spec/group.md
+#: section 2): an invite always gets a reply, and a start or acceptance of a group the
+#: node is not in gets a GroupAbort, so nobody waits for it until a deadline.
+ANSWERED: frozenset[type[Message]] = frozenset({GroupInvite, GroupStart, GroupReply})
+
+#: Messages each phase acts on (beyond :data:`ANSWERED`); anything else is stale and
+#: ignored.
 PHASES: dict[Phase, frozenset[type[Message]]] = {
-    Phase.IDLE: frozenset({GroupInvite}),
-    Phase.READY: frozenset({GroupInvite}),
-    Phase.INITIATING: frozenset({GroupInvite, GroupReply, GroupAbort}),
-    Phase.PENDING: frozenset({GroupInvite, GroupStart, GroupAbort, Shard, ReducedShard}),
-    Phase.RUNNING: frozenset({GroupInvite, GroupStart, Shard, ReducedShard, GroupAbort}),
+    Phase.IDLE: frozenset(),
+    Phase.READY: frozenset(),
+    Phase.INITIATING: frozenset({GroupReply, GroupAbort}),
+    Phase.PENDING: frozenset({GroupStart, GroupAbort, Shard, ReducedShard}),
+    Phase.RUNNING: frozenset({Shard, ReducedShard, GroupAbort}),
 }
 
 
@@ -226,6 +237,9 @@ class GroupCompleted:
     total_weight: int
     structured: bool = False
     """Formed by the grid or exact-round rules (not by random grouping or a fallback)."""
+    ring_sum: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The group's unmasked sum of contributions in the ring, weight word last (None if
+    every member contributed weight 0): what an exact round carries to its next step."""
 
     def share(self, member: NodeId) -> int:
         """``member``'s push-sum share of the total weight: ``W`` split into ``k`` integers
@@ -281,6 +295,8 @@ class _Contribution:
     vector: np.ndarray
     weight: int
     round: int
+    carried: np.ndarray | None = None
+    """An exact round's ring sum to send as it is (``vector`` is then its mean)."""
 
 
 @dataclass
@@ -324,7 +340,9 @@ class GroupProtocol:
 
     ``fingerprint`` and ``model_size`` describe the model: invites for another model are
     declined. ``address_of(node_id)`` gives the listen address of a peer, if known, for
-    the member list of a group this node starts.
+    the member list of a group this node starts. ``excluded(node_id, now)`` says whether
+    the node currently excludes a peer it blamed for a failed group (spec/group.md
+    section 6): invites from it are declined and a start that lists it is refused.
 
     ``masking`` is for benchmarks only: with ``False``, contributions are encoded but not
     masked (the wire format is unchanged, the privacy is gone). Mask keys are still
@@ -345,6 +363,7 @@ class GroupProtocol:
         model_size: int,
         listen_port: int,
         address_of: Callable[[NodeId], tuple[str, int] | None] = lambda _: None,
+        excluded: Callable[[NodeId, float], bool] = lambda _peer, _now: False,
         rng: random.Random | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
         numpy_rng: np.random.Generator | None = None,
@@ -379,6 +398,7 @@ class GroupProtocol:
         self._grid_until = 0.0  # grid grouping / exact classes for this contribution until then
         self._passive = False  # answer invites only, never initiate (set_contribution)
         self._address_of = address_of
+        self._excluded = excluded
         self._rng = rng or random.Random(int.from_bytes(randbytes(16), "big"))
         self._randbytes = randbytes
         self._np_rng = numpy_rng or np.random.default_rng(
@@ -500,6 +520,7 @@ class GroupProtocol:
         *,
         initiate: bool = True,
         position: Position | None = None,
+        carried: np.ndarray | None = None,
     ) -> None:
         """Offer ``vector`` (the model as released: after DP) with push-sum ``weight``.
 
@@ -511,12 +532,28 @@ class GroupProtocol:
 
         ``position`` (exact rounds only) is the class this contribution is for; ``None``
         groups it by the random rules.
+
+        ``carried`` (exact rounds, after step 0) is the unmasked ring sum of the node's
+        last group, :attr:`GroupCompleted.ring_sum`, whose weight word is ``weight``: it is
+        sent as the contribution instead of an encoding of ``vector`` (its decoded mean),
+        so the round's last sum is the integer sum of every trained model's own encoding,
+        exactly what one group of all nodes would add up (spec/group.md, "Exact rounds").
         """
         self._now = now
         self._passive = not initiate
         if vector.shape != (self.model_size,) or vector.dtype != np.float32:
             raise ValueError(f"expected a float32 vector of {self.model_size} values")
-        self._contribution = _Contribution(vector, int(weight), round)
+        if carried is not None and (
+            carried.shape != (self.model_size + 1,)
+            or carried.dtype != self.params.dtype
+            or int(carried[-1]) != int(weight)
+            or not 0 < int(weight) <= self.params.max_weight
+        ):
+            raise ValueError(
+                f"a carried sum is {self.model_size + 1} {self.params.dtype} words ending "
+                f"with its weight, at most max_weight = {self.params.max_weight}"
+            )
+        self._contribution = _Contribution(vector, int(weight), round, carried)
         self._position = position if self.exact else None
         # a grid group must form within the formation bound, else random grouping takes
         # over for this contribution (mates that lag or crashed must not stall the node);
@@ -602,12 +639,12 @@ class GroupProtocol:
         self._now = now
         if isinstance(message, GroupInvite):
             return self._on_invite(peer, message, now)
-        if type(message) not in PHASES[self.phase]:
-            return []  # stale: about a group we are no longer in
-        if isinstance(message, GroupReply):
-            return self._on_reply(peer, message, now)
         if isinstance(message, GroupStart):
             return self._on_start(peer, message, now)
+        if isinstance(message, GroupReply):
+            return self._on_reply(peer, message, now)
+        if type(message) not in PHASES[self.phase]:
+            return []  # stale: about a group we are no longer in
         if isinstance(message, GroupAbort):
             return self._on_abort(peer, message, now)
         if self._pending is not None:  # a Shard or ReducedShard that overtook the start
@@ -736,6 +773,8 @@ class GroupProtocol:
     def _on_invite(self, peer: NodeId, invite: GroupInvite, now: float) -> list[Action]:
         if invite.fingerprint != self.fingerprint or invite.model_size != self.model_size:
             return self._decline(peer, invite.group_id, "model mismatch: different task or model")
+        if self._excluded(peer, now):
+            return self._decline(peer, invite.group_id, "excluded: it failed a recent group")
         contribution = self._contribution
         if (
             contribution is not None
@@ -791,8 +830,14 @@ class GroupProtocol:
 
     def _on_reply(self, peer: NodeId, reply: GroupReply, now: float) -> list[Action]:
         formation = self._formation
-        assert formation is not None
-        if reply.group_id != formation.group_id or peer not in formation.invited:
+        if formation is None or reply.group_id != formation.group_id:
+            # an acceptance that arrived after we cancelled (or started without it): the
+            # invitee is pending for a group that will never start; let it go now
+            if reply.accept:
+                abort = GroupAbort(group_id=reply.group_id, reason="not forming this group")
+                return [Send(peer, abort)]
+            return []
+        if peer not in formation.invited:
             return []
         formation.invited.discard(peer)
         if reply.accept:
@@ -806,9 +851,10 @@ class GroupProtocol:
         assert formation is not None
         self._formation = None
         self.phase = Phase.READY
+        # only those whose acceptance arrived: an acceptance still on its way is answered
+        # with GroupAbort when it arrives (_on_reply), and a decline needs nothing
         abort = GroupAbort(group_id=formation.group_id, reason=reason)
-        targets = sorted(set(formation.accepted) | formation.invited)
-        return [Send(peer, abort) for peer in targets]
+        return [Send(peer, abort) for peer in sorted(formation.accepted)]
 
     def _finish_formation(self, now: float) -> list[Action]:
         formation = self._formation
@@ -842,6 +888,8 @@ class GroupProtocol:
         infos = {self.node_id: own}
         for peer, reply in formation.accepted.items():
             host, _ = self._address_of(peer) or ("", 0)
+            if not is_address_literal(host):
+                host = ""  # a host name (say a bootstrap entry) is not sent (version 2)
             infos[peer] = GroupMemberInfo(
                 identity_key=self._identity_keys[peer],
                 mask_key=reply.mask_key,
@@ -867,13 +915,21 @@ class GroupProtocol:
 
     def _on_start(self, peer: NodeId, start: GroupStart, now: float) -> list[Action]:
         pending = self._pending
-        if self.phase is Phase.RUNNING or pending is None or pending.group_id != start.group_id:
-            # we are not (or no longer) waiting for this group: tell its members so they
-            # abort now instead of at their deadline
+        if pending is None or pending.group_id != start.group_id:
+            # we are not (or no longer: our wait timed out) pending for this group: tell
+            # its members so they abort now instead of at their all-reduce deadline
             return self._refuse_start(start, "not a pending member of this group")
         if peer != pending.initiator:
             return []
         self._pending = None
+        listed = (NodeId.from_public_key(m.identity_key) for m in start.members)
+        excluded = sorted(m for m in listed if m != self.node_id and self._excluded(m, now))
+        if excluded:
+            # exclusion holds for groups a node joins, not only those it initiates
+            self.phase = Phase.READY
+            self._schedule_initiate(now, self.config.retry_backoff)
+            names = ", ".join(m.short for m in excluded)
+            return self._refuse_start(start, f"the group lists excluded nodes: {names}")
         try:
             actions = self._begin_run(start, pending.mask_private, now)
         except SecureAggregationError as exc:
@@ -918,7 +974,11 @@ class GroupProtocol:
             start.round,
             self.params,
         )
-        if self.masking:
+        if contribution.carried is not None:
+            masked = contribution.carried.copy()
+            if self.masking:
+                masking.mask_range(masked, 0, in_place=True)
+        elif self.masking:
             masked = masking.masked_contribution(
                 contribution.vector, contribution.weight, self._np_rng
             )
@@ -942,7 +1002,12 @@ class GroupProtocol:
         self.phase = Phase.RUNNING
         self._initiate_at = None
         actions: list[Action] = [GroupStarted(start.group_id, start.round, tuple(ids))]
-        addresses = {i: (m.host, m.port) for i, m in zip(ids, start.members, strict=True) if m.host}
+        # a version-1 initiator may send a host name: ignored, as if it were empty
+        addresses = {
+            i: (m.host, m.port)
+            for i, m in zip(ids, start.members, strict=True)
+            if m.host and is_address_literal(m.host)
+        }
         for j, member in enumerate(ids):
             a, b = bounds[j]
             if j == index:
@@ -1033,6 +1098,7 @@ class GroupProtocol:
                     mean=mean,
                     total_weight=total_weight,
                     structured=run.structured,
+                    ring_sum=full if total_weight else None,
                 )
             )
         return actions

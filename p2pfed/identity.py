@@ -45,7 +45,9 @@ __all__ = [
     "NodeId",
     "NodeIdError",
     "NodeIdentity",
+    "has_ledger_marker",
     "load_identity",
+    "mark_ledger_required",
     "save_identity",
     "verify_signature",
 ]
@@ -230,6 +232,38 @@ def _private_key_pem(identity: NodeIdentity) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+LEDGER_MARKER = (
+    b"p2pfed-privacy-ledger: required. This identity has released data under differential "
+    b"privacy; the node refuses to start without its privacy-ledger.json (spec/privacy.md, "
+    b"section 5.3).\n"
+)
+"""Explanatory text (RFC 7468, section 5.2) written before the PEM block of ``identity.key``
+when the node first releases under DP: it binds "this node has spent privacy budget" to the
+identity, so deleting the ledger (and the checkpoint) cannot reset the budget."""
+
+
+def has_ledger_marker(path: str | os.PathLike[str]) -> bool:
+    """Whether the identity key file at ``path`` carries :data:`LEDGER_MARKER`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_KEY_FILE_SIZE + 1)
+    except FileNotFoundError:
+        return False
+    return data.startswith(LEDGER_MARKER)
+
+
+def mark_ledger_required(path: str | os.PathLike[str]) -> None:
+    """Put :data:`LEDGER_MARKER` into the identity key file (atomically, durably, mode 0600).
+
+    Idempotent. The key itself is unchanged: it is read back and checked before the file is
+    rewritten, so a failure leaves the old file in place.
+    """
+    if has_ledger_marker(path):
+        return
+    identity = load_identity(path)
+    atomic_write_bytes(path, LEDGER_MARKER + _private_key_pem(identity), mode=0o600)
 
 
 def save_identity(path: str | os.PathLike[str], identity: NodeIdentity) -> None:

@@ -101,12 +101,17 @@ def freeze_imports() -> None:
     gc.freeze()
 
 
-def _run_node(argv: list[str], stdout: str, stderr: str, modules: list[str]) -> None:
+def _run_node(
+    argv: list[str], stdout: str, stderr: str, modules: list[str], sys_path: list[str]
+) -> None:
     """Body of a node process: detach, redirect output, run ``p2pfed ARGV``."""
     # A session of its own: Ctrl-C in the launcher's terminal is the launcher's to handle
     # (it stops the nodes with SIGTERM), as with ``start_new_session`` for a subprocess.
     os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The fork server kept the launcher's sys.path of the moment it started; entries added
+    # since (a task's directory) must reach the node too.
+    sys.path[:0] = [entry for entry in sys_path if entry not in sys.path]
     preload(modules)  # already imported under the fork server; imports them under spawn
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -195,7 +200,7 @@ class NodeLauncher:
             Path(path).touch()
         process = self._context.Process(
             target=_run_node,
-            args=(list(argv), str(stdout), str(stderr), self.modules),
+            args=(list(argv), str(stdout), str(stderr), self.modules, list(sys.path)),
             daemon=False,
         )
         process.start()

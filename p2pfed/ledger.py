@@ -11,7 +11,12 @@ Rules of this file (normative text: spec/privacy.md, "Budget and ledger"):
   the noisy update. A release that would take epsilon above the budget raises
   :class:`~p2pfed.errors.PrivacyBudgetExceeded` and writes nothing.
 * The file stays small however long the node runs: releases are counted per distinct
-  noise multiplier, and only the last :data:`RECENT_RELEASES` rounds are kept for humans.
+  noise multiplier (and sampling rate), and only the last :data:`RECENT_RELEASES` rounds
+  are kept for humans.
+* A release is one Gaussian mechanism on the node's whole data (node-level DP, sampling
+  rate 1), or ``steps`` steps of the Poisson-subsampled Gaussian (record-level DP-SGD,
+  sampling rate below 1). A ledger with only the former is written in format version 1,
+  byte for byte as before; the first subsampled release turns it into version 2.
 * Integrity: the file is ``{"body":BODY,"sha256":"HEX"}`` plus a line feed, where HEX is
   the SHA-256 of the exact bytes of BODY. The atomic rename rules out torn writes; the
   checksum catches everything else (a damaged disk block, a hand edit).
@@ -36,10 +41,22 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from p2pfed.accountant import RdpAccountant, _check_delta, _check_noise_multiplier
+import numpy as np
+
+from p2pfed.accountant import (
+    DEFAULT_ORDERS,
+    check_count,
+    check_delta,
+    check_noise_multiplier,
+    check_sampling_rate,
+    conversion_terms,
+    sampled_gaussian_rdp,
+)
 from p2pfed.atomicfile import atomic_write_bytes
 from p2pfed.errors import LedgerError, PrivacyBudgetExceeded
 
@@ -49,6 +66,7 @@ __all__ = [
     "LEDGER_FILE_NAME",
     "MAX_LEDGER_BYTES",
     "MAX_NOISE_MULTIPLIERS",
+    "READABLE_VERSIONS",
     "RECENT_RELEASES",
     "PrivacyLedger",
     "encode_ledger_file",
@@ -58,7 +76,9 @@ __all__ = [
 LEDGER_FILE_NAME = "privacy-ledger.json"
 """The ledger's file name inside the node directory."""
 FORMAT_NAME = "p2pfed-privacy-ledger"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this module writes; it reads 1 and 2 (spec/privacy.md, section 6)."""
+READABLE_VERSIONS = (1, 2)
 RECENT_RELEASES = 32
 """How many of the most recent releases (round, noise multiplier) the file keeps."""
 MAX_NOISE_MULTIPLIERS = 1024
@@ -81,6 +101,13 @@ _BODY_KEYS = frozenset(
         "epsilon_spent",
     }
 )
+_ORDERS = np.array(DEFAULT_ORDERS, dtype=np.float64)
+_CONVERSION: dict[float, np.ndarray] = {}
+
+# A mechanism: (noise multiplier z, sampling rate q); q = 1 is the plain Gaussian.
+Mechanism = tuple[float, float]
+# A recent release: (round, z, q, steps).
+Recent = tuple[int, float, float, int]
 # Stored epsilon_spent is informational; it must agree with the recomputation up to
 # float noise from another implementation's summation order.
 _SPENT_TOLERANCE = 1e-9
@@ -116,11 +143,26 @@ def _check_budget(epsilon_budget: float) -> float:
     return budget
 
 
-def _epsilon(groups: dict[float, int], delta: float) -> float:
-    acc = RdpAccountant()
-    for z in sorted(groups):  # fixed order: the same floats on every reload
-        acc.add_gaussian(z, groups[z])
-    return acc.epsilon(delta)[0]
+@lru_cache(maxsize=64)
+def _step_rdp(z: float, q: float) -> np.ndarray:
+    # a subsampled step costs ~50 ms to evaluate; a node uses one or two (z, q) pairs
+    rdp = sampled_gaussian_rdp(z, q, _ORDERS)
+    rdp.setflags(write=False)
+    return rdp
+
+
+def _epsilon(groups: Mapping[Mechanism, int], delta: float) -> float:
+    if not groups:
+        return 0.0
+    rdp = np.zeros_like(_ORDERS)
+    for key in sorted(groups):  # fixed order: the same floats on every reload
+        rdp = rdp + groups[key] * _step_rdp(*key)
+    eps = rdp + conversion_terms(_ORDERS, delta)
+    return max(0.0, float(eps[int(np.argmin(eps))]))
+
+
+def _version_for(groups: Mapping[Mechanism, int]) -> int:
+    return 1 if all(q == 1.0 for _, q in groups) else 2
 
 
 def _reject_constant(name: str) -> Any:
@@ -140,8 +182,9 @@ class PrivacyLedger:
         *,
         epsilon_budget: float,
         delta: float,
-        groups: dict[float, int],
-        recent: list[tuple[int, float]],
+        groups: dict[Mechanism, int],
+        recent: list[Recent],
+        releases: int | None = None,
     ) -> None:
         """Internal: use :meth:`create` or :meth:`open`."""
         self._path = path
@@ -149,6 +192,7 @@ class PrivacyLedger:
         self._delta = delta
         self._groups = dict(groups)
         self._recent = list(recent)
+        self._releases = sum(self._groups.values()) if releases is None else releases
         self._spent = _epsilon(self._groups, delta)
 
     # -- construction ---------------------------------------------------------------
@@ -164,7 +208,7 @@ class PrivacyLedger:
         spend, at ``delta``.
         """
         budget = _check_budget(epsilon_budget)
-        d = _check_delta(delta)
+        d = check_delta(delta)
         target = Path(path)
         if os.path.lexists(target):
             raise LedgerError(
@@ -172,7 +216,7 @@ class PrivacyLedger:
                 "instead. " + _NEVER_DELETE
             )
         ledger = cls(target, epsilon_budget=budget, delta=d, groups={}, recent=[])
-        ledger._write(ledger._groups, ledger._recent, ledger._spent)
+        ledger._write(ledger._groups, ledger._recent, 0, ledger._spent)
         return ledger
 
     @classmethod
@@ -227,67 +271,101 @@ class PrivacyLedger:
         if body.get("format") != FORMAT_NAME:
             raise corrupt(f"the format field is not {FORMAT_NAME!r}")
         version = body.get("version")
-        if version != FORMAT_VERSION or not _is_count(version):
+        if not _is_count(version) or version not in READABLE_VERSIONS:
             raise LedgerError(
                 f"privacy ledger {target} has format version {version!r}, but this p2pfed "
-                f"reads version {FORMAT_VERSION}; use the p2pfed release that wrote it. "
-                + _NEVER_DELETE
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; use the p2pfed "
+                "release that wrote it. " + _NEVER_DELETE
             )
+        sampled = version >= 2
+        entry_keys = {"noise_multiplier", "count"} | ({"sampling_rate"} if sampled else set())
+        recent_keys = {"round", "noise_multiplier"} | (
+            {"sampling_rate", "steps"} if sampled else set()
+        )
         if set(body) != _BODY_KEYS:
             raise corrupt(f"the fields are {sorted(body)}, expected {sorted(_BODY_KEYS)}")
         try:
             budget = _check_budget(body["epsilon_budget"])
-            delta = _check_delta(body["delta"])
+            delta = check_delta(body["delta"])
         except (TypeError, ValueError) as exc:
             raise corrupt(str(exc)) from None
 
-        groups: dict[float, int] = {}
+        groups: dict[Mechanism, int] = {}
         raw_groups = body["by_noise_multiplier"]
         if not isinstance(raw_groups, list) or len(raw_groups) > MAX_NOISE_MULTIPLIERS:
             raise corrupt(
                 f"by_noise_multiplier is not a list of at most {MAX_NOISE_MULTIPLIERS} entries"
             )
-        previous = 0.0
+        previous: Mechanism = (0.0, 0.0)
         for entry in raw_groups:
             if (
                 not isinstance(entry, dict)
-                or set(entry) != {"noise_multiplier", "count"}
+                or set(entry) != entry_keys
                 or not _is_real(entry["noise_multiplier"])
+                or not _is_real(entry.get("sampling_rate", 1.0))
                 or not _is_count(entry["count"])
             ):
                 raise corrupt(f"bad by_noise_multiplier entry {entry!r}")
-            z = float(entry["noise_multiplier"])
-            if not math.isfinite(z) or z <= previous or entry["count"] < 1:
+            key = (float(entry["noise_multiplier"]), float(entry.get("sampling_rate", 1.0)))
+            if (
+                not math.isfinite(key[0])
+                or key[0] <= 0.0
+                or not 0.0 < key[1] <= 1.0
+                or key <= previous
+                or entry["count"] < 1
+            ):
                 raise corrupt(
-                    "by_noise_multiplier must list finite noise multipliers > 0 in increasing "
-                    f"order with counts >= 1; found {entry!r}"
+                    "by_noise_multiplier must list finite noise multipliers > 0 (and sampling "
+                    "rates in (0, 1]) in increasing order with counts >= 1; found "
+                    f"{entry!r}"
                 )
-            groups[z] = entry["count"]
-            previous = z
+            groups[key] = entry["count"]
+            previous = key
 
         total = body["releases"]
-        if not _is_count(total) or total != sum(groups.values()):
-            raise corrupt(f"releases {total!r} is not the sum of the counts per noise multiplier")
+        steps = sum(groups.values())
+        if not _is_count(total) or (total != steps if not sampled else not 0 <= total <= steps):
+            raise corrupt(f"releases {total!r} does not agree with the counts per noise multiplier")
 
-        recent: list[tuple[int, float]] = []
+        recent: list[Recent] = []
         raw_recent = body["recent"]
         if not isinstance(raw_recent, list) or len(raw_recent) > min(total, RECENT_RELEASES):
             raise corrupt(f"recent must be a list of at most min(releases, {RECENT_RELEASES})")
         for entry in raw_recent:
             if (
                 not isinstance(entry, dict)
-                or set(entry) != {"round", "noise_multiplier"}
+                or set(entry) != recent_keys
                 or not _is_count(entry["round"])
                 or entry["round"] < 0
                 or not _is_real(entry["noise_multiplier"])
-                or float(entry["noise_multiplier"]) not in groups
+                or not _is_real(entry.get("sampling_rate", 1.0))
+                or not _is_count(entry.get("steps", 1))
+                or entry.get("steps", 1) < 1
+                or (float(entry["noise_multiplier"]), float(entry.get("sampling_rate", 1.0)))
+                not in groups
             ):
                 raise corrupt(f"bad recent entry {entry!r}")
-            recent.append((entry["round"], float(entry["noise_multiplier"])))
+            recent.append(
+                (
+                    entry["round"],
+                    float(entry["noise_multiplier"]),
+                    float(entry.get("sampling_rate", 1.0)),
+                    entry.get("steps", 1),
+                )
+            )
         if len(recent) != min(total, RECENT_RELEASES):
             raise corrupt("recent does not hold the last releases")
+        if sampled and _version_for(groups) == 1:
+            raise corrupt("version 2 is only written once a subsampled release is recorded")
 
-        ledger = cls(target, epsilon_budget=budget, delta=delta, groups=groups, recent=recent)
+        ledger = cls(
+            target,
+            epsilon_budget=budget,
+            delta=delta,
+            groups=groups,
+            recent=recent,
+            releases=total,
+        )
         stored = body["epsilon_spent"]
         if not _is_real(stored) or not math.isclose(
             float(stored), ledger._spent, rel_tol=_SPENT_TOLERANCE, abs_tol=_SPENT_TOLERANCE
@@ -327,26 +405,40 @@ class PrivacyLedger:
 
     def releases(self) -> int:
         """How many noisy updates were recorded."""
+        return self._releases
+
+    def steps(self) -> int:
+        """How many mechanism steps the releases made (DP-SGD steps; 1 per node-level release)."""
         return sum(self._groups.values())
 
     def recent_releases(self) -> list[tuple[int, float]]:
         """The last (up to :data:`RECENT_RELEASES`) ``(round, noise_multiplier)``, oldest first."""
-        return list(self._recent)
+        return [(r, z) for r, z, _, _ in self._recent]
 
-    def epsilon_after(self, noise_multiplier: float) -> float:
-        """Epsilon that would be spent after one more release with noise multiplier ``z``."""
-        z = _check_noise_multiplier(noise_multiplier)
+    def last_release(self) -> Recent | None:
+        """``(round, noise_multiplier, sampling_rate, steps)`` of the newest release, if any."""
+        return self._recent[-1] if self._recent else None
+
+    def epsilon_after(
+        self, noise_multiplier: float, sampling_rate: float = 1.0, steps: int = 1
+    ) -> float:
+        """Epsilon that would be spent after one more release with noise multiplier ``z``
+        (``steps`` Poisson-subsampled steps at ``sampling_rate``, for DP-SGD)."""
+        key = (check_noise_multiplier(noise_multiplier), check_sampling_rate(sampling_rate))
+        n = check_count("steps", steps, 1)
         groups = dict(self._groups)
-        groups[z] = groups.get(z, 0) + 1
+        groups[key] = groups.get(key, 0) + n
         return _epsilon(groups, self._delta)
 
-    def would_exceed(self, noise_multiplier: float) -> bool:
+    def would_exceed(
+        self, noise_multiplier: float, sampling_rate: float = 1.0, steps: int = 1
+    ) -> bool:
         """Whether one more release with noise multiplier ``z`` would exceed the budget.
 
         ``z`` is the accounting noise multiplier,
         :func:`p2pfed.dp.effective_noise_multiplier` of the mechanism's sigma.
         """
-        return self.epsilon_after(noise_multiplier) > self._budget
+        return self.epsilon_after(noise_multiplier, sampling_rate, steps) > self._budget
 
     @property
     def exhausted(self) -> bool:
@@ -358,11 +450,19 @@ class PrivacyLedger:
         """
         if not self._recent:
             return False
-        return self.would_exceed(self._recent[-1][1])
+        _, z, q, steps = self._recent[-1]
+        return self.would_exceed(z, q, steps)
 
     # -- the one mutation -----------------------------------------------------------
 
-    def record_release(self, *, round: int, noise_multiplier: float) -> float:
+    def record_release(
+        self,
+        *,
+        round: int,
+        noise_multiplier: float,
+        sampling_rate: float = 1.0,
+        steps: int = 1,
+    ) -> float:
         """Record one release durably and return the new epsilon spent.
 
         Call it after computing the noisy update and before sending it; send only if it
@@ -370,21 +470,30 @@ class PrivacyLedger:
         (:func:`p2pfed.dp.effective_noise_multiplier` of sigma), ``round`` the round number
         (kept in the recent list for humans; repeated rounds are allowed, each call counts).
 
+        For record-level DP-SGD, ``steps`` is the number of Poisson-subsampled steps the
+        release took and ``sampling_rate`` their sampling probability (``z`` is then the
+        step's noise multiplier, noise std over per-example clip norm).
+
         Raises :class:`PrivacyBudgetExceeded` (nothing written) if epsilon would exceed the
         budget, :class:`LedgerError` if the file cannot be written (nothing recorded: the
         update must not be sent).
         """
         if not _is_count(round) or round < 0:
             raise ValueError(f"round must be an integer >= 0, got {round!r}")
-        z = _check_noise_multiplier(noise_multiplier)
+        z = check_noise_multiplier(noise_multiplier)
+        q = check_sampling_rate(sampling_rate)
+        n = check_count("steps", steps, 1)
+        if q == 1.0 and n != 1:
+            raise ValueError("a release without subsampling (sampling_rate 1) is one step")
+        key = (z, q)
         groups = dict(self._groups)
-        if z not in groups and len(groups) >= MAX_NOISE_MULTIPLIERS:
+        if key not in groups and len(groups) >= MAX_NOISE_MULTIPLIERS:
             raise LedgerError(
                 f"privacy ledger {self._path} already holds {MAX_NOISE_MULTIPLIERS} distinct "
                 "noise multipliers; use one of the noise multipliers already used "
                 f"(e.g. {self._recent[-1][1]!r}) instead of a new value per round"
             )
-        groups[z] = groups.get(z, 0) + 1
+        groups[key] = groups.get(key, 0) + n
         spent = _epsilon(groups, self._delta)
         if spent > self._budget:
             raise PrivacyBudgetExceeded(
@@ -392,13 +501,15 @@ class PrivacyLedger:
                 f"{self._spent:.6g} to {spent:.6g}, above the budget {self._budget:.6g} "
                 f"(delta {self._delta:g}); this node must stop contributing its data"
             )
-        recent = [*self._recent, (round, z)][-RECENT_RELEASES:]
-        self._write(groups, recent, spent)
+        recent = [*self._recent, (round, z, q, n)][-RECENT_RELEASES:]
+        releases = self._releases + 1
+        self._write(groups, recent, releases, spent)
         self._groups, self._recent, self._spent = groups, recent, spent
+        self._releases = releases
         return spent
 
     def _write(
-        self, groups: dict[float, int], recent: list[tuple[int, float]], spent: float
+        self, groups: dict[Mechanism, int], recent: list[Recent], releases: int, spent: float
     ) -> None:
         data = encode_ledger_file(
             epsilon_budget=self._budget,
@@ -406,6 +517,7 @@ class PrivacyLedger:
             groups=groups,
             recent=recent,
             epsilon_spent=spent,
+            releases=releases,
         )
         try:
             atomic_write_bytes(self._path, data, mode=0o600)
@@ -420,25 +532,48 @@ def encode_ledger_file(
     *,
     epsilon_budget: float,
     delta: float,
-    groups: dict[float, int],
-    recent: list[tuple[int, float]],
+    groups: Mapping[float, int] | Mapping[Mechanism, int],
+    recent: Sequence[tuple[int, float]] | Sequence[Recent],
     epsilon_spent: float,
+    releases: int | None = None,
 ) -> bytes:
     """The exact bytes of a ledger file (spec/privacy.md, "Ledger file format").
 
-    ``groups`` maps each noise multiplier to its release count, ``recent`` lists the last
-    ``(round, noise_multiplier)`` pairs oldest first. Pure: no validation, no I/O.
+    ``groups`` maps each noise multiplier ``z`` (or ``(z, sampling_rate)``) to its count of
+    steps, ``recent`` lists the last ``(round, z)`` (or ``(round, z, sampling_rate,
+    steps)``) oldest first, ``releases`` the number of releases (default: the sum of the
+    counts, as in version 1). Version 1 is written unless some sampling rate is below 1.
+    Pure: no validation, no I/O.
     """
+    mechanisms: dict[Mechanism, int] = {
+        (key if isinstance(key, tuple) else (float(key), 1.0)): count
+        for key, count in groups.items()
+    }
+    rows: list[Recent] = [
+        entry if len(entry) == 4 else (entry[0], entry[1], 1.0, 1)
+        for entry in recent
+    ]
+    version = _version_for(mechanisms)
+    by_noise: list[dict[str, Any]] = []
+    for z, q in sorted(mechanisms):
+        row: dict[str, Any] = {"noise_multiplier": z, "count": mechanisms[(z, q)]}
+        if version >= 2:
+            row["sampling_rate"] = q
+        by_noise.append(row)
+    recent_rows: list[dict[str, Any]] = []
+    for r, z, q, n in rows:
+        item: dict[str, Any] = {"round": r, "noise_multiplier": z}
+        if version >= 2:
+            item.update(sampling_rate=q, steps=n)
+        recent_rows.append(item)
     body = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": version,
         "epsilon_budget": epsilon_budget,
         "delta": delta,
-        "releases": sum(groups.values()),
-        "by_noise_multiplier": [
-            {"noise_multiplier": z, "count": groups[z]} for z in sorted(groups)
-        ],
-        "recent": [{"round": r, "noise_multiplier": z} for r, z in recent],
+        "releases": sum(mechanisms.values()) if releases is None else releases,
+        "by_noise_multiplier": by_noise,
+        "recent": recent_rows,
         # informational, and rounded so that the bytes do not depend on last-bit libm
         # differences between platforms
         "epsilon_spent": float(f"{epsilon_spent:.12g}"),

@@ -29,9 +29,16 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Hashable
 from typing import Any, Literal, TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "record_extras", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "ThrottledLog",
+    "record_extras",
+    "setup_logging",
+]
 
 LogFormat = Literal["text", "json"]
 
@@ -197,3 +204,72 @@ def setup_logging(
             old.close()
     root.addHandler(handler)
     root.setLevel(numeric_level)
+
+
+def _default_clock() -> float:
+    # trio's clock when running under trio (simnet's virtual time), else a monotonic one
+    try:
+        import trio
+
+        return trio.current_time()
+    except (ImportError, RuntimeError):
+        return time.monotonic()
+
+
+class ThrottledLog:
+    """At most one line per ``key`` (say, a source address) per ``interval`` seconds.
+
+    Lines suppressed in between are counted, and the next line for that key says how many
+    there were: a connect storm from one address costs one line a minute, not one per
+    connection, and the operator still sees its size. At most ``max_keys`` keys are
+    remembered (the oldest are forgotten first), so many sources cannot grow it either.
+
+    >>> throttled = ThrottledLog(logging.getLogger("p2pfed.doc"), clock=lambda: 0.0)
+    >>> throttled.warning("10.0.0.9", "handshake from %s failed", "10.0.0.9")
+    True
+    >>> throttled.warning("10.0.0.9", "handshake from %s failed", "10.0.0.9")
+    False
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        *,
+        clock: Callable[[], float] | None = None,
+        max_keys: int = 4096,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._clock = clock or _default_clock
+        self._max_keys = max_keys
+        self._keys: dict[Hashable, list[float]] = {}  # key -> [quiet until, suppressed]
+
+    def warning(self, key: Hashable, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` at warning level unless ``key`` logged within the interval."""
+        return self.log(logging.WARNING, key, msg, *args)
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object) -> bool:
+        """Log unless throttled; True if a line was written."""
+        now = self._clock()
+        entry = self._keys.get(key)
+        if entry is not None and now < entry[0]:
+            entry[1] += 1
+            return False
+        suppressed = int(entry[1]) if entry is not None else 0
+        self._keys.pop(key, None)
+        if len(self._keys) >= self._max_keys:
+            self._forget(now)
+        self._keys[key] = [now + self.interval, 0]
+        if suppressed:
+            msg += " (and %d more like it in the last %gs)"
+            args = (*args, suppressed, self.interval)
+        self.logger.log(level, msg, *args)
+        return True
+
+    def _forget(self, now: float) -> None:
+        expired = [k for k, (until, count) in self._keys.items() if until <= now and not count]
+        for key in expired:
+            del self._keys[key]
+        while len(self._keys) >= self._max_keys:
+            del self._keys[next(iter(self._keys))]

@@ -94,6 +94,7 @@ __all__ = [
     "decode_message",
     "encode_message",
     "encode_message_parts",
+    "is_address_literal",
     "message_types",
 ]
 
@@ -371,6 +372,17 @@ class IpAddress(FieldKind):
         if "%" in value:
             return f"{value!r}, which has a zone"
         return _address_literal_problem(value)
+
+
+def is_address_literal(host: str) -> bool:
+    """Whether ``host`` is an address a PeerList may carry (spec/encoding.md, PeerList):
+    an IPv4 or IPv6 literal, no zone, not unspecified or multicast. GroupStart member
+    hosts follow the same rule since protocol version 2 (spec/group.md, "Starting").
+
+    >>> is_address_literal("192.0.2.7"), is_address_literal("node.example")
+    (True, False)
+    """
+    return host.isascii() and "%" not in host and _address_literal_problem(host) is None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -553,6 +553,15 @@ class NodeMetrics:
         self.epsilon_budget = r.gauge(
             "p2pfed_epsilon_budget", "Differential-privacy epsilon budget configured."
         )
+        self.epsilon_remaining = r.gauge(
+            "p2pfed_epsilon_remaining",
+            "Differential-privacy epsilon left: budget minus spent (NaN without DP).",
+            initial=math.nan,
+        )
+        self.privacy_budget_exhausted = r.gauge(
+            "p2pfed_privacy_budget_exhausted",
+            "1 once the node has stopped training because its privacy budget is spent.",
+        )
         self.train_loss = r.gauge(
             "p2pfed_train_loss",
             "Training loss of the last local round (NaN until measured).",
@@ -788,7 +797,13 @@ async def serve_metrics(
         raise ValueError(f"metrics port must be 0..65535; got {port}")
     if max_request_bytes < 64 or read_timeout <= 0 or max_connections < 1:
         raise ValueError("max_request_bytes >= 64, read_timeout > 0 and max_connections >= 1")
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except (OSError, UnicodeError) as exc:
+        from p2pfed.network import listen_error  # (network imports zeroconf: only here)
+
+        setting = "metrics_port (and metrics_host) in config.toml"
+        raise listen_error("the metrics endpoint", host, port, exc, setting) from exc
     bound_port = int(listeners[0].socket.getsockname()[1])
     slots = trio.Semaphore(max_connections)
 

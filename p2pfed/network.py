@@ -25,6 +25,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from p2pfed.discovery import DiscoveryEvent, MdnsDiscovery, PeerDeparted, PeerDiscovered
+from p2pfed.errors import ListenError
 from p2pfed.identity import NodeId
 
 __all__ = [
@@ -103,7 +104,12 @@ class TcpNetwork(Network):
         self.connect_timeout = connect_timeout
 
     async def listen(self, host: str, port: int) -> trio.abc.Listener[trio.abc.Stream]:
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host or None)
+        except (OSError, UnicodeError) as exc:
+            raise listen_error(
+                "the node", host, port, exc, "--listen HOST:PORT or listen_port in config.toml"
+            ) from exc
         return listeners[0]
 
     def listen_port(self, listener: trio.abc.Listener[trio.abc.Stream]) -> int:
@@ -159,6 +165,29 @@ class TcpNetwork(Network):
                 interfaces=list(self.mdns_interfaces) or None,
             )
         )
+
+
+def listen_error(who: str, host: str, port: int, error: BaseException, setting: str) -> ListenError:
+    """A fatal, one-line explanation of why ``who`` cannot listen on ``host:port``;
+    ``setting`` names where the user can choose another address."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    number = error.errno if isinstance(error, OSError) else None
+    if number == errno.EADDRINUSE:
+        advice = f"another process uses that port: stop it, or choose another port with {setting}"
+        reason = "the port is in use"
+    elif number == errno.EADDRNOTAVAIL:
+        advice = f"use an address of this host, or 0.0.0.0, with {setting}"
+        reason = "that address is not one of this host's"
+    elif number in (errno.EACCES, errno.EPERM):
+        advice = f"ports below 1024 need privileges: choose a port from 1024 up with {setting}"
+        reason = "permission denied"
+    elif isinstance(error, socket.gaierror | UnicodeError):
+        advice = f"give an IP address or a name that resolves, with {setting}"
+        reason = f"cannot resolve {host!r}"
+    else:
+        advice = f"check the address given with {setting}"
+        reason = str(error)
+    return ListenError(f"{who} cannot listen on {where}: {reason} ({advice})")
 
 
 def _connect_error(where: str, error: OSError) -> OSError:

@@ -27,6 +27,7 @@ Example (what ``p2pfed node`` does)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,6 +36,7 @@ import math
 import operator
 import os
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +46,22 @@ import numpy as np
 import torch
 import trio
 
-from p2pfed import dp
+from p2pfed import dp, dp_sgd
+from p2pfed.atomicfile import atomic_write_bytes
 from p2pfed.channel import Role, StaticKey
 from p2pfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from p2pfed.config import NodeConfig, load_config, parse_host_port
+from p2pfed.config import FEDERATION_FILE_NAME, NodeConfig, load_config, parse_host_port
 from p2pfed.errors import (
     ChannelClosed,
     CloseCode,
     ConfigError,
+    LedgerError,
+    P2pfedError,
     RemoteProtocolError,
+    TaskError,
+    raised_in,
 )
-from p2pfed.exact_rounds import Position, RoundPlan, member_indices
+from p2pfed.exact_rounds import Position, RoundPlan, member_indices, random_steps_for
 from p2pfed.federation import Federation, load_federation
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import (
@@ -69,7 +76,14 @@ from p2pfed.group import (
     Send,
     SitOut,
 )
-from p2pfed.identity import IDENTITY_FILE_NAME, NodeId, NodeIdentity, load_identity
+from p2pfed.identity import (
+    IDENTITY_FILE_NAME,
+    NodeId,
+    NodeIdentity,
+    has_ledger_marker,
+    load_identity,
+    mark_ledger_required,
+)
 from p2pfed.ledger import PrivacyLedger, ledger_path
 from p2pfed.messages import (
     GroupAbort,
@@ -109,12 +123,14 @@ from p2pfed.task import (
     Task,
     TrainResult,
     call_train,
+    check_device,
     load_task,
     round_config,
 )
 from p2pfed.trio_channel import (
     ChannelConfig,
     SecureChannel,
+    SharedBudget,
     open_secure_channel,
     serve_secure_channels,
 )
@@ -125,6 +141,31 @@ log = logging.getLogger("p2pfed.node")
 
 _T = TypeVar("_T")
 CHECKPOINT_FILE_NAME = "checkpoint.bin"
+
+
+def _check_privacy_files(
+    node_dir: Path, federation: Federation, source: str, *, resumed: bool
+) -> None:
+    """Refuse to start a DP node whose budget cannot hold one release, or that has released
+    before (a checkpoint, or the marker in its identity file) but lost its ledger: a fresh
+    ledger would spend the budget again (spec/privacy.md, section 5)."""
+    params = federation.params
+    if not params.dp_enabled:
+        return
+    dp.check_budget(params, source)
+    path = ledger_path(node_dir)
+    if path.exists() or path.is_symlink():
+        return
+    marked = has_ledger_marker(node_dir / IDENTITY_FILE_NAME)
+    if resumed or marked:
+        why = "its identity key records a release" if marked else "it has a checkpoint"
+        raise LedgerError(
+            f"privacy ledger missing: {path} does not exist, but this node has spent privacy "
+            f"budget before ({why}), and a new ledger would spend it again (restore it from "
+            "backup, or create a new identity with p2pfed init in a new node directory)"
+        )
+
+
 SERVER_OPTIMIZER_FILE_NAME = "server-optimizer.bin"
 PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
 _id_bytes = operator.attrgetter("raw")
@@ -208,6 +249,10 @@ class _Link:
     # how the writer closes the channel once the outbox is closed and drained
     close_code: CloseCode = CloseCode.SHUTTING_DOWN
     close_reason: str = "node stopping"
+    # peer exchange is per channel (spec/discovery.md 4.2-4.4): a second channel to the
+    # same peer has its own request and its own rate limit
+    pex: PeerExchangeSession = field(default_factory=PeerExchangeSession)
+    initiated: bool = False  # this node dialed it (spec/discovery.md, "Duplicate channels")
 
 
 class Node:
@@ -263,7 +308,6 @@ class Node:
         self._last_active: dict[NodeId, float] = {}  # a message sent or received (not keepalive)
         self._closing: set[NodeId] = set()  # channels being closed by _trim_channels
         self.channels_trimmed = 0  # channels closed for the connection limit
-        self._pex: dict[NodeId, PeerExchangeSession] = {}
         self._dialling: set[tuple[str, int]] = set()
         self._host_of: dict[NodeId, str] = {}  # remote address of each peer's channel
         self._links_changed = trio.Event()
@@ -275,6 +319,9 @@ class Node:
         ](math.inf)
         self._connector_wake = trio.Event()
         self._stop = trio.Event()
+        self._checkpoint_pending: tuple[Checkpoint, bytes | None] | None = None
+        self._checkpoint_wanted = trio.Event()
+        self._checkpoint_lock = trio.Lock()
         self.finished = trio.Event()  # set when run() has shut the node down
         self._nursery: trio.Nursery | None = None
         self.listen_port = 0
@@ -296,6 +343,8 @@ class Node:
         self._sync: trio.MemorySendChannel[ModelState] | None = None
         self.group: GroupProtocol | None = None
         self.ledger: PrivacyLedger | None = None
+        self.budget_exhausted = False
+        """Whether the node has stopped training because its privacy budget is spent."""
         self.last_metrics: dict[str, float] = {}
         self._round_position: Position | None = None  # exact rounds: the current step's class
         self._behind = False  # exact rounds: every peer is at a later round (catch up)
@@ -323,13 +372,27 @@ class Node:
         config = load_config(node_dir)
         identity = load_identity(node_dir / IDENTITY_FILE_NAME)
         federation = load_federation(config.federation_path(node_dir))
+        # before anything runs, so that the operator gets one clear line, not a traceback
+        _check_privacy_files(
+            node_dir,
+            federation,
+            str(config.federation_path(node_dir)),
+            resumed=(node_dir / CHECKPOINT_FILE_NAME).exists(),
+        )
         spec = task_spec or config.task
         if not spec:
             raise ConfigError(
                 f"no task configured in {node_dir / 'config.toml'}: set task = "
-                '"package.module:object" (or pass --task), e.g. p2pfed.tasks.digits:task'
+                '"package.module:object", or name = "package.module:object" in its [task] '
+                "table (or pass --task), e.g. p2pfed.tasks.digits:task"
             )
         task = load_task(spec)  # also needed without training: it defines the model
+        if config.task_settings:
+            # config.toml's [task] table first, the runner's settings (--set) over it
+            options = options or NodeOptions()
+            options = dataclasses.replace(
+                options, task_config={**config.task_settings, **options.task_config}
+            )
         return cls(
             identity=identity,
             federation=federation,
@@ -363,6 +426,7 @@ class Node:
             model_size=len(self.model) if self.model is not None else 0,
             listen_port=self.listen_port,
             address_of=self._address_of,
+            excluded=self.peers.is_excluded,
             rng=random.Random(self._rng.getrandbits(64)),
             randbytes=self._randbytes,
             masking=self.options.masking,
@@ -383,6 +447,8 @@ class Node:
             nursery.start_soon(self._group_loop)
             nursery.start_soon(self._connector_loop)
             nursery.start_soon(self._discovery_loop)
+            if self.options.threads:
+                nursery.start_soon(self._checkpointer)
             task_status.started(self.listen_port)
             try:
                 await self._rounds(torch_model, data)
@@ -390,20 +456,52 @@ class Node:
                     # the model may have moved since the last evaluation (lingering)
                     self.last_metrics = await self._offload(self._evaluate, torch_model, data)
             finally:
+                with trio.CancelScope(shield=True):
+                    await self._flush_checkpoint()  # the last round's, before we report done
                 await self._shutdown()
                 self.finished.set()
                 nursery.cancel_scope.cancel()
 
     async def _offload(self, function: Callable[..., _T], *args: Any) -> _T:
-        """Run blocking work (training, evaluation, fsync) off the event loop if allowed."""
-        if self.options.threads:
-            return await trio.to_thread.run_sync(function, *args)
-        return function(*args)
+        """Run blocking work (training, evaluation, fsync) off the event loop if allowed.
+
+        An exception raised in the task's own code becomes a :class:`TaskError`, so that
+        the operator is told it is the task that failed (the cause keeps the traceback).
+        """
+        try:
+            if self.options.threads:
+                return await trio.to_thread.run_sync(function, *args)
+            return function(*args)
+        except Exception as exc:
+            if isinstance(exc, P2pfedError) or not raised_in(exc, self._task_files()):
+                raise
+            text = " ".join(str(exc).split()) or "no message"
+            raise TaskError(
+                f"the task {type(self.task).__name__} failed: {type(exc).__name__}: {text}"
+            ) from exc
+
+    def _task_files(self) -> list[str]:
+        """The source files of the task's class and its bases, but for p2pfed's own
+        plumbing (its tasks package counts as a task)."""
+        package = os.path.dirname(os.path.abspath(__file__))
+        tasks = os.path.join(package, "tasks")
+        files = []
+        for cls in type(self.task).__mro__:
+            module = sys.modules.get(cls.__module__)
+            path = getattr(module, "__file__", None)
+            if path is None:
+                continue
+            path = os.path.abspath(path)
+            if not path.startswith(package + os.sep) or path.startswith(tasks + os.sep):
+                files.append(path)
+        return files
 
     def _prepare_task(self) -> tuple[torch.nn.Module, NodeData | None]:
         assert self.task is not None
-        torch.set_num_threads(1)
         config = dict(self.options.task_config)
+        config.setdefault("device", check_device(self.config.device))
+        if self.config.torch_threads:  # 0: leave torch's default, a thread per core
+            torch.set_num_threads(self.config.torch_threads)
         # every node builds the same initial model: seed it from the federation
         config.setdefault("seed", federation_seed(self.federation))
         self.options.task_config = config
@@ -468,14 +566,26 @@ class Node:
         params = self.federation.params
         if not params.dp_enabled:
             return
+        _check_privacy_files(
+            self.node_dir,
+            self.federation,
+            str(self.node_dir / FEDERATION_FILE_NAME),
+            resumed=resumed,
+        )
         path = ledger_path(self.node_dir)
-        if path.exists() or resumed:
-            # a node that has run before must have its ledger: never silently reset it
+        if path.exists():
             self.ledger = PrivacyLedger.open(path)
             return
         self.ledger = PrivacyLedger.create(
             path, epsilon_budget=params.dp_epsilon_budget, delta=params.dp_delta
         )
+
+    def _mark_identity(self) -> None:
+        """Bind "this node has released" to its identity before the first release (a node
+        built without a key file, in tests and simulations, has nothing to mark)."""
+        key = self.node_dir / IDENTITY_FILE_NAME
+        if key.exists():
+            mark_ledger_required(key)
 
     # -- rounds --------------------------------------------------------------------------
 
@@ -529,7 +639,7 @@ class Node:
             if result is not None:
                 self.local_rounds += 1
             self._aggregated = (self.round, self.model)
-            await self._offload(self._checkpoint)
+            await self._save_checkpoint()
             metrics: dict[str, float] = {}
             every = self.options.evaluate_every
             if data is not None and every and self.round % every == 0:
@@ -581,16 +691,14 @@ class Node:
         """
         assert self.group is not None
         if not self.exact:
-            outcome = await self._one_group(released, weight, initiate=initiate)
-            if outcome is None or isinstance(outcome, SitOut):
-                return None
-            self.model = outcome.mean
-            self.weight = outcome.share(self.node_id) if outcome.total_weight else weight
-            return outcome, 1, 0, 0
+            return await self._random_steps(released, weight, initiate=initiate)
         position = Position(self.round, 0, (), self._class_count())
         model, coverage, steps = released, 1, 0
+        carried: np.ndarray | None = None
         while True:
-            outcome = await self._one_group(model, weight, initiate=initiate, position=position)
+            outcome = await self._one_group(
+                model, weight, initiate=initiate, position=position, carried=carried
+            )
             if outcome is None and self._behind and not self._stop.is_set():
                 await self._catch_up()
                 return _CAUGHT_UP
@@ -601,13 +709,18 @@ class Node:
                 return _CAUGHT_UP
             steps += 1
             coverage *= len(outcome.members)
-            model = outcome.mean
+            model, carried = outcome.mean, None
             if not outcome.total_weight:
                 pass  # nobody had weight: every member keeps its own model and weight 0
             elif outcome.structured:
                 # the block weight: the group's total, the weight of all the models it
                 # averaged (a share would no longer weigh the blocks of the next step right)
                 weight = self._ring_cap(outcome.total_weight)
+                if weight == outcome.total_weight:
+                    # send the group's integer sum on as it is: the round's last sum is
+                    # then the one a single group of all nodes would have, bit for bit
+                    # (re-encoding the float32 mean would round twice more)
+                    carried = outcome.ring_sum
             else:
                 weight = outcome.share(self.node_id)  # a fallback group: push-sum
             # the position the group formed at (its count may have moved while waiting)
@@ -621,6 +734,37 @@ class Node:
         self.model, self.weight = model, weight
         self._log_coverage(plan, coverage)
         return outcome, steps, coverage, plan.nodes
+
+    def random_steps(self) -> int:
+        """How many random groups this node joins per round (spec/group.md, "Random
+        rounds"): the federation's ``random_steps``, or with 0 enough for the federation
+        as this node sees it (``min_nodes``, or itself and every peer it knows of)."""
+        configured = self.federation.params.random_steps
+        if configured:
+            return configured
+        seen = max(self.federation.params.min_nodes, 1 + len(self.peers))
+        return random_steps_for(seen, group_max=self.group_config.group_max)
+
+    async def _random_steps(
+        self, released: np.ndarray, weight: int, *, initiate: bool
+    ) -> tuple[GroupCompleted, int, int, int] | None:
+        """Random averaging: push-sum over ``random_steps()`` random groups. Each group
+        leaves its members the group's weighted mean and an integer share of its weight,
+        so the next group weighs them right and the weighted sum is conserved."""
+        model, steps, wanted = released, 0, self.random_steps()
+        outcome: GroupCompleted | None = None
+        while steps < wanted:
+            completed = await self._one_group(model, weight, initiate=initiate)
+            if completed is None or isinstance(completed, SitOut):
+                if outcome is None:
+                    return None
+                break  # stopping: keep what the finished steps averaged
+            outcome, steps = completed, steps + 1
+            model = outcome.mean
+            weight = outcome.share(self.node_id) if outcome.total_weight else weight
+        assert outcome is not None
+        self.model, self.weight = model, weight
+        return outcome, steps, 0, 0
 
     def _log_coverage(self, plan: RoundPlan, coverage: int) -> None:
         if plan.sizes and coverage == plan.participants < plan.nodes:
@@ -670,6 +814,7 @@ class Node:
         *,
         initiate: bool,
         position: Position | None = None,
+        carried: np.ndarray | None = None,
     ) -> GroupCompleted | SitOut | None:
         assert self.group is not None
         self.contribution_weight = weight
@@ -682,6 +827,7 @@ class Node:
             trio.current_time(),
             initiate=initiate,
             position=position,
+            carried=carried,
         )
         self._announce_position()
         self._wake.set()
@@ -696,6 +842,8 @@ class Node:
             if report.nodes and report.coverage == report.nodes
             else f"{report.steps} steps, covering {report.coverage} of {report.nodes} nodes"
             if report.nodes
+            else f"{report.steps} random groups, the last of {report.group_size}"
+            if report.steps > 1
             else f"group of {report.group_size}",
             report.seconds,
             report.train_seconds,
@@ -715,6 +863,11 @@ class Node:
                 **(
                     {"train_loss": round(report.train_loss, 6)}
                     if report.train_loss is not None and math.isfinite(report.train_loss)
+                    else {}
+                ),
+                **(
+                    {"epsilon_spent": round(report.epsilon_spent, 6)}
+                    if report.epsilon_spent is not None
                     else {}
                 ),
                 **{k: round(v, 6) for k, v in metrics.items()},
@@ -832,10 +985,21 @@ class Node:
         if data is None or self.task is None or not self.options.training:
             return start, None, 0.0
         sigma = params.dp_noise_multiplier
-        z = dp.effective_noise_multiplier(sigma) if params.dp_enabled else 0.0
-        if self.ledger is not None and self.ledger.would_exceed(z):
+        cost = dp.release_cost(params) if params.dp_enabled else None
+        if (
+            self.ledger is not None
+            and cost is not None
+            and self.ledger.would_exceed(cost.noise_multiplier, cost.sampling_rate, cost.steps)
+        ):
             # out of privacy budget: keep averaging, but never train on the data again
-            log.warning("privacy budget exhausted: contributing the model without training")
+            if not self.budget_exhausted:
+                log.warning(
+                    "privacy budget exhausted (epsilon %.4g of %.4g spent): this node has "
+                    "stopped training and contributes its model unchanged",
+                    self.ledger.spent(),
+                    self.ledger.epsilon_budget,
+                )
+            self.budget_exhausted = True
             return start, None, 0.0
         began = trio.current_time()
         context = RoundContext(
@@ -843,19 +1007,34 @@ class Node:
             local_round=self.local_rounds,
             node_seed=self._rng.getrandbits(63),
         )
+        record_level = cost is not None and params.dp_level == "record"
+        dp_rng = noise_rng if record_level else None
         trained, result = await self._offload(
-            self._train, torch_model, data, start, generator, context
+            self._train, torch_model, data, start, generator, context, dp_rng
         )
         train_seconds = trio.current_time() - began
-        if not params.dp_enabled:
+        if cost is None:
             return trained, result, train_seconds
-        update = trained - start
-        noisy = dp.clip_and_noise(update, params.dp_clip_norm, sigma, noise_rng)
+        if record_level:
+            released = trained  # DP-SGD's output is the release: no further noise
+        else:
+            noisy = dp.clip_and_noise(trained - start, params.dp_clip_norm, sigma, noise_rng)
+            released = (start + noisy).astype(np.float32)
         ledger = self.ledger
         assert ledger is not None
-        # durably record the release before the noisy model can leave this node
-        await self._offload(lambda: ledger.record_release(round=self.round, noise_multiplier=z))
-        return (start + noisy).astype(np.float32), result, train_seconds
+        # durably record the release (and, once, that this identity has released) before
+        # the model can leave this node
+        if ledger.releases() == 0:
+            await self._offload(self._mark_identity)
+        await self._offload(
+            lambda: ledger.record_release(
+                round=self.round,
+                noise_multiplier=cost.noise_multiplier,
+                sampling_rate=cost.sampling_rate,
+                steps=cost.steps,
+            )
+        )
+        return released, result, train_seconds
 
     def _train(
         self,
@@ -864,12 +1043,31 @@ class Node:
         start: np.ndarray,
         generator: torch.Generator,
         context: RoundContext,
+        dp_rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, TrainResult]:
+        """Local training from ``start``: the task's ``train``, or with ``dp_rng`` (record-level
+        DP) the federation's DP-SGD steps on the task's data, loss and learning rate."""
         assert self.task is not None
         vector_to_model(torch_model, start)
         config = round_config(self.task, context.round, self.options.task_config)
-        result = call_train(self.task, torch_model, data, config, generator, context)
-        return model_to_vector(torch_model), result
+        if dp_rng is None:
+            result = call_train(self.task, torch_model, data, config, generator, context)
+            return model_to_vector(torch_model), result
+        params = self.federation.params
+        _, targets = dp_sgd.training_tensors(data.train)
+        report = dp_sgd.dp_sgd(
+            torch_model,
+            data.train,
+            steps=params.dp_steps,
+            sampling_rate=params.dp_sample_rate,
+            clip_norm=params.dp_clip_norm,
+            noise_multiplier=params.dp_noise_multiplier,
+            lr=float(config.get("lr", 0.1)),
+            rng=dp_rng,
+            loss=dp_sgd.task_loss(self.task, targets),
+        )
+        # the weight stays data-independent (1, spec/privacy.md 2.3): no count is declared
+        return model_to_vector(torch_model), TrainResult(samples=report.samples, loss=report.loss)
 
     def _evaluate(self, torch_model: torch.nn.Module, data: NodeData) -> dict[str, float]:
         assert self.task is not None and self.model is not None
@@ -920,21 +1118,56 @@ class Node:
             "bytes_received": self.traffic()[1],
         }
 
-    def _checkpoint(self) -> None:
+    def _checkpoint_snapshot(self) -> tuple[Checkpoint, bytes | None]:
+        """The checkpoint of the round just completed, and the server optimiser's state
+        file of that same moment (copies: the round loop goes on while they are written)."""
         assert self.model is not None
-        save_checkpoint(
-            self.node_dir / CHECKPOINT_FILE_NAME,
-            Checkpoint(
-                round=self.round,
-                model=self.model,
-                weight=self.weight,
-                fingerprint=self.fingerprint,
-                trained=self.options.training,
-                extra={"local_rounds": self.local_rounds},
-            ),
+        checkpoint = Checkpoint(
+            round=self.round,
+            model=self.model.copy(),
+            weight=self.weight,
+            fingerprint=self.fingerprint,
+            trained=self.options.training,
+            extra={"local_rounds": self.local_rounds},
         )
-        if self.server_optimizer is not None:
-            self.server_optimizer.save(self.node_dir / SERVER_OPTIMIZER_FILE_NAME)
+        state = self.server_optimizer.encode() if self.server_optimizer is not None else None
+        return checkpoint, state
+
+    def _write_checkpoint(self, snapshot: tuple[Checkpoint, bytes | None]) -> None:
+        checkpoint, state = snapshot
+        save_checkpoint(self.node_dir / CHECKPOINT_FILE_NAME, checkpoint)
+        if state is not None:
+            atomic_write_bytes(self.node_dir / SERVER_OPTIMIZER_FILE_NAME, state, mode=0o600)
+
+    async def _save_checkpoint(self) -> None:
+        """Checkpoint the round just completed.
+
+        With worker threads the write (two files, each fsynced with its directory: tens of
+        milliseconds on a busy disk) happens beside the next round instead of before it,
+        by :meth:`_checkpointer`; a crash loses at most the rounds not yet written, which
+        the node re-learns from its peers, while privacy spending is never deferred (the
+        ledger is written before each release). Without threads (simnet) it is written
+        here, at once."""
+        if not self.options.threads:
+            self._write_checkpoint(self._checkpoint_snapshot())
+            return
+        self._checkpoint_pending = self._checkpoint_snapshot()
+        self._checkpoint_wanted.set()
+
+    async def _checkpointer(self) -> None:
+        """Write the latest pending checkpoint whenever there is one (older ones it
+        overtook are skipped: only the newest matters)."""
+        while True:
+            await self._checkpoint_wanted.wait()
+            self._checkpoint_wanted = trio.Event()
+            await self._flush_checkpoint()
+
+    async def _flush_checkpoint(self) -> None:
+        """Write the pending checkpoint, if any, and wait until it is on disk."""
+        async with self._checkpoint_lock:  # one writer: both use the same temporary file
+            snapshot, self._checkpoint_pending = self._checkpoint_pending, None
+            if snapshot is not None:
+                await trio.to_thread.run_sync(self._write_checkpoint, snapshot)
 
     async def _await_group(self) -> GroupCompleted | SitOut | None:
         """Wait for a completed group (None: stopping); aborted groups are retried."""
@@ -1109,6 +1342,25 @@ class Node:
                 link.close_reason = "connection limit: closing the longest-idle channel"
                 link.outbox.close()
 
+    def _keep_one_channel(self, peer: NodeId) -> None:
+        """Of two or more channels to ``peer``, keep the one initiated by the lower node id
+        (the earliest of those, if one node dialed twice) and close the others with NORMAL
+        (spec/discovery.md, "Duplicate channels"). Both ends know who dialed each channel,
+        so both pick the same survivor without a message about it; what was queued on a
+        closed channel still goes out before its Close."""
+        links = self._links.get(peer, [])
+        if len(links) < 2:
+            return
+        mine, theirs = self.node_id.raw, peer.raw
+        survivor = min(links, key=lambda link: mine if link.initiated else theirs)
+        links.remove(survivor)
+        for link in links:
+            log.debug("closing a duplicate channel to %s", peer.short)
+            link.close_code = CloseCode.NORMAL
+            link.close_reason = "duplicate channel: the one dialed by the lower node id stays"
+            link.outbox.close()
+        links[:] = [survivor, *links]  # _send uses the first
+
     def _address_of(self, peer: NodeId) -> tuple[str, int] | None:
         record = self.peers.get(peer)
         return record.address if record is not None else None
@@ -1166,6 +1418,7 @@ class Node:
                     self.channel_config,
                     randbytes=self._randbytes,
                     static_key=self._static_key,
+                    budget=self.reassembly_budget,
                 ) as channel:
                     if expect is not None and channel.peer_id != expect:
                         log.warning(
@@ -1177,7 +1430,7 @@ class Node:
                     self._dialling.discard(address)
                     if expect is None:
                         self._bootstrap_reached(address, channel.peer_id, now)
-                    await self._serve_channel(channel)
+                    await self._serve_channel(channel, initiated=True)
             except RemoteProtocolError as exc:
                 # a handshake timeout is one too (HandshakeError); a bootstrap address
                 # gets its own warning from _dial_failed
@@ -1293,17 +1546,31 @@ class Node:
             # keeps the node at max_connections by closing idle channels, so an inbound
             # peer need not wait (in the backlog, past its handshake timeout) for a slot
             max_connections=2 * self.config.max_connections,
+            # handshakes are limited per source address (spec/transport.md, section 8):
+            # the network knows the address, simnet's virtual streams included
+            source_of=self.network.peer_host,
             randbytes=self._randbytes,
             static_key=self._static_key,
+            budget=self.reassembly_budget,
             task_status=task_status,  # type: ignore[arg-type]
         )
 
-    async def _serve_channel(self, channel: SecureChannel) -> None:
+    @functools.cached_property
+    def reassembly_budget(self) -> SharedBudget:
+        """The memory all this node's channels may hold in large messages under
+        reassembly (spec/transport.md, section 8): twice the largest message a peer has
+        reason to send (a masked model, at most 8 bytes a parameter, capped by
+        max_message_size) plus 64 MiB. Made on first use, once the model is known."""
+        size = len(self.model) if self.model is not None else 0
+        largest = min(self.channel_config.max_message_size, 8 * size + (1 << 20))
+        return SharedBudget(2 * largest + (64 << 20))
+
+    async def _serve_channel(self, channel: SecureChannel, *, initiated: bool = False) -> None:
         """Run one channel: its writer task, its reader loop, and the bookkeeping."""
         peer = channel.peer_id
         assert self.group is not None
         send, outbox = trio.open_memory_channel[Message](math.inf)
-        link = _Link(channel, send)
+        link = _Link(channel, send, initiated=initiated)
         now = trio.current_time()
         if not self._links.get(peer):
             self.peers.pardon(peer)  # back after a failure: it may join groups again
@@ -1316,7 +1583,7 @@ class Node:
         self._trim_channels(keep=peer)
         self.peers.mark_connected(peer, now)
         self.group.register_peer(peer, channel.peer_identity_key)
-        session = self._pex.setdefault(peer, PeerExchangeSession())
+        session = link.pex
         grid = self.options.grid.coordinate if self.options.grid is not None else ()
         send.send_nowait(NodeAnnounce(listen_port=self.listen_port, grid=grid))
         if self._round_position is not None and channel.version >= _POSITION_VERSION:
@@ -1328,13 +1595,14 @@ class Node:
         # opens many channels, and a PeerList on each one was a large part of their cost
         if session.may_request(now) and len(self._links) <= self.options.target_peers:
             send.send_nowait(session.make_request(now))
+        self._keep_one_channel(peer)
         self._wake.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, link, outbox)
                 try:
                     async for message in channel:
-                        self._dispatch(peer, message)
+                        self._dispatch(peer, message, link)
                 except RemoteProtocolError as exc:
                     log.warning("closing channel to %s: %s", peer.short, exc)
                     await channel.aclose(exc.code, str(exc))
@@ -1354,7 +1622,6 @@ class Node:
                 self._links.pop(peer, None)
                 self._last_active.pop(peer, None)
                 self._closing.discard(peer)
-                self._pex.pop(peer, None)
                 self.peers.mark_disconnected(peer, trio.current_time())
                 self._act(self.group.peer_lost(peer, trio.current_time()))
                 self._refresh_position()
@@ -1377,7 +1644,7 @@ class Node:
         except ChannelClosed:
             pass
 
-    def _dispatch(self, peer: NodeId, message: Message) -> None:
+    def _dispatch(self, peer: NodeId, message: Message, link: _Link) -> None:
         assert self.group is not None
         now = trio.current_time()
         self._last_active[peer] = now
@@ -1394,13 +1661,14 @@ class Node:
             if host and message.listen_port:
                 self.peers.observe(peer, host, message.listen_port, "inbound", now)
         elif isinstance(message, PeerExchangeRequest):
-            session = self._pex.setdefault(peer, PeerExchangeSession())
-            session.request_received(now)
+            link.pex.request_received(now)
             requester = self._host_of.get(peer)
             reply = build_peer_list(self.peers, message, peer, self._rng, requester)
-            self._send(peer, reply)
+            # on the channel the request came on: the requester checks it there
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                link.outbox.send_nowait(reply)
         elif isinstance(message, PeerList):
-            self._pex.setdefault(peer, PeerExchangeSession()).list_received(message)
+            link.pex.list_received(message)
             if handle_peer_list(self.peers, message, peer, now):
                 self._wake_connector()
         elif isinstance(message, ModelRequest):

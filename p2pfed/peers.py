@@ -701,8 +701,9 @@ class PeerExchangeSession:
         previous = self._last_received
         if previous is not None and now - previous < PEX_REQUEST_TOLERANCE:
             raise RemoteProtocolError(
-                f"PeerExchangeRequest {now - previous:.1f} s after the previous one; at most "
-                f"one per {PEX_MIN_INTERVAL:g} s is allowed",
+                f"PeerExchangeRequest {now - previous:.1f} s after the previous one on this "
+                f"channel; requests on one channel must be at least "
+                f"{PEX_REQUEST_TOLERANCE:g} s apart",
                 CloseCode.PROTOCOL_ERROR,
             )
         self._last_received = now

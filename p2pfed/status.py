@@ -36,6 +36,8 @@ The document (``schema`` 1), keys in this order; unknown values are ``null``::
     epsilon_spent   differential-privacy epsilon spent
     epsilon_budget  configured epsilon budget
     dp_enabled      whether updates are noised (bool)
+    dp_exhausted    whether the node has stopped training because its privacy budget is
+                    spent (bool; absent in files written before it existed: read as null)
     peers           [{"id": short id, "address": "host:port", "connected": bool}, ...]
     bootstrap       the configured bootstrap addresses, in configuration order:
                     [{"address": "host:port", "state": "connected" | "connecting" |
@@ -238,6 +240,7 @@ _VALIDATORS: dict[str, Callable[[object], object]] = {
     "epsilon_spent": lambda v: _number_or_none("epsilon_spent", v),
     "epsilon_budget": lambda v: _number_or_none("epsilon_budget", v),
     "dp_enabled": lambda v: None if v is None else bool(v),
+    "dp_exhausted": lambda v: None if v is None else bool(v),
     "peers": _check_peers,
     "bootstrap": _check_bootstrap,
 }
@@ -292,6 +295,7 @@ class StatusWriter:
             "epsilon_spent": None,
             "epsilon_budget": None,
             "dp_enabled": None,
+            "dp_exhausted": None,
             "peers": [],
             "bootstrap": [],
             "last_groups": [],
@@ -388,7 +392,8 @@ class StatusWriter:
         self._doc["updated_at"] = iso_utc(self._wall_clock())
         text = json.dumps(self._doc, indent=2, allow_nan=False) + "\n"
         try:
-            atomic_write_text(self.path, text, mode=0o600)
+            # not fsynced: a status file is for humans and rewritten within seconds
+            atomic_write_text(self.path, text, mode=0o600, durable=False)
         except OSError as exc:
             # Status is for humans; a full disk must not stop training. Retried when next due.
             if not self._failing:
@@ -564,9 +569,18 @@ def format_status(
         privacy = f"epsilon {spent or '0.000'} spent"
         if budget is not None:
             privacy += f" of {budget}"
-            if spent is not None and float(budget) > 0:
-                privacy += f" ({100 * float(spent) / float(budget):.0f} %)"
+            if float(budget) > 0:
+                used = float(spent or 0.0)
+                privacy += (
+                    f" ({100 * used / float(budget):.0f} %), "
+                    f"{max(0.0, float(budget) - used):.3f} remaining"
+                )
     lines.append(f"  privacy:    {privacy}")
+    if dp is not False and status.get("dp_exhausted") is True:
+        lines.append(
+            "              BUDGET SPENT: this node has stopped training on its data; it only "
+            "averages (spec/privacy.md 5.1)"
+        )
 
     peers = status.get("peers")
     peers = [p for p in peers if isinstance(p, Mapping)] if isinstance(peers, list) else []

@@ -27,9 +27,21 @@ parameters (as one float32 vector, :mod:`p2pfed.model_vector`):
     Metrics on ``data.test``; at least ``"accuracy"`` (a fraction in [0, 1]) and ``"loss"``.
     The node logs them; they never leave the node.
 
-``config`` is a plain dict: the node's ``[task]`` settings from ``config.toml`` plus keys the
-runner adds (the demo adds ``node_index``, ``num_nodes`` and ``seed``). A task reads what it
-needs, with defaults, and raises :class:`~p2pfed.errors.ConfigError` for bad values.
+``config`` is a plain dict: the settings of the ``[task]`` table of the node's
+``config.toml`` (every key but ``name``), overridden by ``p2pfed node --set KEY=VALUE``,
+plus two keys the node adds unless they are set: ``seed`` (the same on every node of a
+federation, for the initial model) and ``device`` (config.toml's ``device``, ``"cpu"`` by
+default). ``p2pfed run`` and the demo write ``node_index`` and ``num_nodes`` into each
+node's ``[task]`` table. A task reads what it needs, with defaults, and raises
+:class:`~p2pfed.errors.ConfigError` for bad values, naming the key as ``[task] KEY``.
+
+Threads and devices: the node sets torch's thread count to config.toml's
+``torch_threads`` (1 by default, because co-located nodes would otherwise oversubscribe the
+cores; 0 keeps torch's default of one thread per core) before it builds the model. A task
+that can use a GPU moves its model (in ``build_model``) and each batch to
+``config["device"]``; the node checks that device exists (:func:`check_device`), reads the
+parameters back to the CPU to average them and writes the average into the model where it
+lives.
 
 Optionally, ``configure_round(round, config) -> Mapping`` returns per-round overrides of
 ``config`` (a learning-rate schedule, the number of local epochs), in the manner of Flower's
@@ -43,8 +55,8 @@ directory on ``PYTHONPATH``).
 
 A complete minimal task (linear regression on one node's CSV file)::
 
-    # mytasks/linreg.py          config.toml:  task = "mytasks.linreg:task"
-    #                                          [task]
+    # mytasks/linreg.py          config.toml:  [task]
+    #                                          name = "mytasks.linreg:task"
     #                                          csv = "/data/mine.csv"
     import numpy as np
     import torch
@@ -90,7 +102,19 @@ A complete minimal task (linear regression on one node's CSV file)::
 
     task = LinRegTask()
 
-The built-in demo task, :mod:`p2pfed.tasks.digits`, is a fuller example.
+The built-in demo task, :mod:`p2pfed.tasks.digits`, is a fuller example; ``examples/``
+in the repository has a CNN, a tabular model and a simnet topology.
+
+The trained model: ``p2pfed export NODE_DIR -o model.pt`` writes the node's current model
+(the parameters of its last checkpoint) as a torch ``state_dict``; ``-o model.safetensors``
+writes the safetensors format instead (``pip install safetensors``). Load it into the
+task's model::
+
+    model = task.build_model(config)              # the node's [task] settings
+    model.load_state_dict(torch.load("model.pt", weights_only=True))
+    # or: from safetensors.torch import load_model; load_model(model, "model.safetensors")
+
+Buffers (BatchNorm statistics) are never averaged; the file holds this node's own.
 """
 
 from __future__ import annotations
@@ -114,6 +138,7 @@ __all__ = [
     "Task",
     "TrainResult",
     "call_train",
+    "check_device",
     "load_task",
     "round_config",
 ]
@@ -282,6 +307,44 @@ def call_train(
             f"the task's TrainResult.weight must be an integer >= 0 or None, got {weight!r}"
         )
     return result
+
+
+def check_device(name: str) -> str:
+    """``name`` if torch can place tensors on that device here, else a :class:`ConfigError`.
+
+    >>> check_device("cpu")
+    'cpu'
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f'device: {name!r} is not a torch device ({exc}); use "cpu", "cuda" or "cuda:N"'
+        ) from None
+    if device.type == "cuda":
+        build = f"torch {torch.__version__}, " + (
+            f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        )
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: {name!r}, but torch finds no usable CUDA GPU here ({build}); set "
+                'device = "cpu" in config.toml, or install a CUDA build of torch'
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s), numbered from 0; choose one of them"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f'device: {name!r}, but Apple\'s MPS is not available here; set device = "cpu"'
+        )
+    elif device.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"device: {name!r} is not usable here ({exc})") from None
+    return name
 
 
 def _missing_members(obj: object) -> list[str]:

@@ -20,6 +20,8 @@ the others.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -36,17 +38,21 @@ from p2pfed.channel import (
     Event,
     HandshakeComplete,
     MessageReceived,
+    ReassemblyBudget,
     Role,
     StaticKey,
 )
 from p2pfed.errors import ChannelClosed, CloseCode, HandshakeError, RemoteProtocolError
 from p2pfed.federation import Federation
 from p2pfed.identity import NodeId, NodeIdentity
+from p2pfed.logs import ThrottledLog
 from p2pfed.messages import Message
 
 __all__ = [
     "ChannelConfig",
+    "HandshakeAdmission",
     "SecureChannel",
+    "SharedBudget",
     "open_secure_channel",
     "serve_secure_channels",
 ]
@@ -76,6 +82,22 @@ class ChannelConfig:
                 raise ValueError(f"{name} must be positive")
 
 
+class SharedBudget(ReassemblyBudget):
+    """A :class:`~p2pfed.channel.ReassemblyBudget` that channels can wait on."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self._event = trio.Event()
+
+    def _released(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait_released(self) -> None:
+        """Return when some channel gave bytes back."""
+        await self._event.wait()
+
+
 class SecureChannel:
     """An open, authenticated, encrypted message channel to one peer.
 
@@ -90,8 +112,10 @@ class SecureChannel:
         config: ChannelConfig,
         peer: HandshakeComplete,
         pending: deque[Event],
+        budget: SharedBudget | None = None,
     ) -> None:
         self._stream = stream
+        self._budget = budget
         self._conn = connection
         self._config = config
         self._pending = pending
@@ -290,6 +314,11 @@ class SecureChannel:
                 raise
 
     async def _read_more(self) -> None:
+        budget = self._budget
+        if budget is not None and not self._conn.may_receive():
+            await self._wait_for_budget(budget)
+            if self.closed:
+                return
         # the clock task enforces the idle timeout (see __init__); a new read starts the
         # clock's idle deadline no earlier than before, so it needs no wake-up
         self._read_since = trio.current_time()
@@ -310,6 +339,23 @@ class SecureChannel:
         except RemoteProtocolError as exc:
             log.warning("closing channel to %s: %s", self.peer_id.short, exc)
             await self._abort(exc.code, str(exc), send_close=True)
+
+    async def _wait_for_budget(self, budget: SharedBudget) -> None:
+        """The node's reassembly memory is full and this channel holds part of a large
+        frame: stop reading (TCP pushes back on the peer) until another channel gives
+        bytes back. A channel that cannot go on within the idle timeout is closed, which
+        frees its part: memory stays bounded even if every holder stalls."""
+        with trio.move_on_after(self._config.idle_timeout):
+            while not self._conn.may_receive():
+                await budget.wait_released()
+            return
+        reason = (
+            f"the node's memory for messages under reassembly ({budget.limit} bytes) stayed "
+            f"full for {self._config.idle_timeout}s"
+        )
+        log.info("closing channel to %s: %s", self.peer_id.short, reason)
+        self._conn.close(CloseCode.IDLE_TIMEOUT, reason)
+        await self._abort(CloseCode.IDLE_TIMEOUT, reason, send_close=True)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -354,6 +400,7 @@ class SecureChannel:
         """Record why the channel ended and drop the connection (best-effort final Close)."""
         if self._closed is None:
             self._closed = ChannelClosed(code, reason, by_peer=False)
+        self._conn.discard_buffers()
         if send_close:
             await self._try_flush()
             await self._linger()
@@ -367,6 +414,7 @@ class SecureChannel:
             await self._try_flush()
             if not self._receiving:
                 await self._linger()
+        self._conn.discard_buffers()
         await trio.aclose_forcefully(self._stream)
 
 
@@ -378,6 +426,7 @@ async def _handshake(
     config: ChannelConfig,
     randbytes: Callable[[int], bytes],
     static_key: StaticKey | None = None,
+    budget: SharedBudget | None = None,
 ) -> SecureChannel:
     conn = ChannelConnection(
         role,
@@ -387,6 +436,7 @@ async def _handshake(
         max_message_size=config.max_message_size,
         noise_static=static_key,
         randbytes=randbytes,
+        budget=budget,
     )
     conn.start()
     pending: deque[Event] = deque()
@@ -399,7 +449,7 @@ async def _handshake(
                 while pending:
                     event = pending.popleft()
                     if isinstance(event, HandshakeComplete):
-                        return SecureChannel(stream, conn, config, event, pending)
+                        return SecureChannel(stream, conn, config, event, pending, budget)
                     if isinstance(event, ConnectionClosed):
                         raise HandshakeError(f"peer refused the channel: {event.reason}")
                 received = await stream.receive_some(config.read_size)
@@ -437,11 +487,12 @@ async def open_secure_channel(
     *,
     randbytes: Callable[[int], bytes] = os.urandom,
     static_key: StaticKey | None = None,
+    budget: SharedBudget | None = None,
 ) -> AsyncIterator[SecureChannel]:
     """Run the handshake on ``stream`` and yield the open channel.
 
     ``static_key``: this node's Noise static key, made once and reused (a fresh one per
-    channel if omitted).
+    channel if omitted). ``budget``: the node's reassembly memory, shared by its channels.
 
     The keepalive runs in the background while the block runs; leaving the block closes
     the channel in order. Raises :class:`~p2pfed.errors.HandshakeError` (or another
@@ -451,11 +502,18 @@ async def open_secure_channel(
     config = config or ChannelConfig()
     try:
         channel = await _handshake(
-            stream, role, identity, federation, config, randbytes, static_key
+            stream, role, identity, federation, config, randbytes, static_key, budget
         )
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    async with _running(channel):
+        yield channel
+
+
+@asynccontextmanager
+async def _running(channel: SecureChannel) -> AsyncIterator[None]:
+    """Run the clocks of an open channel while the block runs; then close it in order."""
     # The caller's exception is carried out of the nursery by hand so that it arrives as
     # itself, not wrapped in an ExceptionGroup by the keepalive task's nursery.
     body_error: BaseException | None = None
@@ -463,7 +521,7 @@ async def open_secure_channel(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(channel.keepalive_loop)
             try:
-                yield channel
+                yield
             except BaseException as exc:
                 body_error = exc
             finally:
@@ -475,6 +533,106 @@ async def open_secure_channel(
         raise body_error
 
 
+MAX_HANDSHAKES = 64
+"""Default: connections whose handshake may run at once (the rest wait for a slot)."""
+MAX_HANDSHAKES_PER_SOURCE = 8
+"""Default: handshakes from one source address that may run at once."""
+MAX_WAITING_PER_SOURCE = 32
+"""Default: unauthenticated connections from one source that may wait for a slot; a
+connection beyond that is closed at once (spec/transport.md, section 8)."""
+
+
+def source_key(host: str | None) -> str | None:
+    """The source an unauthenticated connection is counted against: its IPv4 address, or
+    the /64 of its IPv6 address (one host usually owns a whole /64, so counting single
+    IPv6 addresses would let it open unlimited connections). None: not limited."""
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class HandshakeAdmission:
+    """Who may handshake now: at most ``max_handshakes`` at once, ``per_source`` of them
+    from one source, and ``waiting_per_source`` more from that source waiting in line.
+
+    A slowloris (connections that never send) or a connect storm from one address then
+    occupies at most ``per_source`` slots, each for at most the handshake deadline, and
+    everything it opens beyond ``per_source + waiting_per_source`` is closed on arrival;
+    other addresses keep their slots. Waiting for a slot counts against the connection's
+    handshake deadline, so nothing waits forever.
+    """
+
+    def __init__(
+        self,
+        max_handshakes: int = MAX_HANDSHAKES,
+        per_source: int = MAX_HANDSHAKES_PER_SOURCE,
+        waiting_per_source: int = MAX_WAITING_PER_SOURCE,
+    ) -> None:
+        self._slots = trio.CapacityLimiter(max_handshakes)
+        self._per_source = per_source
+        self._waiting_per_source = waiting_per_source
+        self._present: dict[str, int] = {}  # source -> connections waiting or handshaking
+        self._sources: dict[str, trio.CapacityLimiter] = {}
+        self.rejected = 0  # connections closed on arrival (source over its limits)
+        self.expired = 0  # connections whose deadline passed while waiting for a slot
+
+    def present(self, source: str) -> int:
+        """Unauthenticated connections from ``source`` now (waiting or handshaking)."""
+        return self._present.get(source, 0)
+
+    def admit(self, source: str | None) -> bool:
+        """Count a new connection from ``source``; False: close it now (over the limit)."""
+        if source is None:
+            return True
+        count = self._present.get(source, 0)
+        if count >= self._per_source + self._waiting_per_source:
+            self.rejected += 1
+            return False
+        self._present[source] = count + 1
+        return True
+
+    def leave(self, source: str | None) -> None:
+        """The connection counted by :meth:`admit` authenticated or ended."""
+        if source is None:
+            return
+        count = self._present.get(source, 0) - 1
+        if count <= 0:
+            self._present.pop(source, None)
+            self._sources.pop(source, None)
+        else:
+            self._present[source] = count
+
+    async def acquire(self, source: str | None, token: object) -> None:
+        """Wait for a handshake slot (and one of the source's) for ``token``."""
+        limiter = None
+        if source is not None:
+            limiter = self._sources.get(source)
+            if limiter is None:
+                limiter = self._sources[source] = trio.CapacityLimiter(self._per_source)
+            await limiter.acquire_on_behalf_of(token)
+        try:
+            await self._slots.acquire_on_behalf_of(token)
+        except BaseException:
+            if limiter is not None:
+                limiter.release_on_behalf_of(token)
+            raise
+
+    def release(self, source: str | None, token: object) -> None:
+        """Give back the slots :meth:`acquire` took for ``token``."""
+        self._slots.release_on_behalf_of(token)
+        limiter = self._sources.get(source) if source is not None else None
+        if limiter is not None:
+            limiter.release_on_behalf_of(token)
+
+
 async def serve_secure_channels(
     handler: Callable[[SecureChannel], Awaitable[None]],
     listeners: list[trio.SocketListener],
@@ -483,44 +641,114 @@ async def serve_secure_channels(
     config: ChannelConfig | None = None,
     *,
     max_connections: int | float = math.inf,
+    admission: HandshakeAdmission | None = None,
+    source_of: Callable[[trio.abc.Stream], str | None] | None = None,
     randbytes: Callable[[int], bytes] = os.urandom,
     static_key: StaticKey | None = None,
+    budget: SharedBudget | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept peers forever, running ``handler(channel)`` for each one that authenticates.
 
-    A peer that fails the handshake or breaks the protocol is logged with the reason and
-    dropped; an exception escaping ``handler`` is logged too. Neither stops the listener.
-    At most ``max_connections`` peers are served at once; further ones wait in the
-    listener's backlog.
+    A peer that fails the handshake or breaks the protocol is logged with the reason
+    (throttled per source address) and dropped; an exception escaping ``handler`` is logged
+    too. Neither stops the listener. At most ``max_connections`` authenticated peers are
+    served at once. Before that, every connection must finish its handshake within
+    ``config.handshake_timeout`` of being accepted, time spent waiting for a handshake slot
+    included, and ``admission`` limits handshakes in all and per source address
+    (``source_of(stream)``, the remote address by default).
     """
     config = config or ChannelConfig()
     limiter = trio.CapacityLimiter(max_connections)
+    admission = admission or HandshakeAdmission()
+    source_of = source_of or _remote_host
+    warnings = ThrottledLog(log)
 
     async def serve_one(stream: trio.abc.Stream) -> None:
         peer = _describe(stream)
-        async with limiter:
+        source = source_key(source_of(stream))
+        who = source or peer
+        if not admission.admit(source):
+            warnings.warning(
+                who,
+                "refused a connection from %s: too many unauthenticated connections from that "
+                "address",
+                peer,
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        deadline = trio.current_time() + config.handshake_timeout
+        token = object()
+        stage = "a handshake slot"
+        holding: list[str] = []  # what to give back: "handshake", "connection"
+        try:
+            # the waits for a handshake slot and for a connection slot count against the
+            # handshake deadline: a connection never queues forever
+            with trio.move_on_at(deadline):
+                await admission.acquire(source, token)
+                holding.append("handshake")
+                stage = "a connection slot"
+                await limiter.acquire_on_behalf_of(token)
+                holding.append("connection")
+                stage = ""
+            if stage:
+                admission.expired += 1
+                warnings.warning(
+                    who,
+                    "dropped peer %s: no free %s within the %gs handshake deadline",
+                    peer,
+                    stage,
+                    config.handshake_timeout,
+                )
+                await trio.aclose_forcefully(stream)
+                return
+            remaining = max(deadline - trio.current_time(), 1e-3)
             try:
-                async with open_secure_channel(
+                channel = await _handshake(
                     stream,
                     Role.RESPONDER,
                     identity,
                     federation,
-                    config,
-                    randbytes=randbytes,
-                    static_key=static_key,
-                ) as channel:
-                    log.debug("channel open with %s at %s", channel.peer_id.short, peer)
-                    await handler(channel)
-            except RemoteProtocolError as exc:
-                log.warning("dropped peer %s: %s", peer, exc)
-            except ChannelClosed as exc:
-                if not exc.orderly:
-                    log.info("channel with %s ended: %s", peer, exc)
-            except Exception:
-                log.exception("handler for peer %s failed", peer)
+                    dataclasses.replace(config, handshake_timeout=remaining),
+                    randbytes,
+                    static_key,
+                    budget,
+                )
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            finally:
+                holding.remove("handshake")
+                admission.release(source, token)
+                admission.leave(source)
+                source = None  # counted out already
+            async with _running(channel):
+                log.debug("channel open with %s at %s", channel.peer_id.short, peer)
+                await handler(channel)
+        except HandshakeError as exc:
+            warnings.warning(who, "dropped peer %s: %s", peer, exc)
+        except RemoteProtocolError as exc:
+            log.warning("dropped peer %s: %s", peer, exc)
+        except ChannelClosed as exc:
+            if not exc.orderly:
+                log.info("channel with %s ended: %s", peer, exc)
+        except Exception:
+            log.exception("handler for peer %s failed", peer)
+        finally:
+            if "handshake" in holding:
+                admission.release(source, token)
+            if "connection" in holding:
+                limiter.release_on_behalf_of(token)
+            admission.leave(source)
 
     await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+
+
+def _remote_host(stream: trio.abc.Stream) -> str | None:
+    try:
+        return str(stream.socket.getpeername()[0])  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return None
 
 
 def _describe(stream: trio.abc.Stream) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from p2pfed.atomicfile import atomic_write_text
 from simnet.simulation import ROW_FIELDS, SimulationResult
 
-__all__ = ["PLOTS", "metrics_csv", "metrics_json", "write_metrics", "write_plots"]
+__all__ = ["PLOTS", "Y_LABELS", "metrics_csv", "metrics_json", "write_metrics", "write_plots"]
 
 PLOTS = (
     ("consensus.png", ("consensus_max", "consensus_mean", "target_distance_max"), True),
@@ -31,6 +31,16 @@ PLOTS = (
     ("epsilon.png", ("epsilon_max",), False),
 )
 """(file name, columns, log scale) of each plot; plots of columns without values are skipped."""
+
+Y_LABELS = {
+    "consensus.png": "L2 distance (largest / mean over nodes)",
+    "loss.png": "test loss (mean over nodes)",
+    "accuracy.png": "test accuracy (mean over nodes)",
+    "groups.png": "groups so far (cumulative)",
+    "bytes.png": "bytes sent so far (all nodes)",
+    "epsilon.png": "epsilon spent (largest over nodes)",
+}
+"""The y-axis label of each plot."""
 
 
 def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -90,6 +100,7 @@ def write_plots(result: SimulationResult, out_dir: Path) -> tuple[list[Path], st
         if log_scale:
             axes.set_yscale("log")
         axes.set_xlabel("global round")
+        axes.set_ylabel(Y_LABELS.get(name, ""))
         axes.set_title(f"{result.summary.get('scenario', '')}: {name[:-4]}")
         axes.grid(True, alpha=0.3)
         axes.legend()

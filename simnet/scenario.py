@@ -57,6 +57,8 @@ are simulated seconds. The format, with the defaults::
     handshake_timeout = 10.0
     grouping = "random"        # "random" | "exact" (exact rounds, derived positions)
                                # | "grid": Moshpit grid of grid_side^grid_dims
+    random_steps = 1           # random: groups per round (0: the node's automatic rule;
+                               # 1 keeps a round one push-sum step, as scenarios expect)
     grid_side = 0              # grid: nodes per line (= group size, group_min..group_max)
     grid_dims = 0              # grid: dimensions; grid_side ** grid_dims must be the count
 
@@ -202,6 +204,7 @@ class ProtocolSpec:
     send_timeout: float = NodeConfig.send_timeout
     handshake_timeout: float = NodeConfig.handshake_timeout
     grouping: str = "random"
+    random_steps: int = 1
     grid_side: int = 0
     grid_dims: int = 0
 
@@ -439,6 +442,8 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
 def _check_grid(protocol: ProtocolSpec, count: int) -> None:
     if protocol.grouping not in ("random", "exact", "grid"):
         raise ValueError('[protocol] grouping must be "random", "exact" or "grid"')
+    if not 0 <= protocol.random_steps <= 16:
+        raise ValueError("[protocol] random_steps must be between 0 (automatic) and 16")
     if protocol.grouping in ("random", "exact"):
         if protocol.grid_side or protocol.grid_dims:
             raise ValueError('[protocol] grid_side and grid_dims need grouping = "grid"')

@@ -757,6 +757,7 @@ def _federation(scenario: Scenario) -> Federation:
         dp_delta=dp.delta,
         dp_epsilon_budget=dp.epsilon_budget,
         averaging="exact" if protocol.grouping == "exact" else "random",
+        random_steps=protocol.random_steps,
     )
     material = random.Random(derive_seed(scenario.seed, "federation"))
     return Federation.new(scenario.name or "simnet", randbytes=material.randbytes, params=params)

@@ -351,3 +351,63 @@ async def test_the_first_round_waits_for_min_nodes(tmp_path: Path) -> None:
             while not all(n.finished.is_set() for n in nodes):
                 await trio.sleep(0.05)
     assert all(n.round == 2 and n.local_rounds == 2 for n in nodes)
+
+
+def test_an_exact_round_ends_with_the_one_big_group_sum_bit_for_bit(tmp_path: Path) -> None:
+    """After step 0 each member sends its group's integer ring sum on unchanged (spec/
+    group.md, "Exact rounds"), so the last step adds up every node's own encoding: all 16
+    nodes end with exactly what one group of all 16 would give, the correctly rounded
+    weighted mean of the initial models (their encodings are exact here: every value is a
+    multiple of 2**-scale_bits). Re-encoding each block's float32 mean instead (the old
+    rule) rounds to float32 once more in the middle and misses it in some coordinates."""
+    from p2pfed.fixedpoint import FixedPointParams
+
+    scenario = parse_scenario(_scenario(16, 4, "exact", 1))
+    result = run_simulation(scenario, tmp_path)
+    configs = [node.options.task_config for node in result.nodes]  # seeded as each node was
+    initial = [_vector(task.build_model(c)).astype(np.float32) for c in configs]
+    weights = [samples_of(c) for c in configs]
+    scale = 2 ** FixedPointParams.for_federation(64, 8.0, 4).scale_bits
+    encoded = [[float(v) * scale for v in x] for x in initial]
+    assert all(q == int(q) for x in encoded for q in x)  # the premise: exact encodings
+    total_weight = sum(weights)
+    expected = np.array(
+        [
+            sum(w * int(x[j]) for w, x in zip(weights, encoded, strict=True))
+            / (scale * total_weight)
+            for j in range(len(initial[0]))
+        ],
+        np.float32,
+    )
+    models = [node.model for node in result.nodes if node.model is not None]
+    assert len(models) == 16
+    for model in models:
+        assert model.tobytes() == expected.tobytes()
+
+
+def test_a_carried_sum_must_be_the_ring_words_of_its_weight() -> None:
+    from p2pfed.fixedpoint import FixedPointParams
+    from p2pfed.group import GroupConfig, GroupProtocol
+
+    identity = NodeIdentity.generate()
+    params = FixedPointParams.for_federation(64, 8.0, 4)
+    protocol = GroupProtocol(
+        identity,
+        GroupConfig(group_min=3, group_max=4),
+        params,
+        fingerprint=b"f" * 32,
+        model_size=3,
+        listen_port=7447,
+        exact=True,
+    )
+    vector = np.zeros(3, np.float32)
+    good = np.array([1, 2, 3, 7], np.uint64)
+    protocol.set_contribution(vector, 7, 0, 0.0, carried=good)
+    for bad, weight in [
+        (good, 8),  # the weight word must be the weight
+        (good[:3], 7),  # one word per coordinate, then the weight
+        (good.astype(np.int64), 7),  # ring words
+        (np.array([0, 0, 0, params.max_weight + 1], np.uint64), params.max_weight + 1),
+    ]:
+        with pytest.raises(ValueError, match="carried sum"):
+            protocol.set_contribution(vector, weight, 0, 0.0, carried=bad)

@@ -22,6 +22,8 @@ from p2pfed.identity import NodeId
 from p2pfed.messages import (
     GroupAbort,
     GroupInvite,
+    GroupReply,
+    GroupStart,
     Message,
     Shard,
     encode_message,
@@ -279,3 +281,122 @@ def test_pending_member_declines_even_a_higher_priority_invite() -> None:
     assert isinstance(decline, Send) and decline.peer == c
     assert not decline.message.accept  # type: ignore[attr-defined]
     assert node.phase is Phase.PENDING and node.busy_with() == {b}
+
+
+def test_a_start_that_arrives_after_the_pending_timeout_is_refused_at_once() -> None:
+    """spec/group.md section 3: a node not pending for a group refuses its GroupStart with
+    GroupAbort to every listed member, also when its own wait for that start has timed out
+    (it is READY again), so the others abort now rather than at the all-reduce deadline."""
+    config = GroupConfig(allreduce_timeout=30.0)
+    net = Net(3, config)
+    vectors, weights = random_models(net)
+    late = sorted(net.nodes)[2]
+    held: list[tuple[NodeId, NodeId, Message]] = []
+
+    def hold_start(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+        if isinstance(message, GroupStart) and receiver == late and not held:
+            held.append((sender, receiver, message))
+            return True
+        return False
+
+    net.drop = hold_start
+    net.offer(vectors, weights)
+    pending_wait = config.invite_timeout + config.start_timeout
+    net.run(until=pending_wait + 0.5)
+    assert held, "the late member was never sent a start"
+    assert net.nodes[late].phase is not Phase.PENDING  # its wait expired
+    others = [n for n in net.nodes if n != late]
+    # before the late start arrives, the other members are still in the all-reduce
+    assert all(not blamed_by(net, [n]) and not completed(net) for n in others)
+    sender, receiver, start = held[0]
+    net.queue.append((sender, receiver, encode_message(start)))
+    net.run(until=net.now + 0.1)
+    refusals = [(s, r) for s, r, m in net.sent(GroupAbort) if s == late]
+    assert {r for _, r in refusals} == set(others), refusals
+    for n in others:
+        aborted = [o for o in net.outcomes[n] if isinstance(o, GroupAborted)]
+        assert aborted and aborted[0].formed, f"{n.short} still waits for the late member"
+    assert not completed(net)
+
+
+def _invite(group: int, priority: int = 1) -> GroupInvite:
+    return GroupInvite(
+        group_id=bytes([group]) * 16,
+        priority=priority,
+        round=0,
+        fingerprint=FINGERPRINT,
+        model_size=D,
+    )
+
+
+def test_a_cancelled_formation_aborts_only_the_invitees_that_accepted() -> None:
+    """spec/group.md section 3: GroupAbort goes to the invitees whose acceptance arrived;
+    an acceptance that arrives after the cancel is answered with GroupAbort, a decline
+    with nothing."""
+    config = GroupConfig(group_max=4, initiate_delay=0.0)
+    net = Net(5, config)
+    a, b, c, d, e = sorted(net.nodes)
+    node = net.nodes[a]
+    node.set_contribution(np.zeros(D, np.float32), 1, 0, 0.0)
+    invites = node.poll(0.0, [b, c, d])
+    assert node.phase is Phase.INITIATING and {s.peer for s in invites} == {b, c, d}  # type: ignore[union-attr]
+    group_id = invites[0].message.group_id  # type: ignore[union-attr]
+    helpers = {p: net.nodes[p] for p in (b, c, d)}
+    for p in (b, c, d):
+        helpers[p].set_contribution(np.zeros(D, np.float32), 1, 0, 0.0)
+    [accept_b] = helpers[b].receive(a, invites[0].message, 0.01)  # type: ignore[union-attr]
+    [accept_d] = helpers[d].receive(a, invites[2].message, 0.01)  # type: ignore[union-attr]
+    assert node.receive(b, accept_b.message, 0.02) == []  # type: ignore[union-attr]
+    # a higher-priority invite preempts the formation before c and d have answered
+    actions = node.receive(e, _invite(9, priority=(1 << 64) - 1), 0.03)
+    aborts = [s for s in actions if isinstance(s, Send) and isinstance(s.message, GroupAbort)]
+    assert [s.peer for s in aborts] == [b]
+    assert aborts[0].message.group_id == group_id  # type: ignore[attr-defined]
+    # d's acceptance was on its way: it gets a GroupAbort when it arrives, and leaves
+    [answer] = node.receive(d, accept_d.message, 0.04)  # type: ignore[union-attr]
+    assert isinstance(answer, Send) and answer.peer == d
+    assert isinstance(answer.message, GroupAbort) and answer.message.group_id == group_id
+    assert helpers[d].phase is Phase.PENDING
+    helpers[d].receive(a, answer.message, 0.05)
+    assert helpers[d].phase is Phase.READY
+    # a decline that arrives late needs no answer
+    decline = GroupReply(
+        group_id=group_id,
+        accept=False,
+        reason="busy",
+        mask_key=b"",
+        key_signature=b"",
+        listen_port=7000,
+    )
+    assert node.receive(c, decline, 0.06) == []
+
+
+def test_a_node_joins_no_group_with_a_node_it_excludes() -> None:
+    """spec/group.md section 6: exclusion holds for groups a node joins. It declines an
+    invite from a node it excludes and refuses a start that lists one."""
+    net = Net(4, GroupConfig(group_max=4, initiate_delay=0.0))
+    a, b, c, d = sorted(net.nodes)
+    net.nodes[a]._excluded = lambda peer, now: peer == b  # type: ignore[method-assign]
+    node = net.nodes[a]
+    vectors, weights = random_models(net)
+    node.set_contribution(vectors[a], weights[a], 0, 0.0, initiate=False)
+    [reply] = node.receive(b, _invite(1), 0.0)
+    assert isinstance(reply, Send) and not reply.message.accept  # type: ignore[attr-defined]
+    assert "excluded" in reply.message.reason  # type: ignore[attr-defined]
+    assert node.phase is Phase.READY
+    # c invites a, b and d; a accepts (it cannot know who else is invited) and refuses
+    # the start once it sees b among the members
+    for p in (b, d):
+        net.nodes[p].set_contribution(vectors[p], weights[p], 0, 0.0, initiate=False)
+    net.nodes[c].set_contribution(vectors[c], weights[c], 0, 0.0)
+    net.run(until=0.5)
+    start = next(m for s, r, m in net.sent(GroupStart) if r == a)
+    assert b in {NodeId.from_public_key(m.identity_key) for m in start.members}  # type: ignore[attr-defined]
+    refusals = [
+        (r, m)
+        for s, r, m in net.sent(GroupAbort)
+        if s == a and m.group_id == start.group_id  # type: ignore[attr-defined]
+    ]
+    assert {r for r, _ in refusals} == {b, c, d}
+    assert all("excluded" in m.reason for _, m in refusals)  # type: ignore[attr-defined]
+    assert not completed(net)

@@ -198,8 +198,8 @@ def test_edited_count_with_stale_checksum_is_detected(path: Path) -> None:
 
 def test_wrong_version_is_refused(path: Path) -> None:
     data = _valid(path)
-    _rewrite_body(path, data, lambda b: b.update(version=2), fix_checksum=True)
-    with pytest.raises(LedgerError, match="version 2"):
+    _rewrite_body(path, data, lambda b: b.update(version=3), fix_checksum=True)
+    with pytest.raises(LedgerError, match="version 3"):
         PrivacyLedger.open(path)
 
 

@@ -332,6 +332,8 @@ def test_node_metrics_has_every_metric() -> None:
         "p2pfed_bytes_received_total": "counter",
         "p2pfed_epsilon_spent": "gauge",
         "p2pfed_epsilon_budget": "gauge",
+        "p2pfed_epsilon_remaining": "gauge",
+        "p2pfed_privacy_budget_exhausted": "gauge",
         "p2pfed_train_loss": "gauge",
         "p2pfed_round_coverage_ratio": "gauge",
         "p2pfed_test_accuracy": "gauge",

@@ -21,10 +21,12 @@ Rules of this file:
 * **Model.** An MLP 64-32-10 with ReLU (2410 parameters), initialised from ``seed`` with a
   local generator, so every node starts from the same model.
 * **Training.** Local SGD (momentum 0.9) over shuffled mini-batches drawn from the
-  ``torch.Generator`` the node passes in; deterministic given that generator. Torch runs on
-  one thread: several node processes share a small machine.
+  ``torch.Generator`` the node passes in; deterministic given that generator. Torch uses
+  the node's ``torch_threads`` (config.toml; 1 by default) and ``config["device"]``
+  (config.toml's ``device``; the model and each batch are moved there).
 
-``config`` keys (the ``[task]`` table; the demo runner injects the first three):
+``config`` keys (the ``[task]`` table of config.toml; ``p2pfed run`` and the demo write the
+first two, the node sets ``seed`` from the federation unless it is set):
 
 ========================  ==========  ===============================================
 key                       default     meaning
@@ -217,12 +219,17 @@ def _int_setting(config: Mapping[str, Any], key: str, default: int | None, low: 
     value = config.get(key, default)
     if value is None:
         raise ConfigError(
-            f"the digits task needs the setting {key!r} (the demo runner sets node_index, "
-            "num_nodes and seed; on a real node put them in the [task] table of config.toml)"
+            f"the digits task needs the setting {key!r}: put {key} = N in the [task] table "
+            f"of the node's config.toml, or pass --set {key}=N (p2pfed run and the demo set "
+            "node_index and num_nodes themselves)"
         )
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"[task] {key} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _device(config: Mapping[str, Any]) -> torch.device:
+    return torch.device(str(config.get("device", "cpu")))
 
 
 def _float_setting(config: Mapping[str, Any], key: str, default: float, low: float) -> float:
@@ -252,7 +259,7 @@ class DigitsTask:
                 bound = 1.0 / math.sqrt(layer.in_features)
                 torch.nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
                 torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-        return torch.nn.Sequential(first, torch.nn.ReLU(), second)
+        return torch.nn.Sequential(first, torch.nn.ReLU(), second).to(_device(config))
 
     def node_indices(self, config: Mapping[str, Any]) -> np.ndarray:
         """Indices (into :func:`load_arrays`) of this node's training images."""
@@ -282,21 +289,21 @@ class DigitsTask:
         context: RoundContext | None = None,
     ) -> TrainResult:
         """SGD with momentum over shuffled mini-batches for ``local_epochs`` passes."""
-        torch.set_num_threads(1)
         lr = _float_setting(config, "lr", float(DEFAULT_TRAINING["lr"]), 1e-12)
         momentum = _float_setting(config, "momentum", float(DEFAULT_TRAINING["momentum"]), 0.0)
         epochs = _int_setting(config, "local_epochs", int(DEFAULT_TRAINING["local_epochs"]), 1)
         batch_size = _int_setting(config, "batch_size", int(DEFAULT_TRAINING["batch_size"]), 1)
         if momentum >= 1.0:
             raise ConfigError(f"[task] momentum must be < 1, got {momentum}")
-        x, y = data.train
+        device = _device(config)
+        x, y = (t.to(device) for t in data.train)
         parameters = [p for p in model.parameters() if p.requires_grad]
         velocity: list[torch.Tensor | None] = [None] * len(parameters)
         loss_fn = torch.nn.CrossEntropyLoss()
         model.train()
         total, seen = 0.0, 0
         for _ in range(epochs):
-            order = torch.randperm(len(y), generator=generator)
+            order = torch.randperm(len(y), generator=generator).to(device)
             for batch in order.split(batch_size):
                 for parameter in parameters:
                     parameter.grad = None
@@ -311,8 +318,7 @@ class DigitsTask:
         self, model: torch.nn.Module, data: NodeData, config: Mapping[str, Any]
     ) -> dict[str, float]:
         """Accuracy (fraction correct) and mean cross-entropy on the held-out test set."""
-        torch.set_num_threads(1)
-        x, y = data.test
+        x, y = (t.to(_device(config)) for t in data.test)
         model.eval()
         with torch.no_grad():
             logits = model(x)

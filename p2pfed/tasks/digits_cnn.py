@@ -133,8 +133,9 @@ def _setting(config: Mapping[str, Any], key: str) -> Any:
     if key in DEFAULTS:
         return DEFAULTS[key]
     raise ConfigError(
-        f"the digits-cnn task needs the setting {key!r} (a runner sets node_index, num_nodes "
-        "and seed; on a real node put them in the [task] table of config.toml)"
+        f"the digits-cnn task needs the setting {key!r}: put {key} = N in the [task] table "
+        f"of the node's config.toml, or pass --set {key}=N (p2pfed run sets node_index and "
+        "num_nodes itself)"
     )
 
 

@@ -45,6 +45,10 @@ DESCRIPTION = (
 )
 
 PARAMS_32 = FixedPointParams(bits=32, clip=4.0, scale_bits=15, max_group_size=32, max_weight=256)
+"""Explicit parameters (not what a federation derives): kept to pin down another scale."""
+#: what a federation derives from its parameters (spec/secure-aggregation.md, "Parameters"):
+#: the defaults (clip 8, group_max 8) in both rings; these are the scales to copy
+FEDERATION_PARAMS = {bits: FixedPointParams.for_federation(bits, 8.0, 8) for bits in (64, 32)}
 _LABEL = b"p2pfed secure_aggregation vectors/"
 _ROUND = 42
 _FIRST_WORDS = 8
@@ -118,8 +122,23 @@ def _fixed_point() -> list[dict[str, Any]]:
         64: [0.0, 1.0, -1.0, 0.5, -8.0, 9.5, -1000.0, 1e-3, -1e-3, 3.1415927, 2.0**-40, -7.99],
         32: [0.0, 1.0, -1.0, 0.25, 4.0, -5.0, 1e-3, -1e-3, 3.1415927, 1e-6, -3.999, 0.1],
     }
-    for params in (DEFAULT_PARAMS, PARAMS_32):
-        x = np.array(inputs[params.bits], np.float32)
+    inputs[8] = [0.0, 1.0, -1.0, 0.5, -8.0, 9.5, 1e-3, -1e-3, 3.1415927, 2.0**-20, -7.99, 0.1]
+    sets = [
+        ("explicit parameters", DEFAULT_PARAMS, inputs[64]),
+        ("explicit parameters", PARAMS_32, inputs[32]),
+        (
+            "derived by a federation: clip 8, group_max 8, 64-bit ring",
+            FEDERATION_PARAMS[64],
+            inputs[8],
+        ),
+        (
+            "derived by a federation: clip 8, group_max 8, 32-bit ring",
+            FEDERATION_PARAMS[32],
+            inputs[8],
+        ),
+    ]
+    for origin, params, values in sets:
+        x = np.array(values, np.float32)
         q = encode(x, params, np.random.default_rng(2024))
         weight = 3
         contribution = make_contribution(x, weight, params, np.random.default_rng(2024))
@@ -127,6 +146,7 @@ def _fixed_point() -> list[dict[str, Any]]:
         cases.append(
             {
                 "params": _params_dict(params),
+                "params_origin": origin,
                 "x_f32": _f32_hex(x),
                 "x": [float(v) for v in x],
                 "q": [int(v) for v in q.view(params.signed_dtype)],

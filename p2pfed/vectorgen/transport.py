@@ -17,15 +17,20 @@ from p2pfed.messages import (
     Close,
     HandshakePayload,
     Keepalive,
+    Message,
     ModelState,
     Welcome,
     decode_message,
+    encode_message,
 )
 from p2pfed.noise import HandshakeState, public_key
 
 NAME = "transport"
 SECTION = "spec/transport.md, sections 1-6"
-DESCRIPTION = "every wire byte of a handshake, Welcome, ModelState, Keepalive and Close"
+DESCRIPTION = (
+    "every wire byte of a handshake, Welcome, ModelState, Keepalive and Close, and the "
+    "decrypted frames of each transport message"
+)
 
 
 def _fixed(label: str) -> bytes:
@@ -65,21 +70,31 @@ def generate() -> dict:
     responder.start()
     wire = []
 
-    def move(sender: ChannelConnection, receiver: ChannelConnection, what: str) -> None:
+    def move(
+        sender: ChannelConnection,
+        receiver: ChannelConnection,
+        what: str,
+        message: Message | None = None,
+    ) -> None:
         data = sender.data_to_send()
-        wire.append({"from": sender.role.value, "what": what, "bytes": data.hex()})
+        step: dict = {"from": sender.role.value, "what": what, "bytes": data.hex()}
+        if message is not None:
+            # the decrypted frame stream: 4-byte length, then the message's CBOR
+            body = encode_message(message)
+            step["plaintext"] = (len(body).to_bytes(4, "big") + body).hex()
+        wire.append(step)
         receiver.receive_data(data)
 
     move(initiator, responder, "handshake message 1")
     move(responder, initiator, "handshake message 2")
     move(initiator, responder, "handshake message 3")
-    move(responder, initiator, "Welcome")
+    move(responder, initiator, "Welcome", Welcome(version=2, max_message_size=MAX_MESSAGE_SIZE))
     initiator.send_message(MODEL)
-    move(initiator, responder, "ModelState")
+    move(initiator, responder, "ModelState", MODEL)
     responder.send_keepalive()
-    move(responder, initiator, "Keepalive")
+    move(responder, initiator, "Keepalive", Keepalive())
     initiator.close(CloseCode.SHUTTING_DOWN, "bye")
-    move(initiator, responder, "Close")
+    move(initiator, responder, "Close", Close(code=int(CloseCode.SHUTTING_DOWN), reason="bye"))
     assert initiator.handshake_hash is not None
     return {
         "protocol_name": NOISE_PROTOCOL_NAME,
@@ -161,6 +176,8 @@ def verify(vectors: dict) -> None:
 
     def frames(receiver, data: bytes) -> list:  # type: ignore[no-untyped-def]
         stream = b"".join(receiver.decrypt_with_ad(b"", m) for m in _noise_messages(data))
+        step = vectors["wire"][wire.index(data)]
+        assert stream.hex() == step["plaintext"], step["what"]  # the decrypted contents
         out = []
         while stream:
             length = int.from_bytes(stream[:4], "big")

@@ -218,7 +218,8 @@ inline enter(p) {
 /* ---- formation (spec/group.md section 3) ---- */
 
 inline cancel_formation() {
-    send_all(invited | accepted, ABORT, gid, 0, 0);
+    /* only to those whose acceptance arrived; a later one is answered in on_reply */
+    send_all(accepted, ABORT, gid, 0, 0);
     invited = 0;
     accepted = 0;
     enter(READY)
@@ -406,7 +407,9 @@ inline on_reply() {
         :: invited == 0 -> finish_formation()
         :: else -> skip
         fi
-    :: else -> skip     /* stale */
+    :: !(PH == INITIATING && mg == gid) && mt == ACCEPT ->
+        send(from, ABORT, mg, 0, 0)     /* not forming that group: let the invitee go */
+    :: else -> skip     /* a stale decline, or a second reply */
     fi
 }
 
@@ -455,7 +458,7 @@ inline refuse_start() {
 
 inline on_start() {
     if
-    :: PH == RUNNING || mg != gid -> refuse_start()
+    :: PH != PENDING || mg != gid -> refuse_start()   /* also after the start timeout */
     :: else ->
         if
         :: from != initiator -> skip
@@ -507,11 +510,7 @@ inline handle() {
     if
     :: mt == INVITE -> on_invite()
     :: mt == ACCEPT || mt == DECLINE -> on_reply()
-    :: mt == START ->
-        if
-        :: PH == PENDING || PH == RUNNING -> on_start()
-        :: else -> skip
-        fi
+    :: mt == START -> on_start()       /* in every phase: refused unless pending for it */
     :: mt == ABORT -> on_abort()
     :: mt == SHARD || mt == RSHARD ->
         if

@@ -1,0 +1,26 @@
+# Three campuses of three nodes: fast LANs, joined in a ring of slow WAN links.
+# simnet reads Shadow-style GML: latency, jitter, bandwidth and packet_loss per edge.
+graph [
+  directed 0
+  node [ id 0 label "campus0-node0" ]
+  node [ id 1 label "campus0-node1" ]
+  node [ id 2 label "campus0-node2" ]
+  node [ id 3 label "campus1-node0" ]
+  node [ id 4 label "campus1-node1" ]
+  node [ id 5 label "campus1-node2" ]
+  node [ id 6 label "campus2-node0" ]
+  node [ id 7 label "campus2-node1" ]
+  node [ id 8 label "campus2-node2" ]
+  edge [ source 0 target 1 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 0 target 2 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 1 target 2 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 3 target 4 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 3 target 5 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 4 target 5 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 6 target 7 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 6 target 8 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 7 target 8 latency "1 ms" bandwidth "1 Gbit" ]
+  edge [ source 0 target 3 latency "40 ms" jitter "5 ms" bandwidth "20 Mbit" packet_loss 0.0 ]
+  edge [ source 3 target 6 latency "60 ms" jitter "5 ms" bandwidth "10 Mbit" packet_loss 0.01 ]
+  edge [ source 6 target 0 latency "90 ms" jitter "5 ms" bandwidth "5 Mbit" packet_loss 0.0 ]
+]
