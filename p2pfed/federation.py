@@ -41,6 +41,7 @@ __all__ = [
     "FEDERATION_ID_SIZE",
     "FEDERATION_SECRET_SIZE",
     "FEDERATION_TAG_DOMAIN",
+    "MODEL_FINGERPRINT_SIZE",
     "SUPPORTED_PROTOCOL_VERSIONS",
     "Federation",
     "ProtocolParams",
@@ -53,6 +54,7 @@ log = logging.getLogger("p2pfed.federation")
 FEDERATION_ID_SIZE = 16
 FEDERATION_SECRET_SIZE = 32
 FEDERATION_TAG_DOMAIN = b"p2pfed-federation-tag:v1"
+MODEL_FINGERPRINT_SIZE = 32
 SUPPORTED_PROTOCOL_VERSIONS = frozenset({1})
 # A federation file is about 2 KiB; refuse to read anything absurdly large.
 _MAX_FILE_SIZE = 1024 * 1024
@@ -328,6 +330,9 @@ class Federation:
     secret: bytes = field(repr=False)
     protocol_version: int = 1
     params: ProtocolParams = field(default_factory=ProtocolParams)
+    model_fingerprint: bytes | None = None
+    """The task's model fingerprint (p2pfed.model_vector.model_fingerprint) if the file
+    names one: a node whose task builds another layout refuses to start."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -353,6 +358,11 @@ class Federation:
             )
         if not isinstance(self.params, ProtocolParams):
             raise ConfigError("params must be a ProtocolParams")
+        if self.model_fingerprint is not None and (
+            not isinstance(self.model_fingerprint, bytes)
+            or len(self.model_fingerprint) != MODEL_FINGERPRINT_SIZE
+        ):
+            raise ConfigError(f"a model fingerprint is exactly {MODEL_FINGERPRINT_SIZE} bytes")
 
     @classmethod
     def new(
@@ -401,6 +411,15 @@ class Federation:
             f"secret = {_toml_scalar(self.secret.hex())}",
             "# Version of the p2pfed wire protocol this federation speaks.",
             f"protocol_version = {_toml_scalar(self.protocol_version)}",
+        ]
+        if self.model_fingerprint is not None:
+            lines += [
+                "# SHA-256 fingerprint of the task's model layout (tensor names, dtypes, "
+                "shapes), hex:",
+                "# a node whose task builds another layout refuses to start.",
+                f"model_fingerprint = {_toml_scalar(self.model_fingerprint.hex())}",
+            ]
+        lines += [
             "",
             "# Protocol parameters: every member must use the same values.",
             "[params]",
@@ -426,7 +445,7 @@ class Federation:
         fed = doc.get("federation")
         if not isinstance(fed, dict):
             raise ConfigError(f"{source}: missing the [federation] table")
-        allowed = ["name", "id", "secret", "protocol_version"]
+        allowed = ["name", "id", "secret", "protocol_version", "model_fingerprint"]
         unknown = sorted(set(fed) - set(allowed))
         if unknown:
             raise ConfigError(
@@ -452,6 +471,16 @@ class Federation:
                 secret=_hex_field(source, "secret", fed["secret"], FEDERATION_SECRET_SIZE),
                 protocol_version=protocol_version,
                 params=params,
+                model_fingerprint=(
+                    _hex_field(
+                        source,
+                        "model_fingerprint",
+                        fed["model_fingerprint"],
+                        MODEL_FINGERPRINT_SIZE,
+                    )
+                    if "model_fingerprint" in fed
+                    else None
+                ),
             )
         except ConfigError as exc:
             message = str(exc)

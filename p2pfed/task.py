@@ -19,10 +19,14 @@ parameters (as one float32 vector, :mod:`p2pfed.model_vector`):
     for learning-rate schedules and reproducible batch orders. ``config`` is this round's
     configuration (see ``configure_round`` below). The returned :class:`TrainResult` feeds
     the node's logs and metrics; its ``weight`` (default: ``data.num_train``) is the node's
-    weight in the next average, as FedAvg weights clients. With differential privacy on,
-    the node clips and noises ``trained - start`` afterwards; ``train`` itself does nothing
-    special. (A task written for the older four-argument form, without ``context``, still
-    works.)
+    weight in the next average, as FedAvg weights clients. With node-level differential
+    privacy (``dp_level = "node"``) the node clips and noises ``trained - start``
+    afterwards; ``train`` itself does nothing special. With record-level DP
+    (``dp_level = "record"``) the node does not call ``train``: it runs DP-SGD itself
+    (:mod:`p2pfed.dp_sgd`) on ``data.train`` as an ``(inputs, targets)`` pair of tensors,
+    with the task's optional ``loss(outputs, targets)`` method (cross-entropy for integer
+    targets otherwise) and the learning rate of its ``lr`` setting. (A task written for the
+    older four-argument form, without ``context``, still works.)
 ``evaluate(model, data, config) -> dict[str, float]``
     Metrics on ``data.test``; at least ``"accuracy"`` (a fraction in [0, 1]) and ``"loss"``.
     The node logs them; they never leave the node.

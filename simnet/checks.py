@@ -48,17 +48,25 @@ from p2pfed.identity import NodeId
 from simnet.scenario import Scenario
 
 __all__ = [
+    "QUANTILES",
     "Check",
     "GroupAudit",
+    "Observed",
     "consensus_distance",
+    "consensus_distances",
     "conservation_tolerance",
     "distance_to",
     "grid_rounds_to_exact_mean",
     "range_excess",
     "run_checks",
+    "spread",
     "step_error",
     "weighted_mean",
+    "why_failed",
 ]
+
+QUANTILES = (("min", 0.0), ("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))
+"""(suffix, quantile) of the per-node spread columns: ``loss_p10`` and so on."""
 
 
 def consensus_distance(models: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -69,6 +77,27 @@ def consensus_distance(models: Sequence[np.ndarray]) -> tuple[float, float]:
     center = stacked.mean(axis=0)
     distances = np.linalg.norm(stacked - center, axis=1)
     return float(distances.max()), float(distances.mean())
+
+
+def consensus_distances(models: Sequence[np.ndarray]) -> list[float]:
+    """Each model's L2 distance to the unweighted mean of all of them (same order)."""
+    if not models:
+        return []
+    stacked = np.stack([np.asarray(m, dtype=np.float64) for m in models])
+    return [float(d) for d in np.linalg.norm(stacked - stacked.mean(axis=0), axis=1)]
+
+
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """The :data:`QUANTILES` of one value per node (linear interpolation between nodes;
+    ``None`` for every key when no node has the value).
+
+    >>> spread([4.0, 1.0, 3.0, 2.0, 5.0])
+    {'min': 1.0, 'p10': 1.4, 'p50': 3.0, 'p90': 4.6, 'max': 5.0}
+    """
+    if not values:
+        return {name: None for name, _ in QUANTILES}
+    array = np.asarray(values, dtype=np.float64)
+    return {name: float(np.quantile(array, q)) for name, q in QUANTILES}
 
 
 def distance_to(models: Sequence[np.ndarray], target: np.ndarray) -> float:
@@ -399,3 +428,199 @@ def run_checks(
                 )
             )
     return checks
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a run saw besides its metrics rows, for :func:`why_failed`.
+
+    Node numbers are scenario indices. ``live_rounds`` and ``open_channels`` cover the
+    nodes live when the run ended.
+    """
+
+    live_rounds: dict[int, int]
+    """Each live node's round at the end."""
+    open_channels: dict[int, int]
+    """Each live node's open channels at the end."""
+    down: tuple[int, ...] = ()
+    """Nodes that had started and were not live at the end (crashed or stopped)."""
+    never_started: tuple[int, ...] = ()
+    """Nodes whose ``join`` had not come by the end."""
+    pending: tuple[float, ...] = ()
+    """Times of scheduled events and partitions not yet played out at the end."""
+    partition: tuple[float, float | None, tuple[tuple[int, ...], ...]] | None = None
+    """The partition in effect at the end: its start, its heal time (``None``: never),
+    and its sides (every node of the run, live or not)."""
+    restarts: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Each node's last restart: (round at the crash, round it resumed at)."""
+    fewest_live: tuple[float, int] | None = None
+    """When, and how few, nodes were live at the low point of the run (after the start)."""
+    last_group: float | None = None
+    """When the last group completed (``None``: none did)."""
+    triangle_free: bool = False
+    """``routing = "direct"`` on a topology without a triangle: no group of 3 can form."""
+
+
+def _nodes(indices: Sequence[int], limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in sorted(indices)[:limit])
+    more = len(indices) - limit
+    return f"{'node' if len(indices) == 1 else 'nodes'} {shown}" + (
+        f" and {more} more" if more > 0 else ""
+    )
+
+
+def _round_goal_why(
+    scenario: Scenario,
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    observed: Observed,
+) -> str:
+    goal = scenario.rounds or 0
+    group_min = scenario.protocol.group_min
+    ended_at = float(summary["simulated_seconds"])
+    reached = rows[-1]["round"] if rows else 0
+    live = observed.live_rounds
+    crashed = int(summary.get("crashes", 0))
+    restarted = int(summary.get("restarts", 0))
+    if summary.get("wall_limited"):
+        return "the run's wall-clock limit ended it before the goal"
+    if reached >= goal and (observed.pending or observed.never_started):
+        waiting = [f"t={t:g}s" for t in sorted(observed.pending)]
+        if observed.never_started:
+            waiting.append(f"the join of {_nodes(observed.never_started)}")
+        return (
+            f"global round {reached} reached, but the run waits for what is scheduled after "
+            f"duration = {scenario.duration:g}s ({', '.join(waiting)}): lengthen duration "
+            "or move the events"
+        )
+    if int(summary["groups_completed"]) == 0:
+        if observed.triangle_free:
+            return (
+                f'no group ever formed: with routing = "direct" the {scenario.topology.kind} '
+                f"topology has no triangle, and every pair of a group's {group_min}+ members "
+                'must be linked (use routing = "shortest-path")'
+            )
+        if len(live) < group_min:
+            return (
+                f"no group ever formed: only {len(live)} nodes were live, fewer than "
+                f"group_min = {group_min}"
+            )
+        return (
+            f"no group ever completed ({summary['groups_aborted']} aborted, "
+            f"{summary.get('connect_failures', 0)} of {summary.get('connects', 0)} connects "
+            "failed): the nodes could not reach each other"
+        )
+    if len(live) < group_min:
+        gone = (
+            f"{_nodes(observed.down)} crashed or stopped and never restarted"
+            if observed.down
+            else "the others never started"
+        )
+        return (
+            f"only {len(live)} nodes were live at the end, fewer than group_min = {group_min}, "
+            f"so no group could form: {gone} ({crashed} crashes, {restarted} restarts)"
+        )
+    if not live:
+        return f"no node was live at the end ({crashed} crashes, {restarted} restarts)"
+    slowest = min(live.values())
+    laggards = [i for i, r in live.items() if r == slowest]
+    median = sorted(live.values())[len(live) // 2]
+    if observed.partition is not None:
+        start, end, sides = observed.partition
+        small = [
+            side
+            for side in sides
+            if 0 < sum(1 for i in side if i in live) < group_min
+            and any(i in laggards for i in side)
+        ]
+        healed = "never healed" if end is None else f"heals only at t={end:g}s, after the end"
+        if small:
+            side = small[0]
+            count = sum(1 for i in side if i in live)
+            return (
+                f"the partition from t={start:g}s {healed}: {_nodes(side)} on one side, "
+                f"{count} of them live, fewer than group_min = {group_min}, stayed at "
+                f"round {slowest} while the median was {median}"
+            )
+        if any(i in side for side in sides for i in laggards):
+            return (
+                f"the partition from t={start:g}s {healed}; slowest: {_nodes(laggards)} at "
+                f"round {slowest} while the median was {median}"
+            )
+    behind = {i: observed.restarts[i] for i in laggards if i in observed.restarts}
+    if behind and median - slowest >= 2:
+        node, (crashed_at, resumed) = min(behind.items())
+        return (
+            f"{_nodes(sorted(behind))} restarted from an older checkpoint (node {node} crashed "
+            f"at round {crashed_at}, resumed at {resumed}) and reached only round {slowest} "
+            f"while the median was {median}: the global round waits for the slowest node"
+        )
+    isolated = [i for i in laggards if observed.open_channels.get(i, 0) + 1 < group_min]
+    if isolated:
+        node = isolated[0]
+        return (
+            f"{_nodes(isolated)} stayed at round {slowest} (median {median}) with "
+            f"{observed.open_channels.get(node, 0)} open channels, too few for a group of "
+            f"group_min = {group_min}: check the topology, bootstrap and partitions"
+        )
+    last_row = float(rows[-1]["time"]) if rows else 0.0
+    last_progress = max(last_row, observed.last_group or 0.0)
+    quiet = ended_at - last_progress
+    if rows and reached > 0 and quiet < 0.25 * ended_at:
+        per_round = last_row / reached
+        return (
+            f"rounds too slow for the time limit: global round {reached} at t={last_row:.2f}s, "
+            f"about {per_round:.3g}s per round, so {goal} rounds need about "
+            f"{per_round * goal:.3g}s but duration = {scenario.duration:g}s"
+        )
+    return (
+        f"no progress in the last {quiet:.3g}s of the run: {_nodes(laggards)} stuck at round "
+        f"{slowest} while the median was {median} ({summary['groups_aborted']} groups aborted)"
+    )
+
+
+def why_failed(
+    scenario: Scenario,
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    checks: Sequence[Check],
+    observed: Observed,
+) -> str | None:
+    """One plain line saying why the first failed check failed, from what the run
+    observed (``None`` if every check passed).
+
+    The round goal is explained by the first cause that fits: events scheduled after
+    ``duration``, no group at all (a triangle-free topology with direct routing, too few
+    nodes, unreachable peers), fewer live nodes than ``group_min`` at the end, a partition
+    still in effect with a side too small for a group, laggards restarted from older
+    checkpoints, laggards without enough open channels, and otherwise either steady but
+    too slow progress or a stall.
+    """
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return None
+    first = failed[0]
+    if first.name in ("round goal", "progress after heal"):
+        return f"{first.name}: {_round_goal_why(scenario, rows, summary, observed)}"
+    if first.name == "models finite":
+        if not observed.live_rounds:
+            return (
+                f"models finite: no node was live at the end ({summary.get('crashes', 0)} "
+                f"crashes, {summary.get('restarts', 0)} restarts)"
+            )
+        return "models finite: a node's model holds NaN or infinity (diverging training?)"
+    if first.name == "conservation":
+        if int(summary["groups_audited"]) == 0:
+            return (
+                "conservation: no group was audited, so nothing was checked "
+                f"({summary['groups_completed']} groups completed)"
+            )
+        return f"conservation: {first.detail}"
+    if first.name in ("consensus", "consensus after heal"):
+        return (
+            f"{first.name}: the models did not mix enough: "
+            f"{summary['groups_completed']} groups completed, "
+            f"{summary['groups_aborted']} aborted, global round "
+            f"{rows[-1]['round'] if rows else 0} (more rounds, or larger groups, mix more)"
+        )
+    return f"{first.name}: {first.detail}"

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from support.node_logs import rounds_logged
 
 from p2pfed.demo import create_local_federation, free_ports
@@ -27,6 +28,7 @@ REPO = TESTS.parent
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.multicast
 def test_mdns_discovery_metrics_status_and_clean_stop(tmp_path: Path) -> None:
     federation = dataclasses.replace(
         Federation.new("daemon-test"), params=ProtocolParams(dp_enabled=False, group_max=3)

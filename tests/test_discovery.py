@@ -198,6 +198,7 @@ async def wait_for(
     raise AssertionError("event channel closed")
 
 
+@pytest.mark.multicast
 async def test_own_announcement_is_ignored() -> None:
     me, tag = fresh_id(), fresh_tag()
     discovery = MdnsDiscovery(me, tag, 7447, LOOPBACK, LOOPBACK, report_ignored=True)
@@ -227,6 +228,7 @@ def _register_raw(zc: Zeroconf, label: str, txt: dict[str, str | None], port: in
     return info
 
 
+@pytest.mark.multicast
 async def test_foreign_announcements_on_the_wire_are_ignored_and_peers_found() -> None:
     me, peer, tag = fresh_id(), fresh_id(), fresh_tag()
     suffix = os.urandom(3).hex()
@@ -285,6 +287,7 @@ async def test_foreign_announcements_on_the_wire_are_ignored_and_peers_found() -
         await trio.to_thread.run_sync(zc.close)
 
 
+@pytest.mark.multicast
 async def test_run_in_a_nursery() -> None:
     a, b, tag = fresh_id(), fresh_id(), fresh_tag()
     send, receive = trio.open_memory_channel[DiscoveryEvent](16)
@@ -397,6 +400,7 @@ def discovered(peer: PeerProcess) -> Callable[[dict[str, object]], bool]:
     return lambda e: e["kind"] == "discovered" and e["id"] == str(peer.node_id)
 
 
+@pytest.mark.multicast
 async def test_separate_processes_find_each_other_ignore_strangers_and_see_departures() -> None:
     tag, other_tag = fresh_tag(), fresh_tag()
     peers: list[PeerProcess] = []

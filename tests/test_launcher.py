@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support.node_logs import rounds_logged
 
 import p2pfed.launcher as launcher_module
@@ -26,6 +27,7 @@ def private_and_resident(pid: int) -> tuple[int, int]:
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Rss"]
 
 
+@pytest.mark.proc
 def test_launched_nodes_federate_share_torch_and_stop_cleanly(tmp_path: Path) -> None:
     federation = dataclasses.replace(
         Federation.new("launcher-test"),

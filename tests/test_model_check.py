@@ -17,6 +17,8 @@ import pytest
 MODEL_DIR = Path(__file__).resolve().parent.parent / "spec" / "model"
 CHECK = MODEL_DIR / "check.sh"
 
+pytestmark = pytest.mark.spin
+
 
 def _run_check(*args: str) -> subprocess.CompletedProcess[str]:
     missing = [tool for tool in ("spin", "gcc") if shutil.which(tool) is None]

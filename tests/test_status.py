@@ -262,6 +262,7 @@ def test_read_invalid_status(tmp_path: Path, content: bytes, message: str) -> No
 # --- process liveness ------------------------------------------------------------------------
 
 
+@pytest.mark.proc
 def test_pid_alive() -> None:
     assert pid_alive(os.getpid())
     assert pid_alive(1)  # init exists (owned by root or another user: still alive)
@@ -270,6 +271,7 @@ def test_pid_alive() -> None:
         assert not pid_alive(bad)
 
 
+@pytest.mark.proc
 def test_pid_alive_sees_an_unreaped_process_as_dead() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
@@ -418,6 +420,7 @@ def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out) == read_status(tmp_path)
 
 
+@pytest.mark.proc
 def test_cli_dead_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _full_status(tmp_path, pid=_dead_pid())
     assert cli.main(["status", str(tmp_path)]) == 3
