@@ -40,7 +40,13 @@ from p2pfed.demo import add_demo_parser
 from p2pfed.dp import DP_MODES, calibrate, check_budget, release_cost
 from p2pfed.errors import ConfigError, fatal_message, main_error
 from p2pfed.export import add_export_parser
-from p2pfed.federation import Federation, ProtocolParams, load_federation, save_federation
+from p2pfed.federation import (
+    Federation,
+    ProtocolParams,
+    load_federation,
+    save_federation,
+    task_model_fingerprint,
+)
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
 from p2pfed.run import add_run_parser
 from p2pfed.status import add_status_parser
@@ -204,6 +210,20 @@ def add_federation_parser(subparsers: Subparsers) -> None:
         "-o", "--output", metavar="FILE", help="file to write (default: ./NAME.federation.toml)"
     )
     new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    new.add_argument(
+        "--task",
+        metavar="MODULE:OBJ",
+        help="record this task's model fingerprint: a node whose task builds another model "
+        "layout refuses to start",
+    )
+    new.add_argument(
+        "--set",
+        dest="task_settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task setting that shapes the model, with --task (repeatable)",
+    )
     privacy = new.add_argument_group(
         "differential privacy",
         "The noise is calibrated with the RDP accountant so that --rounds rounds spend at "
@@ -311,6 +331,14 @@ def cmd_federation_new(args: argparse.Namespace) -> int:
     params, privacy = _privacy_params(args)
     # validates the name before it becomes part of a path
     fed = Federation.new(args.name, params=params)
+    if args.task_settings and not args.task:
+        raise ConfigError("--set shapes the model of --task: pass --task MODULE:OBJ too")
+    if args.task:
+        from p2pfed.daemon import parse_task_settings
+
+        settings = parse_task_settings(args.task_settings)
+        fingerprint = task_model_fingerprint(args.task, settings, fed)
+        fed = dataclasses.replace(fed, model_fingerprint=fingerprint)
     path = Path(args.output).expanduser() if args.output else Path(f"{fed.name}.federation.toml")
     save_federation(path, fed, force=args.force)
     _out(
@@ -319,6 +347,8 @@ def cmd_federation_new(args: argparse.Namespace) -> int:
         f"  tag: {fed.tag}",
         f"  {privacy}",
     )
+    if fed.model_fingerprint is not None:
+        _out(f"  model: {args.task}, fingerprint {fed.model_fingerprint.hex()}")
     print(
         f"WARNING: {path} contains the federation secret: anyone who has it can join the "
         "federation.\nCopy it only to member nodes (as <node dir>/federation.toml), over a "
@@ -336,8 +366,10 @@ def cmd_federation_show(args: argparse.Namespace) -> int:
         f"id:               {fed.federation_id.hex()}",
         f"tag:              {fed.tag}",
         f"protocol version: {fed.protocol_version}",
-        "params:",
     )
+    if fed.model_fingerprint is not None:
+        _out(f"model:            fingerprint {fed.model_fingerprint.hex()}")
+    _out("params:")
     width = max(len(k) for k in fed.params.as_dict())
     for key, value in fed.params.as_dict().items():
         text = str(value).lower() if isinstance(value, bool) else str(value)

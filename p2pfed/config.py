@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from p2pfed.errors import ConfigError
 from p2pfed.federation import ProtocolParams
+from p2pfed.tomlfile import toml_value
 
 if TYPE_CHECKING:
     from p2pfed.group import GridPosition
@@ -348,33 +349,6 @@ class NodeConfig:
         return self.max_message_size
 
 
-def _toml_string(text: str) -> str:
-    out = ['"']
-    for ch in text:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch == "\t" or (ord(ch) >= 0x20 and ord(ch) != 0x7F):
-            out.append(ch)
-        else:
-            out.append(f"\\u{ord(ch):04x}")
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return _toml_string(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 _TASK_TEXT = """\
 # The training task, as "package.module:object" (p2pfed --task overrides it). Either this
 # one line (above any table), for a task without settings:
@@ -405,12 +379,12 @@ def task_table_text(task: str, settings: dict[str, Any]) -> str:
             f"{TASK_NAME_KEY!r} is the key of the [task] table that names the task; a task "
             "setting cannot be called that"
         )
-    lines = ["[task]", f"{TASK_NAME_KEY} = {_toml_string(task)}"]
+    lines = ["[task]", f"{TASK_NAME_KEY} = {toml_value(task)}"]
     for key, value in settings.items():
         if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
             raise ConfigError(f"task setting name {key!r}: use letters, digits, _ and - only")
         try:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         except TypeError:
             raise ConfigError(
                 f"task setting {key} = {value!r}: only booleans, numbers, strings and lists "
@@ -437,9 +411,9 @@ def default_config_text() -> str:
         lines.extend(f"# {line}" for line in _DOCS[f.name].splitlines())
         value = getattr(defaults, f.name)
         if value is None:
-            lines.append(f"# {f.name} = {_toml_value(_EXAMPLES[f.name])}")
+            lines.append(f"# {f.name} = {toml_value(_EXAMPLES[f.name])}")
         else:
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {toml_value(value)}")
         lines.append("")
     lines.extend(_TASK_TEXT.splitlines())
     lines.append("")

@@ -32,19 +32,22 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
 import logging
 import math
 import os
+import secrets
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pfed.channel import (
     MAX_HANDSHAKE_MESSAGE,
@@ -57,15 +60,24 @@ from p2pfed.config import parse_host_port
 from p2pfed.encoding import DecodeLimits
 from p2pfed.errors import CloseCode, ConfigError, DecodeError, NoiseError
 from p2pfed.federation import Federation, load_federation
+from p2pfed.group import mask_key_signature_input, shard_bounds
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.messages import (
     Close,
+    GroupAbort,
+    GroupInvite,
+    GroupPosition,
+    GroupReply,
+    GroupStart,
     HandshakePayload,
     Keepalive,
     Message,
     ModelRequest,
     ModelState,
     NodeAnnounce,
+    PeerExchangeRequest,
+    PeerList,
+    Shard,
     Welcome,
     decode_message,
     encode_message,
@@ -102,8 +114,13 @@ SECTIONS: dict[str, str] = {
     "transport.md §6": "Channel control messages",
     "transport.md §7": "Error handling",
     "encoding.md": "Deterministic CBOR, envelope and closed schemas",
+    "discovery.md §4": "Peer exchange",
     "discovery.md §4.5": "NodeAnnounce",
     "group.md": "Formation and secure all-reduce with reference peers",
+    "group.md §3": "Formation with the node as initiator",
+    "group.md §5": "Timeouts",
+    "group.md §6": "Abort and exclusion",
+    "group.md exact": "Protocol version 2: GroupPosition",
 }
 """The report's sections, in report order: spec file and section, and its title."""
 
@@ -134,7 +151,10 @@ class ConformanceOptions:
 
     ``timeout`` bounds every single wait of a check (an answer, a close); ``idle`` is how long
     the keepalive check keeps an idle channel open; ``group_timeout`` how long the reference
-    peers wait for a group that includes the node. ``task`` and ``task_settings`` define the
+    peers wait for a group that includes the node, and the kit for the node's invites and
+    for its all-reduce timeout. ``keepalive_interval``, if given, is the node's configured
+    keepalive interval: the keepalive-sent check then requires a Keepalive within it (plus
+    ``timeout``); the spec's interval, 1 s, by default. ``task`` and ``task_settings`` define the
     reference peers' model, which must have the node's fingerprint. ``listen_host`` is where
     the reference peers accept connections (an address the node can reach).
     """
@@ -145,8 +165,16 @@ class ConformanceOptions:
     task: str = DEFAULT_TASK
     task_settings: dict[str, Any] = field(default_factory=dict)
     listen_host: str = "127.0.0.1"
+    keepalive_interval: float | None = 1.0
 
     def __post_init__(self) -> None:
+        if self.keepalive_interval is not None:
+            value = self.keepalive_interval
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(
+                    f"conformance option keepalive_interval must be a positive number of "
+                    f"seconds, got {value!r}"
+                )
         for name in ("timeout", "idle", "group_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -361,9 +389,9 @@ class _Probe:
         await self.send_handshake_3(versions=versions, forge_signature=forge_signature)
         return payload, ok, size
 
-    async def open(self) -> _Opened:
+    async def open(self, *, versions: Sequence[int] = (1,)) -> _Opened:
         """A complete, correct handshake up to and including the node's Welcome."""
-        payload, ok, size = await self.handshake()
+        payload, ok, size = await self.handshake(versions=versions)
         first = await self.receive()
         if isinstance(first, Close):
             raise _Violation(
@@ -449,28 +477,37 @@ class _Context:
     identity: NodeIdentity
     randbytes: Callable[[int], bytes]
     peer: _Opened | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Outcomes one expensive scenario computes for several checks (e.g. a timeout and
+    the exclusion that follows it)."""
 
     async def connect(self) -> trio.abc.Stream:
         with trio.fail_after(self.options.timeout):
             return await trio.open_tcp_stream(self.host, self.port)
 
     async def probe(
-        self, *, federation_id: bytes | None = None, psk: bytes | None = None
+        self,
+        *,
+        federation_id: bytes | None = None,
+        psk: bytes | None = None,
+        identity: NodeIdentity | None = None,
     ) -> _Probe:
         return _Probe(
             await self.connect(),
-            identity=self.identity,
+            identity=self.identity if identity is None else identity,
             federation_id=self.federation.federation_id if federation_id is None else federation_id,
             psk=self.federation.secret if psk is None else psk,
             randbytes=self.randbytes,
         )
 
-    async def opened_probe(self) -> tuple[_Probe, _Opened]:
+    async def opened_probe(
+        self, *, identity: NodeIdentity | None = None, versions: Sequence[int] = (1,)
+    ) -> tuple[_Probe, _Opened]:
         """A probe past a correct handshake and the Welcome, having sent its NodeAnnounce."""
-        probe = await self.probe()
+        probe = await self.probe(identity=identity)
         try:
             with trio.fail_after(self.options.timeout):
-                opened = await probe.open()
+                opened = await probe.open(versions=versions)
                 await probe.send_message(NodeAnnounce(listen_port=0))
         except BaseException:
             await probe.wire.aclose()
@@ -839,8 +876,46 @@ async def check_keepalive(ctx: _Context) -> Outcome:
     if keepalives:
         return Status.PASS, f"open for {ctx.options.idle:g}s, {keepalives} Keepalive(s) received"
     return Status.PASS, (
-        f"open for {ctx.options.idle:g}s while idle (no Keepalive yet: the default interval is "
-        "15s; pass --idle 20 to see one)"
+        f"open for {ctx.options.idle:g}s while idle (no Keepalive within that time; the "
+        "keepalive-sent check judges them)"
+    )
+
+
+@_check(
+    "keepalive-sent",
+    "transport.md §6",
+    "the node sends Keepalive on a quiet channel within its keepalive interval",
+)
+async def check_keepalive_sent(ctx: _Context) -> Outcome:
+    interval = ctx.options.keepalive_interval
+    if interval is None:
+        return Status.SKIP, (
+            "the node's keepalive interval is unknown: pass --keepalive-interval S (the "
+            "spec's is 1) to check it"
+        )
+    probe, _ = await ctx.opened_probe()
+    started = trio.current_time()
+    try:
+        # after its NodeAnnounce (and GroupPosition) the node has nothing to say: a
+        # Keepalive is due one interval after its last message
+        with trio.move_on_after(interval + ctx.options.timeout):
+            while True:
+                message = await probe.receive()
+                if isinstance(message, Keepalive):
+                    elapsed = trio.current_time() - started
+                    return Status.PASS, f"Keepalive after {elapsed:.1f}s (interval {interval:g}s)"
+                if isinstance(message, Close):
+                    return Status.FAIL, (
+                        f"the node closed a quiet channel with Close {_code_name(message.code)}: "
+                        f"{message.reason!r}"
+                    )
+    except _Hangup as exc:
+        return Status.FAIL, f"the node dropped a quiet channel ({exc})"
+    finally:
+        await probe.wire.aclose()
+    return Status.FAIL, (
+        f"no Keepalive within {interval + ctx.options.timeout:g}s on a channel where the node "
+        f"sent nothing else, with a keepalive interval of {interval:g}s (spec/transport.md §6)"
     )
 
 
@@ -893,6 +968,115 @@ def _malformed_check(name: str, body_hex: str, description: str) -> None:
 
 for _name, _hex, _description in _MALFORMED:
     _malformed_check(_name, _hex, _description)
+
+
+# discovery.md §4 --------------------------------------------------------------------------
+
+
+async def _next_of(probe: _Probe, kind: type[Message], timeout: float) -> Message | None:
+    """The node's next message of type ``kind`` or its Close, skipping anything else
+    (NodeAnnounce, GroupPosition, Keepalive); None if neither arrives in time."""
+    with trio.move_on_after(timeout):
+        while True:
+            message = await probe.receive()
+            if isinstance(message, kind | Close):
+                return message
+    return None
+
+
+async def _peer_list(ctx: _Context, probe: _Probe, what: str) -> PeerList:
+    """Ask on ``probe`` and return the PeerList; _Violation for anything else."""
+    await probe.send_message(PeerExchangeRequest(max_peers=1))
+    answer = await _next_of(probe, PeerList, ctx.options.timeout)
+    if isinstance(answer, Close):
+        raise _Violation(
+            f"the node closed the channel after {what} with Close {_code_name(answer.code)}: "
+            f"{answer.reason!r}; it MUST answer an accepted request with a PeerList "
+            "(spec/discovery.md 4.3)"
+        )
+    if not isinstance(answer, PeerList):
+        raise _Violation(
+            f"no PeerList within {ctx.options.timeout:g}s after {what} (spec/discovery.md 4.3: "
+            "every accepted request gets exactly one PeerList)"
+        )
+    return answer
+
+
+@_check("pex-answer", "discovery.md §4", "a PeerExchangeRequest is answered with a PeerList")
+async def check_pex_answer(ctx: _Context) -> Outcome:
+    probe, _ = await ctx.opened_probe()
+    try:
+        answer = await _peer_list(ctx, probe, "a PeerExchangeRequest for 1 peer")
+    finally:
+        await probe.wire.aclose()
+    if len(answer.peers) > 1:
+        return Status.FAIL, f"the PeerList has {len(answer.peers)} entries; the kit asked for 1"
+    if any(p.node_id == ctx.identity.node_id.raw for p in answer.peers):
+        return Status.FAIL, "the PeerList names the requester itself (spec/discovery.md 4.3)"
+    return Status.PASS, f"PeerList of {len(answer.peers)} entr{'y' if answer.peers else 'ies'}"
+
+
+@_check(
+    "pex-rate-limit",
+    "discovery.md §4",
+    "a second PeerExchangeRequest on one channel within 30 s gets Close PROTOCOL_ERROR",
+)
+async def check_pex_rate_limit(ctx: _Context) -> Outcome:
+    async def twice(probe: _Probe) -> None:
+        await _peer_list(ctx, probe, "the first PeerExchangeRequest")
+        await probe.send_message(PeerExchangeRequest(max_peers=1))
+
+    return await _provoke(
+        ctx,
+        twice,
+        "a second PeerExchangeRequest on the channel right after the first was answered",
+        CloseCode.PROTOCOL_ERROR,
+    )
+
+
+@_check(
+    "pex-per-channel",
+    "discovery.md §4",
+    "the request limit counts per channel: a new channel of the same peer may ask at once",
+)
+async def check_pex_per_channel(ctx: _Context) -> Outcome:
+    first, _ = await ctx.opened_probe()
+    try:
+        await _peer_list(ctx, first, "a PeerExchangeRequest on the first channel")
+    finally:
+        await first.wire.aclose()
+    # The node may not have seen the first channel close yet and then closes the new one
+    # as a duplicate (Close NORMAL, spec/discovery.md section 5): that is no verdict, so
+    # try again until the timeout.
+    deadline = trio.current_time() + ctx.options.timeout
+    attempts = 0
+    while True:
+        attempts += 1
+        probe, _ = await ctx.opened_probe()
+        try:
+            await probe.send_message(PeerExchangeRequest(max_peers=1))
+            answer = await _next_of(probe, PeerList, ctx.options.timeout)
+        except _Hangup:
+            answer = None
+        finally:
+            await probe.wire.aclose()
+        if isinstance(answer, PeerList):
+            return Status.PASS, (
+                f"answered on a new channel of the same identity (attempt {attempts})"
+            )
+        if isinstance(answer, Close) and answer.code != CloseCode.NORMAL:
+            return Status.FAIL, (
+                f"a request on a new channel, right after one on a closed channel of the same "
+                f"identity, got Close {_code_name(answer.code)}: {answer.reason!r}; the 30 s "
+                "limit is per channel, never per peer (spec/discovery.md 4.3)"
+            )
+        if trio.current_time() >= deadline:
+            return Status.FAIL, (
+                f"no PeerList on a new channel of the same identity within "
+                f"{ctx.options.timeout:g}s ({attempts} attempts; last: "
+                f"{'Close NORMAL' if isinstance(answer, Close) else 'no answer'})"
+            )
+        await trio.sleep(0.1)
 
 
 # discovery.md §4.5 ------------------------------------------------------------------------
@@ -1029,6 +1213,506 @@ async def _model_fingerprint_of(ctx: _Context) -> bytes | None:
     return None
 
 
+# group.md §3, §5, §6: the kit's own members ------------------------------------------------
+#
+# These checks make the node the initiator of a group whose other members are the kit's
+# identities, each on a channel of protocol version 1 (so a node of an exact-rounds
+# federation counts none of them and groups by the random rules, spec/group.md "Exact
+# rounds", Degradation). The kit answers at the message level only: it accepts with real
+# signed mask keys but never sends a Shard, which is all that formation, abort and timeout
+# rules need. They assume the node has no other peers (it chooses its invitees among all).
+
+_KIT_PRIORITY = 2**64 - 1  # the kit's own invites outrank any group the node forms
+
+
+class _Member:
+    """One kit identity on its own channel; a background task collects what the node sends."""
+
+    def __init__(self, probe: _Probe, identity: NodeIdentity, fingerprint: bytes) -> None:
+        self.probe = probe
+        self.identity = identity
+        self.fingerprint = fingerprint
+        self.version = 1
+        self.inbox: list[Message] = []
+        self._sending = trio.Lock()
+        self.ended: str | None = None
+        self._arrived = trio.Event()
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
+
+    async def pump(self) -> None:
+        try:
+            while True:
+                message = await self.probe.receive()
+                if isinstance(message, ModelRequest):
+                    # a fresh node asks its peers for their aggregate before its first
+                    # round and waits for every answer: the kit has none (spec/group.md §7)
+                    state = ModelState(round=0, fingerprint=self.fingerprint, parameters=b"")
+                    await self.send(state)
+                    continue
+                self.inbox.append(message)
+                self._arrived.set()
+                self._arrived = trio.Event()
+        except (_Hangup, _Violation) as exc:
+            self.ended = str(exc) or type(exc).__name__
+            self._arrived.set()
+
+    async def next(
+        self, kind: type[Message], timeout: float, where: Callable[[Any], bool] | None = None
+    ) -> Any:
+        """Take the first message of ``kind`` (matching ``where``) that arrived or arrives
+        within ``timeout``; None if none does (or the channel ended)."""
+        with trio.move_on_after(timeout):
+            while True:
+                arrived = self._arrived
+                for index, message in enumerate(self.inbox):
+                    if isinstance(message, kind) and (where is None or where(message)):
+                        del self.inbox[index]
+                        return message
+                if self.ended is not None:
+                    return None
+                await arrived.wait()
+        return None
+
+    async def keep_alive(self) -> None:
+        """Keepalives well within the spec's 1 s: a peer silent for 3 s is unresponsive,
+        and a node never invites one (spec/transport.md §6)."""
+        with contextlib.suppress(_Violation):
+            while self.ended is None:
+                await trio.sleep(0.5)
+                await self.send(Keepalive())
+
+    async def send(self, message: Message) -> None:
+        try:
+            async with self._sending:
+                await self.probe.send_message(message)
+        except _Hangup as exc:
+            raise _Violation(
+                f"the node dropped the channel of kit member {self.node_id.short}: {exc}"
+            ) from None
+
+    async def accept(self, invite: GroupInvite) -> None:
+        mask_private = X25519PrivateKey.generate()
+        mask_key = mask_private.public_key().public_bytes_raw()
+        signature = self.identity.sign(mask_key_signature_input(invite.group_id, mask_key))
+        await self.send(
+            GroupReply(
+                group_id=invite.group_id,
+                accept=True,
+                reason="",
+                mask_key=mask_key,
+                key_signature=signature,
+                listen_port=0,
+            )
+        )
+
+    async def decline(self, group_id: bytes) -> None:
+        await self.send(
+            GroupReply(
+                group_id=group_id,
+                accept=False,
+                reason="conformance kit declines",
+                mask_key=b"",
+                key_signature=b"",
+                listen_port=0,
+            )
+        )
+
+    async def invite(self, like: GroupInvite) -> bytes:
+        """Invite the node to a group of the kit (same round, fingerprint and size as the
+        node's own invite ``like``); returns the group id."""
+        group_id = secrets.token_bytes(16)
+        await self.send(
+            GroupInvite(
+                group_id=group_id,
+                priority=_KIT_PRIORITY,
+                round=like.round,
+                fingerprint=like.fingerprint,
+                model_size=like.model_size,
+            )
+        )
+        return group_id
+
+
+@contextlib.asynccontextmanager
+async def _kit_members(
+    ctx: _Context, count: int, versions: Sequence[int] = (1,)
+) -> AsyncIterator[list[_Member]]:
+    """``count`` fresh kit identities, each on an open channel to the node offering
+    ``versions`` (version 1 by default)."""
+    members: list[_Member] = []
+    fingerprint = await _node_fingerprint(ctx)
+    async with trio.open_nursery() as nursery:
+        try:
+            for _ in range(count):
+                identity = NodeIdentity.generate(ctx.randbytes)
+                probe, opened = await ctx.opened_probe(identity=identity, versions=versions)
+                member = _Member(probe, identity, fingerprint)
+                member.version = opened.welcome.version
+                members.append(member)
+                nursery.start_soon(member.pump)
+                nursery.start_soon(member.keep_alive)
+            yield members
+        finally:
+            for member in members:
+                await member.probe.wire.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _node_fingerprint(ctx: _Context) -> bytes:
+    """The node's model fingerprint (from its ModelState), for the kit's own ModelStates."""
+    if "fingerprint" not in ctx.shared:
+        ctx.shared["fingerprint"] = await _model_fingerprint_of(ctx) or bytes(32)
+    fingerprint: bytes = ctx.shared["fingerprint"]
+    return fingerprint
+
+
+def _of_group(group_id: bytes) -> Callable[[Any], bool]:
+    """A filter for :meth:`_Member.next`: messages of the group ``group_id``."""
+    return lambda message: bool(message.group_id == group_id)
+
+
+async def _invited(ctx: _Context, members: Sequence[_Member]) -> GroupInvite:
+    """The node's next invite, sent to every member (older invites are declined)."""
+    deadline = trio.current_time() + ctx.options.group_timeout
+    while True:
+        left = deadline - trio.current_time()
+        invite = await members[0].next(GroupInvite, max(left, 0.0))
+        if invite is None:
+            raise _Violation(
+                f"the node sent no GroupInvite within {ctx.options.group_timeout:g}s to "
+                f"{len(members)} connected peers while it needs group_min - 1 = "
+                f"{ctx.federation.params.group_min - 1} (spec/group.md §3, Initiating)"
+            )
+        others = [
+            await m.next(GroupInvite, ctx.options.timeout, _of_group(invite.group_id))
+            for m in members[1:]
+        ]
+        if all(other is not None for other in others):
+            return invite
+        # an invite to only some of the kit's members: a node with other peers, or an
+        # earlier attempt; decline it and wait for the next
+        for member in members:
+            await member.decline(invite.group_id)
+
+
+async def _started(ctx: _Context, members: Sequence[_Member], invite: GroupInvite) -> GroupStart:
+    """Every member accepts ``invite``; the node's GroupStart (checked) to all of them."""
+    for member in members:
+        await member.accept(invite)
+    starts = [
+        await m.next(GroupStart, ctx.options.timeout, lambda s: s.group_id == invite.group_id)
+        for m in members
+    ]
+    if any(start is None for start in starts):
+        raise _Violation(
+            f"the node did not send GroupStart to every member within {ctx.options.timeout:g}s "
+            "after all its invitees accepted (spec/group.md §3, Starting)"
+        )
+    start: GroupStart = starts[0]
+    assert ctx.peer is not None
+    listed = [NodeId.from_public_key(m.identity_key) for m in start.members]
+    wanted = sorted([ctx.peer.peer_id, *(m.node_id for m in members)], key=lambda n: n.raw)
+    if listed != wanted:
+        raise _Violation(
+            f"GroupStart lists {[str(n) for n in listed]}; it must list every member, the "
+            f"initiator included, sorted by node id: {[str(n) for n in wanted]} "
+            "(spec/group.md §3, Starting)"
+        )
+    for info in start.members:
+        if not verify_signature(
+            info.identity_key,
+            info.key_signature,
+            mask_key_signature_input(start.group_id, info.mask_key),
+        ):
+            raise _Violation(
+                f"the mask-key signature of member {info.identity_key.hex()[:16]}... in "
+                "GroupStart does not verify (spec/group.md §3, Answering rule 5)"
+            )
+    if start.round != invite.round:
+        raise _Violation(f"GroupStart round {start.round} differs from the invite's {invite.round}")
+    return start
+
+
+@_check(
+    "group-initiated",
+    "group.md §3",
+    "the node initiates a group; on a decline it cancels with GroupAbort to acceptors only",
+)
+async def check_group_initiated(ctx: _Context) -> Outcome:
+    async with _kit_members(ctx, 2) as (accepting, declining):
+        invite = await _invited(ctx, [accepting, declining])
+        theirs = await _model_fingerprint_of(ctx)
+        if theirs is not None and theirs != invite.fingerprint:
+            return Status.FAIL, (
+                "the invite's fingerprint differs from the one in the node's ModelState "
+                "(spec/group.md §1, Model fingerprint)"
+            )
+        await accepting.accept(invite)
+        await declining.decline(invite.group_id)
+        same = lambda m: m.group_id == invite.group_id  # noqa: E731
+        abort = await accepting.next(GroupAbort, ctx.options.timeout, same)
+        if abort is None:
+            return Status.FAIL, (
+                f"one invitee accepted and one declined; within {ctx.options.timeout:g}s the "
+                "node sent no GroupAbort to the one that accepted (spec/group.md §3: an "
+                "initiator that cancels sends GroupAbort to the invitees whose acceptance "
+                "has arrived)"
+            )
+        start = await declining.next(GroupStart, 0.0, same)
+        wrong = await declining.next(GroupAbort, ctx.options.timeout, same)
+        if start is not None:
+            return Status.FAIL, "the node sent GroupStart to an invitee that declined"
+        if wrong is not None:
+            return Status.FAIL, (
+                "the node sent GroupAbort to an invitee that declined; spec/group.md §3: "
+                "only invitees whose acceptance has arrived get one (a decline needs no answer)"
+            )
+    return Status.PASS, (
+        f"invite of round {invite.round} (model size {invite.model_size}) to both kit "
+        f"members; GroupAbort {abort.reason!r} to the one that accepted only"
+    )
+
+
+@_check(
+    "group-start",
+    "group.md §3",
+    "GroupStart lists the sorted members; the node's shards have bits/8-byte words",
+)
+async def check_group_start(ctx: _Context) -> Outcome:
+    bits = ctx.federation.params.fixed_point_bits
+    async with _kit_members(ctx, 2) as members:
+        invite = await _invited(ctx, members)
+        start = await _started(ctx, members, invite)
+        keys = [m.identity_key for m in start.members]
+        words = invite.model_size + 1  # the weight word last (spec/group.md §4)
+        bounds = shard_bounds(words, len(keys))
+        problems = []
+        for member in members:
+            index = keys.index(member.identity.public_key)
+            shard = await member.next(
+                Shard, ctx.options.timeout, lambda s: s.group_id == start.group_id
+            )
+            if shard is None:
+                problems.append(f"no Shard to member {index} within {ctx.options.timeout:g}s")
+                continue
+            low, high = bounds[index]
+            expected = (high - low) * bits // 8
+            if shard.index != index or len(shard.data) != expected:
+                problems.append(
+                    f"the Shard to member {index} has index {shard.index} and {len(shard.data)} "
+                    f"bytes; expected index {index} and {high - low} words of {bits // 8} bytes "
+                    f"= {expected} (a {bits}-bit ring, spec/group.md §4)"
+                )
+        for member in members:
+            await member.send(GroupAbort(group_id=start.group_id, reason="conformance kit"))
+    if problems:
+        return Status.FAIL, "; ".join(problems)
+    return Status.PASS, (
+        f"GroupStart of {len(keys)} members, signatures verify; shards of "
+        f"{bits // 8}-byte words ({bits}-bit ring, {words} words in {len(keys)} shards)"
+    )
+
+
+@_check(
+    "abort-forwarding",
+    "group.md §6",
+    "a member's GroupAbort of a running group is passed on to the other members",
+)
+async def check_abort_forwarding(ctx: _Context) -> Outcome:
+    async with _kit_members(ctx, 2) as (aborting, other):
+        invite = await _invited(ctx, [aborting, other])
+        start = await _started(ctx, [aborting, other], invite)
+        await aborting.send(GroupAbort(group_id=start.group_id, reason="conformance kit aborts"))
+        forwarded = await other.next(
+            GroupAbort, ctx.options.timeout, lambda a: a.group_id == start.group_id
+        )
+    if forwarded is None:
+        return Status.FAIL, (
+            f"one member sent GroupAbort for the running group; within {ctx.options.timeout:g}s "
+            "the node did not send GroupAbort to the other member (spec/group.md §6, rule 1: "
+            "also when the abort was caused by a GroupAbort it received)"
+        )
+    return Status.PASS, f"forwarded: {forwarded.reason!r}"
+
+
+async def _timeout_scenario(ctx: _Context) -> tuple[Outcome, Outcome]:
+    """A started group whose members send no shards: the node must abort it at its
+    all-reduce timeout (group.md §5) and then exclude them (group.md §6): one of them is
+    declined, a fresh identity is not. Run once for the two checks that report it."""
+    cached = ctx.shared.get("timeout-scenario")
+    if cached is not None:
+        return cached
+    excluded: Outcome
+    async with _kit_members(ctx, 2) as (silent, other):
+        invite = await _invited(ctx, [silent, other])
+        start = await _started(ctx, [silent, other], invite)
+        started = trio.current_time()
+        same = lambda a: a.group_id == start.group_id  # noqa: E731
+        abort = await silent.next(GroupAbort, ctx.options.group_timeout, same)
+        elapsed = trio.current_time() - started
+        if abort is None:
+            timeout: Outcome = (
+                Status.FAIL,
+                f"the kit's members sent no shards, and within {ctx.options.group_timeout:g}s "
+                "the node did not abort the group (spec/group.md §5: every wait has a "
+                "deadline; a member missing shards at allreduce_timeout aborts)",
+            )
+            excluded = (Status.SKIP, "skipped: the node did not abort the group (group-timeout)")
+        else:
+            timeout = (Status.PASS, f"GroupAbort after {elapsed:.1f}s: {abort.reason!r}")
+            excluded = await _exclusion(ctx, silent, invite)
+    ctx.shared["timeout-scenario"] = (timeout, excluded)
+    return timeout, excluded
+
+
+async def _exclusion(ctx: _Context, blamed: _Member, like: GroupInvite) -> Outcome:
+    group_id = await blamed.invite(like)
+    reply = await blamed.next(GroupReply, ctx.options.timeout, lambda r: r.group_id == group_id)
+    if reply is None:
+        return Status.FAIL, f"no GroupReply to an invite within {ctx.options.timeout:g}s"
+    if reply.accept:
+        await blamed.send(GroupAbort(group_id=group_id, reason="conformance kit withdraws"))
+        return Status.FAIL, (
+            "the node accepted an invite from a member it had just blamed (its shards were "
+            'missing at the timeout); spec/group.md §3 rule 1 and §6: decline ("excluded")'
+        )
+    # a fresh identity must be accepted, or the decline proved nothing about exclusion
+    async with _kit_members(ctx, 1) as (fresh,):
+        control = await fresh.invite(like)
+        answer = await fresh.next(GroupReply, ctx.options.timeout, lambda r: r.group_id == control)
+        if answer is not None and answer.accept:
+            await fresh.send(GroupAbort(group_id=control, reason="conformance kit withdraws"))
+    if answer is None or not answer.accept:
+        why = "no reply" if answer is None else f"declined {answer.reason!r}"
+        return Status.WARN, (
+            f"the blamed member was declined ({reply.reason!r}), but so was a fresh identity "
+            f"({why}): cannot tell exclusion from a busy node"
+        )
+    return Status.PASS, f"the blamed member was declined: {reply.reason!r}; a fresh one accepted"
+
+
+@_check(
+    "group-timeout",
+    "group.md §5",
+    "a started group whose members send no shards is aborted at the all-reduce timeout",
+)
+async def check_group_timeout(ctx: _Context) -> Outcome:
+    timeout, _ = await _timeout_scenario(ctx)
+    return timeout
+
+
+@_check(
+    "exclusion",
+    "group.md §6",
+    "a member blamed for a failed group is declined when it invites the node",
+)
+async def check_exclusion(ctx: _Context) -> Outcome:
+    _, excluded = await _timeout_scenario(ctx)
+    return excluded
+
+
+# group.md, Exact rounds (protocol version 2) ---------------------------------------------
+
+
+async def _until_model_state(probe: _Probe, timeout: float) -> list[Message]:
+    """Send a ModelRequest and collect the node's messages up to its ModelState; _Violation
+    if the channel closes or no ModelState comes in time."""
+    await probe.send_message(ModelRequest())
+    seen: list[Message] = []
+    with trio.move_on_after(timeout):
+        while True:
+            message = await probe.receive()
+            if isinstance(message, Close):
+                raise _Violation(
+                    f"the node closed the channel with Close {_code_name(message.code)}: "
+                    f"{message.reason!r}"
+                )
+            if isinstance(message, ModelState):
+                return seen
+            seen.append(message)
+    raise _Violation(f"no ModelState within {timeout:g}s of a ModelRequest")
+
+
+def _closed(member: _Member) -> str:
+    closes = [m for m in member.inbox if isinstance(m, Close)]
+    if closes:
+        return f"Close {_code_name(closes[0].code)}: {closes[0].reason!r}"
+    return member.ended or "no answer"
+
+
+@_check(
+    "group-position",
+    "group.md exact",
+    "version 2 is chosen when offered; GroupPosition is sent and accepted on version-2 "
+    "channels only",
+)
+async def check_group_position(ctx: _Context) -> Outcome:
+    assert ctx.peer is not None
+    if 2 not in ctx.peer.payload.versions:
+        return Status.SKIP, f"the node speaks versions {list(ctx.peer.payload.versions)} only"
+    exact = ctx.federation.params.averaging == "exact"
+    warning = ""
+    # a kit member: it keeps the channel alive and answers the node's ModelRequests (a
+    # node entering its first round asks its peers for their aggregate and waits)
+    async with _kit_members(ctx, 1, versions=(1, 2)) as (member,):
+        if member.version != 2:
+            return Status.FAIL, (
+                f"offered [1, 2], the node's Welcome chose version {member.version}; the "
+                "responder picks the highest common version (spec/transport.md §4)"
+            )
+        # a node that is still training has no position yet: wait as for a group
+        wait = ctx.options.group_timeout if exact else ctx.options.timeout
+        position = await member.next(GroupPosition, wait)
+        if position is None and exact:
+            return Status.FAIL, (
+                f"no GroupPosition within {wait:g}s on a new version-2 channel of an "
+                "exact-rounds federation (spec/group.md, Exact rounds: a node sends its "
+                "position on every new channel after NodeAnnounce, and whenever it changes; "
+                f"the channel: {_closed(member)})"
+            )
+        if position is not None and position.step == 0 and position.size < 2:
+            # the first may be sent before the node counted this channel: its update
+            # follows when it waits at step 0 (a training node sends it later)
+            update = await member.next(GroupPosition, ctx.options.timeout)
+            if update is not None:
+                position = update
+            else:
+                warning = (
+                    f"; WARNING: its step-0 count stayed {position.size} (a READY node counts "
+                    "itself and every peer with a version-2 channel, the kit's included)"
+                )
+        if position is not None:
+            # the kit takes the same place: the node must accept it and keep serving
+            await member.send(position)
+            shown = (
+                f"GroupPosition round {position.round} step {position.step} key "
+                f"{list(position.key)} size {position.size}"
+            )
+        else:
+            await member.send(GroupPosition(round=0, step=0, key=(), size=2))
+            shown = "no GroupPosition (random averaging)"
+        await member.send(ModelRequest())
+        if await member.next(ModelState, ctx.options.timeout) is None:
+            return Status.FAIL, (
+                f"after the kit's GroupPosition the node did not answer a ModelRequest "
+                f"({_closed(member)})"
+            )
+        # and on a version-1 channel, opened while the node has a position, there is none
+        # (GroupPosition does not exist in version 1: spec/README.md, Version 2)
+        old, _ = await ctx.opened_probe(identity=NodeIdentity.generate(ctx.randbytes))
+        try:
+            before = await _until_model_state(old, ctx.options.timeout)
+        finally:
+            await old.wire.aclose()
+        if any(isinstance(m, GroupPosition) for m in before):
+            return Status.FAIL, "the node sent GroupPosition on a channel of protocol version 1"
+    status = Status.WARN if warning else Status.PASS
+    return status, f"version 2; {shown}; the kit's GroupPosition was accepted{warning}"
+
+
 # -- the runner -----------------------------------------------------------------------------
 
 
@@ -1036,16 +1720,34 @@ def _budget(check: Check, options: ConformanceOptions) -> float:
     """An outer bound on one check (its inner waits are bounded by ``options.timeout``)."""
     if check.name == "secure-group":
         return options.group_timeout + 6 * options.timeout + 30
+    if check.name in ("group-timeout", "exclusion"):
+        return 2 * options.group_timeout + 12 * options.timeout
+    if check.name in ("group-initiated", "group-start", "abort-forwarding", "group-position"):
+        return options.group_timeout + 12 * options.timeout
     if check.name == "keepalive":
         return options.idle + 4 * options.timeout
+    if check.name == "keepalive-sent":
+        return (options.keepalive_interval or 0) + 4 * options.timeout
     return 6 * options.timeout
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 async def _run_one(check: Check, ctx: _Context) -> CheckResult:
     started = trio.current_time()
     try:
         with trio.fail_after(_budget(check, ctx.options)):
-            status, detail = await check.function(ctx)
+            try:
+                status, detail = await check.function(ctx)
+            except BaseExceptionGroup as group:
+                # a check with background readers (the kit's members) raises through a
+                # nursery: judge its first failure as if raised alone
+                raise _first_leaf(group) from None
     except _Violation as exc:
         status, detail = Status.FAIL, str(exc)
     except _Hangup as exc:
@@ -1123,9 +1825,11 @@ def add_conformance_parser(subparsers: Any) -> None:
         description=(
             "Connect to the node at HOST:PORT with the federation's secret and check it "
             "against spec/: handshake, refusal of a wrong secret or federation, limits, "
-            "refusal of malformed messages, keepalive, NodeAnnounce, and a secure group with "
-            "reference peers started by this command. Prints a pass/fail report per spec "
-            "section; exits 0 only if no check failed."
+            "refusal of malformed messages, keepalive, peer exchange, NodeAnnounce, a secure "
+            "group with reference peers started by this command, and groups the node "
+            "initiates with the kit's own members (formation, abort forwarding, the "
+            "all-reduce timeout, exclusion, the ring's word size, GroupPosition). Prints a "
+            "pass/fail report per spec section; exits 0 only if no check failed."
         ),
     )
     p.add_argument("target", metavar="HOST:PORT", help="the node to check")
@@ -1149,6 +1853,14 @@ def add_conformance_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--idle", type=float, default=3.0, help="seconds the keepalive check idles (default 3)"
+    )
+    p.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="the node's keepalive interval: it must send a Keepalive on a quiet channel "
+        "within S seconds plus --timeout (default 1, the spec's)",
     )
     p.add_argument(
         "--group-timeout",
@@ -1187,6 +1899,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         idle=args.idle,
         group_timeout=args.group_timeout,
+        keepalive_interval=args.keepalive_interval,
         task=args.task,
         task_settings=parse_task_settings(args.task_settings),
         listen_host=args.listen_host,

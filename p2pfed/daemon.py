@@ -227,6 +227,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             trio.current_time(),
             peers=peers,
             bootstrap=bootstrap_status(node, wall_offset),
+            stall=node.stall_reason(),
             round=node.round,
         )
 

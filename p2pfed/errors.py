@@ -250,9 +250,9 @@ _ADVICE: list[tuple[type[BaseException], str]] = [
         "budget this node has spent",
     ),
     (TaskError, "fix the task; the traceback is in the log at debug level"),
-    (ConfigError, "fix the file or option named"),
-    (P2pfedError, "see the log for details"),
 ]
+"""What to do, for errors whose messages only say what is wrong (the others, configuration
+errors above all, already say how to fix it in their own words)."""
 
 
 def fatal_message(error: BaseException) -> str:
@@ -263,13 +263,21 @@ def fatal_message(error: BaseException) -> str:
         what = error.strerror or text or type(error).__name__
         if error.errno == errno.ENOSPC:
             return (
-                f"disk full writing{where or ' a file'} (free space on that disk and restart "
-                "the node: it resumes from its last checkpoint)"
+                f"cannot write{where or ' a file'}: the disk is full (free space on it and "
+                "restart the node, which resumes from its last checkpoint)"
             )
         if error.errno in (errno.EACCES, errno.EPERM):
             return f"{what}:{where} (check the permissions of that path)"
         return f"{what}{':' if where else ''}{where} (check the path, the disk and the network)"
     if isinstance(error, P2pfedError):
+        if _disk_full(error):
+            # whatever the file, the remedy is the same, and not the one the error's own
+            # advice (written for a damaged file) would give
+            text = text.split(" (", 1)[0] if text.endswith(")") else text
+            return (
+                f"{text} (the disk is full: free space on it and restart the node, which "
+                "resumes from its last checkpoint)"
+            )
         if text.endswith(")"):
             return text
         for kind, advice in _ADVICE:
@@ -280,3 +288,15 @@ def fatal_message(error: BaseException) -> str:
         f"unexpected {type(error).__name__}: {text or 'no message'} (a bug: please report it "
         "with the log; --log-level DEBUG shows the traceback)"
     )
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` was caused (directly or down its chain) by a full disk."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.errors import ConfigError
+from p2pfed.tomlfile import toml_value
 
 __all__ = [
     "FEDERATION_ID_SIZE",
@@ -47,6 +48,7 @@ __all__ = [
     "ProtocolParams",
     "load_federation",
     "save_federation",
+    "task_model_fingerprint",
 ]
 
 log = logging.getLogger("p2pfed.federation")
@@ -289,17 +291,6 @@ _PARAM_COMMENTS: dict[str, str] = {
 }
 
 
-def _toml_scalar(value: int | float | bool | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        # repr is the shortest text that reads back to the same float, and is valid TOML.
-        return repr(value)
-    return '"' + value + '"'  # only used for validated names and hex: nothing to escape
-
-
 def _hex_field(source: str, key: str, value: Any, size: int) -> bytes:
     if not isinstance(value, str):
         raise ConfigError(f"{source}: federation.{key} must be a hex string, got {value!r}")
@@ -402,22 +393,22 @@ class Federation:
             "",
             "[federation]",
             "# Human-readable name: 1-63 characters from A-Z a-z 0-9 . _ -",
-            f"name = {_toml_scalar(self.name)}",
+            f"name = {toml_value(self.name)}",
             f"# Random {FEDERATION_ID_SIZE}-byte federation id, hex. Public; its tag is "
             f"{self.tag}.",
-            f"id = {_toml_scalar(self.federation_id.hex())}",
+            f"id = {toml_value(self.federation_id.hex())}",
             f"# Random {FEDERATION_SECRET_SIZE}-byte secret, hex: the Noise pre-shared key. "
             "KEEP IT SECRET.",
-            f"secret = {_toml_scalar(self.secret.hex())}",
+            f"secret = {toml_value(self.secret.hex())}",
             "# Version of the p2pfed wire protocol this federation speaks.",
-            f"protocol_version = {_toml_scalar(self.protocol_version)}",
+            f"protocol_version = {toml_value(self.protocol_version)}",
         ]
         if self.model_fingerprint is not None:
             lines += [
                 "# SHA-256 fingerprint of the task's model layout (tensor names, dtypes, "
                 "shapes), hex:",
                 "# a node whose task builds another layout refuses to start.",
-                f"model_fingerprint = {_toml_scalar(self.model_fingerprint.hex())}",
+                f"model_fingerprint = {toml_value(self.model_fingerprint.hex())}",
             ]
         lines += [
             "",
@@ -426,7 +417,7 @@ class Federation:
         ]
         for name, value in self.params.as_dict().items():
             lines.append(f"# {_PARAM_COMMENTS[name]}")
-            lines.append(f"{name} = {_toml_scalar(value)}")
+            lines.append(f"{name} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -487,6 +478,20 @@ class Federation:
             if message.startswith(f"{source}:"):
                 raise
             raise ConfigError(f"{source}: {message}") from None
+
+
+def task_model_fingerprint(
+    task_spec: str, settings: Mapping[str, Any], federation: Federation
+) -> bytes:
+    """The model fingerprint of the task ``task_spec`` ("module:object") built with
+    ``settings`` as a member of ``federation`` would build it (torch is imported here)."""
+    from p2pfed.model_vector import model_fingerprint
+    from p2pfed.node import federation_seed
+    from p2pfed.task import load_task
+
+    task = load_task(task_spec)
+    config = {"device": "cpu", "seed": federation_seed(federation), **settings}
+    return model_fingerprint(task.build_model(config), task.name)
 
 
 def load_federation(path: str | os.PathLike[str]) -> Federation:

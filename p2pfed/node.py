@@ -166,7 +166,27 @@ def _check_privacy_files(
         )
 
 
+def _check_model_fingerprint(federation: Federation, fingerprint: bytes, source: str) -> None:
+    """Refuse a task whose model layout differs from the federation file's
+    ``model_fingerprint`` (spec/identity.md, "Federation file"), if it names one."""
+    expected = federation.model_fingerprint
+    if expected is None or expected == fingerprint:
+        return
+    raise ConfigError(
+        f"{source}: the federation's model_fingerprint is {expected.hex()[:16]}..., but this "
+        f"node's task builds a model with fingerprint {fingerprint.hex()[:16]}... (run the "
+        "task, and task settings, the federation was created with)"
+    )
+
+
 SERVER_OPTIMIZER_FILE_NAME = "server-optimizer.bin"
+KEEPALIVE_INTERVAL = 1.0
+"""The longest a node stays silent on a channel (spec/transport.md, section 6)."""
+LIVENESS_DEADLINE = 3.0
+"""A peer with nothing received for this long is unresponsive (spec/transport.md, 6)."""
+STALL_GRACE = 10.0
+"""Seconds after start before a node says why it forms no groups (finding peers takes a
+moment; saying so at every start would be noise)."""
 PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) for this long
 _id_bytes = operator.attrgetter("raw")
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
@@ -297,7 +317,9 @@ class Node:
         self.channel_config = ChannelConfig(
             max_message_size=config.effective_max_message_size(params),
             handshake_timeout=config.handshake_timeout,
-            keepalive_interval=config.keepalive_interval,
+            # spec/transport.md, section 6: at most 1 s of silence, so that peers can tell
+            # a vanished node from a quiet one within LIVENESS_DEADLINE
+            keepalive_interval=min(config.keepalive_interval, KEEPALIVE_INTERVAL),
             idle_timeout=config.idle_timeout,
             send_timeout=config.send_timeout,
         )
@@ -309,6 +331,7 @@ class Node:
         self._closing: set[NodeId] = set()  # channels being closed by _trim_channels
         self.channels_trimmed = 0  # channels closed for the connection limit
         self._dialling: set[tuple[str, int]] = set()
+        self._stall_logged: str | None = None  # the stall reason last logged
         self._host_of: dict[NodeId, str] = {}  # remote address of each peer's channel
         self._links_changed = trio.Event()
         self._queued: dict[NodeId, list[Message]] = {}
@@ -507,6 +530,10 @@ class Node:
         self.options.task_config = config
         torch_model = self.task.build_model(config)
         self.fingerprint = model_fingerprint(torch_model, self.task.name)
+        # before listening or loading data: a node of another layout could never average
+        _check_model_fingerprint(
+            self.federation, self.fingerprint, str(self.config.federation_path(self.node_dir))
+        )
         self.model = model_to_vector(torch_model)
         data = self.task.load_data(config)
         self.training_weight = self._training_weight(data.num_train)
@@ -1305,11 +1332,75 @@ class Node:
     # -- channels ------------------------------------------------------------------------
 
     def _connected(self) -> list[NodeId]:
+        """Peers with an open channel that are responsive: something arrived from them
+        within LIVENESS_DEADLINE (spec/transport.md, section 6). A peer that vanished
+        without closing (a cut cable, a router down) drops out within seconds, so group
+        formation neither invites it nor waits for it, though its channel lingers until
+        the idle timeout; it is back as soon as anything arrives from it again."""
         # sorted by the id bytes directly: NodeId's generated __lt__ is slow, and this
         # runs on every wake of the group loop
         closing = self._closing
+        heard_since = trio.current_time() - LIVENESS_DEADLINE
         return sorted(
-            (peer for peer, links in self._links.items() if links and peer not in closing),
+            (
+                peer
+                for peer, links in self._links.items()
+                if peer not in closing
+                and any(link.channel.last_received >= heard_since for link in links)
+            ),
+            key=_id_bytes,
+        )
+
+    def stall_reason(self) -> str | None:
+        """Why this node cannot form groups now, or None: too few responsive peers for
+        ``group_min``, and what it knows of the others (for the log and the status)."""
+        group_min = self.group_config.group_min
+        responsive = len(self._connected())
+        if self._stop.is_set() or responsive + 1 >= group_min:
+            return None
+        parts = [
+            f"{responsive} responsive peer{'' if responsive == 1 else 's'}, but a group needs "
+            f"{group_min} nodes (the federation's group_min)"
+        ]
+        silent = len(self.unresponsive_peers())
+        if silent:
+            parts.append(f"{silent} connected but silent for over {LIVENESS_DEADLINE:g} s")
+        linked = set(self._links)
+        known = [r for r in self.peers.records() if r.node_id not in linked and r.address]
+        if known:
+            parts.append(f"{len(known)} known but not connected (dialing them with backoff)")
+        failing = [e for e in self.bootstrap.entries() if e.state == "failing"]
+        for entry in failing[:3]:
+            parts.append(f"bootstrap {entry.label} failing: {entry.last_error}")
+        if not known and not silent and not failing:
+            if not self.config.bootstrap and not self.config.mdns:
+                parts.append(
+                    "no peer known: mDNS is off and no bootstrap address is configured "
+                    "(add --bootstrap HOST:PORT, or bootstrap in config.toml)"
+                )
+            elif not self.config.bootstrap:
+                parts.append(
+                    "no peer found by mDNS yet (other nodes must be on this network segment, "
+                    "in the same federation; on one machine, mdns_interfaces = ['127.0.0.1'])"
+                )
+        return "; ".join(parts)
+
+    def _log_stall(self) -> None:
+        """Log when the reason the node cannot form groups changes (once per change)."""
+        reason = self.stall_reason()
+        if reason == self._stall_logged:
+            return
+        if reason is not None:
+            log.warning("not forming groups: %s", reason, extra={"event": "stalled"})
+        elif self._stall_logged is not None:
+            log.info("enough responsive peers to form groups again", extra={"event": "unstalled"})
+        self._stall_logged = reason
+
+    def unresponsive_peers(self) -> list[NodeId]:
+        """Peers with an open channel but nothing received for LIVENESS_DEADLINE."""
+        responsive = set(self._connected())
+        return sorted(
+            (p for p, links in self._links.items() if links and p not in responsive),
             key=_id_bytes,
         )
 
@@ -1697,11 +1788,14 @@ class Node:
         """Keep ``target_peers`` channels open: bootstrap first, then known candidates."""
         bootstrap = self.bootstrap
         next_explore: float | None = None  # set when the node first reaches its target
+        started = trio.current_time()
         while True:
             now = trio.current_time()
             self.peers.expire(now, max_age=PEER_MAX_AGE)
             connected = set(self._connected())
             self._refresh_bootstrap()
+            if now - started >= STALL_GRACE:
+                self._log_stall()
             # an unconnected bootstrap address is redialed when its backoff allows
             # (spec/discovery.md sections 3 and 5: 5 s doubling to 600 s), not on every pass
             for entry in bootstrap.due(now):

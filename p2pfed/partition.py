@@ -84,8 +84,10 @@ def iid(labels: Any, num_nodes: int, seed: int) -> list[np.ndarray]:
 
     Only ``len(labels)`` matters; the labels are not looked at.
 
-    >>> [p.tolist() for p in iid(np.zeros(7), num_nodes=3, seed=0)]
-    [[2, 3, 4], [5, 6], [0, 1]]
+    Example::
+
+        >>> [p.tolist() for p in iid(np.zeros(7), num_nodes=3, seed=0)]
+        [[2, 3, 4], [5, 6], [0, 1]]
     """
     array = _labels(labels)
     num_nodes = _count("num_nodes", num_nodes, 1)
@@ -106,12 +108,14 @@ def dirichlet(
     function of the arguments); after :data:`MAX_DIRICHLET_DRAWS` failures it raises.
     Smaller ``alpha`` means more skew (:func:`label_skew` measures it).
 
-    >>> labels = np.repeat(np.arange(10), 30)
-    >>> parts = dirichlet(labels, num_nodes=4, alpha=0.1, seed=0, min_size=5)
-    >>> [len(p) for p in parts]
-    [76, 103, 38, 83]
-    >>> sum(len(p) for p in parts) == len(labels)
-    True
+    Example::
+
+        >>> labels = np.repeat(np.arange(10), 30)
+        >>> parts = dirichlet(labels, num_nodes=4, alpha=0.1, seed=0, min_size=5)
+        >>> [len(p) for p in parts]
+        [76, 103, 38, 83]
+        >>> sum(len(p) for p in parts) == len(labels)
+        True
     """
     array = _labels(labels)
     num_nodes = _count("num_nodes", num_nodes, 1)
@@ -158,10 +162,12 @@ def shards(labels: Any, num_nodes: int, shards_per_node: int, seed: int) -> list
     label land in which shard depends on ``seed``; shards are as equal as
     :func:`numpy.array_split` makes them. With 2 shards per node, most nodes see two labels.
 
-    >>> labels = np.repeat(np.arange(4), 3)       # 12 examples, labels 0..3
-    >>> parts = shards(labels, num_nodes=2, shards_per_node=2, seed=0)
-    >>> [sorted(set(labels[p].tolist())) for p in parts]
-    [[1, 2], [0, 3]]
+    Example::
+
+        >>> labels = np.repeat(np.arange(4), 3)       # 12 examples, labels 0..3
+        >>> parts = shards(labels, num_nodes=2, shards_per_node=2, seed=0)
+        >>> [sorted(set(labels[p].tolist())) for p in parts]
+        [[1, 2], [0, 3]]
     """
     array = _labels(labels)
     num_nodes = _count("num_nodes", num_nodes, 1)
@@ -189,11 +195,13 @@ def label_skew(labels: Any, parts: list[np.ndarray]) -> float:
     of the total-variation distance, weighted by node size (0 for a perfectly IID split, at
     most 1).
 
-    >>> labels = np.array([0, 0, 1, 1])
-    >>> label_skew(labels, [np.array([0, 2]), np.array([1, 3])])
-    0.0
-    >>> label_skew(labels, [np.array([0, 1]), np.array([2, 3])])
-    0.5
+    Example::
+
+        >>> labels = np.array([0, 0, 1, 1])
+        >>> label_skew(labels, [np.array([0, 2]), np.array([1, 3])])
+        0.0
+        >>> label_skew(labels, [np.array([0, 1]), np.array([2, 3])])
+        0.5
     """
     array = _labels(labels)
     classes, codes = np.unique(array, return_inverse=True)

@@ -61,6 +61,7 @@ from p2pfed.atomicfile import atomic_write_text
 from p2pfed.config import task_table_text
 from p2pfed.errors import ConfigError, P2pfedError
 from p2pfed.launcher import NodeLauncher, NodeProcess
+from p2pfed.tomlfile import toml_line
 
 if TYPE_CHECKING:
     from p2pfed.federation import Federation, ProtocolParams
@@ -107,16 +108,18 @@ def free_ports(count: int) -> list[int]:
 def _config_text(
     port: int, bootstrap: list[str], mdns: bool, task: str, settings: dict[str, Any] | None
 ) -> str:
-    text = (
-        "# written by p2pfed run\n"
-        'listen_host = "127.0.0.1"\n'
-        f"listen_port = {port}\n"
-        f"bootstrap = {json.dumps(bootstrap)}\n"
-        f"mdns = {'true' if mdns else 'false'}\n"
-        'mdns_interfaces = ["127.0.0.1"]\n'
-    )
+    data: dict[str, Any] = {
+        "listen_host": "127.0.0.1",
+        "listen_port": port,
+        "bootstrap": bootstrap,
+        "mdns": mdns,
+        "mdns_interfaces": ["127.0.0.1"],
+    }
     if settings is None:
-        return text + f'task = "{task}"\n'
+        data["task"] = task
+    text = "# written by p2pfed run\n" + "".join(f"{toml_line(k, v)}\n" for k, v in data.items())
+    if settings is None:
+        return text
     return text + "\n" + task_table_text(task, settings)
 
 
@@ -428,7 +431,7 @@ def run_federation(workdir: Path, options: RunOptions, out: TextIO | None = None
     """Create the federation in ``workdir``, run it until its goal, stop it, collect.
 
     The progress line goes to ``out`` (default: standard error)."""
-    from p2pfed.federation import Federation
+    from p2pfed.federation import Federation, task_model_fingerprint
     from p2pfed.node import federation_seed
     from p2pfed.task import load_task
 
@@ -441,6 +444,12 @@ def run_federation(workdir: Path, options: RunOptions, out: TextIO | None = None
             f"({params.group_min}): no secure group could form"
         )
     federation = dataclasses.replace(Federation.new(f"{options.label}-federation"), params=params)
+    # the layout goes into the file: a node started with other settings refuses to run
+    node_settings = {**options.settings, "node_index": 0, "num_nodes": options.nodes}
+    federation = dataclasses.replace(
+        federation,
+        model_fingerprint=task_model_fingerprint(options.task, node_settings, federation),
+    )
     dirs = create_local_federation(
         workdir,
         federation,

@@ -129,12 +129,14 @@ class ServerOptimizerSettings:
     ``lr=1.0, momentum=0.9``; FedAdam ``lr`` 0.01 to 0.1, ``momentum=0.9``,
     ``beta2=0.99``, ``tau=1e-3``. ``fedavg`` ignores the hyperparameters.
 
-    >>> ServerOptimizerSettings.from_params({"server_optimizer": "fedadam", "server_lr": 0.05})
-    ServerOptimizerSettings(name='fedadam', lr=0.05, momentum=0.9, beta2=0.99, tau=0.001)
-    >>> ServerOptimizerSettings(momentum=1.5)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    p2pfed.errors.ConfigError: server_momentum must be in [0, 1), got 1.5: ...
+    Example::
+
+        >>> ServerOptimizerSettings.from_params({"server_optimizer": "fedadam", "server_lr": 0.05})
+        ServerOptimizerSettings(name='fedadam', lr=0.05, momentum=0.9, beta2=0.99, tau=0.001)
+        >>> ServerOptimizerSettings(momentum=1.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        p2pfed.errors.ConfigError: server_momentum must be in [0, 1), got 1.5: ...
     """
 
     name: str = "fedavg"
@@ -191,8 +193,10 @@ class ServerOptimizerSettings:
         (or ``ProtocolParams.as_dict()``), or an object with the parameters as attributes
         (``ProtocolParams`` itself). Missing keys take the defaults; other keys are ignored.
 
-        >>> ServerOptimizerSettings.from_params({"group_min": 3}).name
-        'fedavg'
+        Example::
+
+            >>> ServerOptimizerSettings.from_params({"group_min": 3}).name
+            'fedavg'
         """
         values: dict[str, Any] = {}
         for field, key in _PARAMS.items():

@@ -47,6 +47,9 @@ The document (``schema`` 1), keys in this order; unknown values are ``null``::
                     "next_attempt": ISO 8601 UTC or null (connected, or being dialed),
                     "error": the last failure or null}, ...] (absent in files written
                     before it existed: read as [])
+    stall           why the node is not forming groups (too few responsive peers, and
+                    what it knows of the others), or null when nothing stops it (absent in
+                    files written before it existed: read as null)
     last_groups     the last 10 groups, oldest first: [{"id": short group id, "size": int,
                     "outcome": "completed" | "aborted" | "declined", "seconds": float,
                     "reason": str | null}, ...]
@@ -243,6 +246,7 @@ _VALIDATORS: dict[str, Callable[[object], object]] = {
     "dp_exhausted": lambda v: None if v is None else bool(v),
     "peers": _check_peers,
     "bootstrap": _check_bootstrap,
+    "stall": lambda v: None if v is None else str(_check_text("stall", v))[:_MAX_ERROR_CHARS],
 }
 """Fields :meth:`StatusWriter.update` accepts, each with its check-and-normalise function."""
 
@@ -298,6 +302,7 @@ class StatusWriter:
             "dp_exhausted": None,
             "peers": [],
             "bootstrap": [],
+            "stall": None,
             "last_groups": [],
         }
         self._doc.update(self._validated(fields))
@@ -587,6 +592,9 @@ def format_status(
     connected = sum(1 for p in peers if p.get("connected") is True)
     lines.append("")
     lines.append(f"peers: {connected} connected, {len(peers)} known")
+    stall = status.get("stall")
+    if isinstance(stall, str) and stall:
+        lines.append(f"NOT FORMING GROUPS: {_clean(stall)}")
     if peers:
         rows = [
             [

@@ -248,11 +248,13 @@ class Task(Protocol):
 def round_config(task: object, round: int, config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with the task's overrides for ``round`` (its optional ``configure_round``).
 
-    >>> class Halving:
-    ...     def configure_round(self, round, config):
-    ...         return {"lr": config["lr"] / 2 ** (round // 10)}
-    >>> round_config(Halving(), 25, {"lr": 0.4, "batch_size": 32})
-    {'lr': 0.1, 'batch_size': 32}
+    Example::
+
+        >>> class Halving:
+        ...     def configure_round(self, round, config):
+        ...         return {"lr": config["lr"] / 2 ** (round // 10)}
+        >>> round_config(Halving(), 25, {"lr": 0.4, "batch_size": 32})
+        {'lr': 0.1, 'batch_size': 32}
     """
     merged = dict(config)
     configure = getattr(task, "configure_round", None)
@@ -316,8 +318,10 @@ def call_train(
 def check_device(name: str) -> str:
     """``name`` if torch can place tensors on that device here, else a :class:`ConfigError`.
 
-    >>> check_device("cpu")
-    'cpu'
+    Example::
+
+        >>> check_device("cpu")
+        'cpu'
     """
     try:
         device = torch.device(name)
@@ -390,8 +394,10 @@ def load_task(spec: str) -> Task:
 
     Every failure raises :class:`~p2pfed.errors.ConfigError` saying what to fix.
 
-    >>> load_task("p2pfed.tasks.digits:task").name
-    'p2pfed-digits-mlp-v1'
+    Example::
+
+        >>> load_task("p2pfed.tasks.digits:task").name
+        'p2pfed-digits-mlp-v1'
     """
     if not isinstance(spec, str) or not _SPEC_RE.fullmatch(spec):
         raise ConfigError(

@@ -123,6 +123,7 @@ class SecureChannel:
         self._receiving = False
         self._closed: ChannelClosed | None = None
         self._last_send = trio.current_time()
+        self.last_received = self._last_send  # when bytes last arrived (trio's clock)
         # The clocks of the channel live in one task (:meth:`keepalive_loop`), not in a
         # cancel scope around every read and send: a scope per message was a large share
         # of a big simulation's time. A read or send in progress records when it began;
@@ -334,6 +335,7 @@ class SecureChannel:
             await self._abort(CloseCode.PROTOCOL_ERROR, "connection closed without a Close message")
             return
         self.bytes_received += len(data)
+        self.last_received = trio.current_time()
         try:
             self._pending.extend(self._conn.receive_data(data))
         except RemoteProtocolError as exc:

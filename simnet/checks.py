@@ -459,6 +459,8 @@ class Observed:
     """When the last group completed (``None``: none did)."""
     triangle_free: bool = False
     """``routing = "direct"`` on a topology without a triangle: no group of 3 can form."""
+    wall_limited: bool = False
+    """A wall-clock limit (benchmarks) ended the run."""
 
 
 def _nodes(indices: Sequence[int], limit: int = 5) -> str:
@@ -474,17 +476,18 @@ def _round_goal_why(
     rows: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
     observed: Observed,
+    goal: int,
 ) -> str:
-    goal = scenario.rounds or 0
+    """Why the global round stopped short of ``goal`` (0: why it stopped progressing)."""
     group_min = scenario.protocol.group_min
     ended_at = float(summary["simulated_seconds"])
     reached = rows[-1]["round"] if rows else 0
     live = observed.live_rounds
     crashed = int(summary.get("crashes", 0))
     restarted = int(summary.get("restarts", 0))
-    if summary.get("wall_limited"):
+    if observed.wall_limited:
         return "the run's wall-clock limit ended it before the goal"
-    if reached >= goal and (observed.pending or observed.never_started):
+    if goal and reached >= goal and (observed.pending or observed.never_started):
         waiting = [f"t={t:g}s" for t in sorted(observed.pending)]
         if observed.never_started:
             waiting.append(f"the join of {_nodes(observed.never_started)}")
@@ -566,7 +569,7 @@ def _round_goal_why(
     last_row = float(rows[-1]["time"]) if rows else 0.0
     last_progress = max(last_row, observed.last_group or 0.0)
     quiet = ended_at - last_progress
-    if rows and reached > 0 and quiet < 0.25 * ended_at:
+    if goal and rows and reached > 0 and quiet < 0.25 * ended_at:
         per_round = last_row / reached
         return (
             f"rounds too slow for the time limit: global round {reached} at t={last_row:.2f}s, "
@@ -601,7 +604,8 @@ def why_failed(
         return None
     first = failed[0]
     if first.name in ("round goal", "progress after heal"):
-        return f"{first.name}: {_round_goal_why(scenario, rows, summary, observed)}"
+        goal = (scenario.rounds or 0) if first.name == "round goal" else 0
+        return f"{first.name}: {_round_goal_why(scenario, rows, summary, observed, goal)}"
     if first.name == "models finite":
         if not observed.live_rounds:
             return (

@@ -7,14 +7,17 @@ stays fast.
 Example::
 
     $ p2pfed simnet run simnet/scenarios/basic.toml --out /tmp/basic
-    round   1  t=    0.40s  live  20  consensus 2.44e+00  groups 7/3  (wall 1.2s)
+    round   1/10  t=   121.04s  live   20  median  12.0  consensus 4.52e+00  loss 0.317
+        [0.288..0.547]  groups 84/17  (wall 7.2s)
     ...
     wrote /tmp/basic/metrics.csv, /tmp/basic/metrics.json, 4 plots
-    PASS round goal: global round 10 of 10 at t=1.52s
+    PASS round goal: global round 10 of 10 at t=121.69s
     PASS models finite: 20 nodes live at the end; every node's model finite
     ...
 
-The exit status is 1 if a check (:func:`simnet.checks.run_checks`) fails.
+(one line per global round, wrapped here; ``acc MEAN [MIN..MAX]`` too where the task
+reports accuracy). The exit status is 1 if a check (:func:`simnet.checks.run_checks`)
+fails, after one ``simnet: why: ...`` line (:func:`simnet.checks.why_failed`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_simnet_parser", "cmd_simnet"]
+__all__ = ["add_simnet_parser", "cmd_simnet", "progress_line"]
 
 
 def add_simnet_parser(subparsers: Any) -> None:
@@ -68,20 +71,42 @@ def add_simnet_parser(subparsers: Any) -> None:
     run.set_defaults(handler=cmd_simnet)
 
 
+def progress_line(row: dict[str, Any], total: int | None, wall: float) -> str:
+    """One progress line for a metrics row: the round, the live nodes, the consensus
+    distance, accuracy and loss (mean, with the spread over the nodes) where the task
+    evaluates, and the groups completed/aborted."""
+    goal = f"/{total}" if total else ""
+    text = (
+        f"round {row['round']:>3}{goal}  t={row['time']:>9.2f}s  live {row['live_nodes']:>4}  "
+        f"median {row['round_median'] or 0:>5.1f}  consensus {row['consensus_max']:.2e}"
+    )
+    if row.get("accuracy_mean") is not None:
+        text += (
+            f"  acc {row['accuracy_mean']:.3f} "
+            f"[{row['accuracy_min']:.3f}..{row['accuracy_max']:.3f}]"
+        )
+    if row.get("loss_mean") is not None:
+        text += f"  loss {row['loss_mean']:.3g} [{row['loss_min']:.3g}..{row['loss_max']:.3g}]"
+    return text + f"  groups {row['groups_completed']}/{row['groups_aborted']}  (wall {wall:.1f}s)"
+
+
 def _progress(started: float, total: int | None) -> Any:
     def show(row: dict[str, Any]) -> None:
-        goal = f"/{total}" if total else ""
-        consensus = row["consensus_max"]
-        print(
-            f"round {row['round']:>3}{goal}  t={row['time']:>9.2f}s  live {row['live_nodes']:>4}  "
-            f"median {row['round_median'] or 0:>5.1f}  "
-            f"consensus {consensus:.2e}  groups {row['groups_completed']}/{row['groups_aborted']}"
-            f"  (wall {time.perf_counter() - started:.1f}s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = progress_line(row, total, time.perf_counter() - started)
+        print(line, file=sys.stderr, flush=True)
 
     return show
+
+
+def _final_metrics(summary: dict[str, Any]) -> str:
+    """``; accuracy MEAN [MIN..MAX], loss ...`` of the nodes live at the end, if evaluated."""
+    parts = [
+        f"{metric} {summary[f'final_{metric}_mean']:.3g} "
+        f"[{summary[f'final_{metric}_min']:.3g}..{summary[f'final_{metric}_max']:.3g}]"
+        for metric in ("accuracy", "loss")
+        if summary.get(f"final_{metric}_mean") is not None
+    ]
+    return "; final " + ", ".join(parts) if parts else ""
 
 
 def cmd_simnet(args: argparse.Namespace) -> int:
@@ -122,7 +147,8 @@ def cmd_simnet(args: argparse.Namespace) -> int:
         f"simnet: {'done' if summary['completed'] else 'duration reached'} after "
         f"{summary['simulated_seconds']:.1f} simulated seconds in {result.wall_seconds:.1f}s "
         f"wall; rounds {summary['rounds_min']}..{summary['rounds_max']}, "
-        f"{summary['groups_completed']} groups completed, {summary['groups_aborted']} aborted",
+        f"{summary['groups_completed']} groups completed, {summary['groups_aborted']} aborted"
+        + _final_metrics(summary),
         file=sys.stderr,
     )
     print(f"wrote {', '.join(str(p) for p in files)}" + (f", {len(plots)} plots" if plots else ""))
@@ -134,6 +160,8 @@ def cmd_simnet(args: argparse.Namespace) -> int:
             f"simnet: {len(failed)} of {len(result.checks)} checks FAILED: {', '.join(failed)}",
             file=sys.stderr,
         )
+        if summary.get("why"):
+            print(f"simnet: why: {summary['why']}", file=sys.stderr)
         return 1
     print(f"simnet: all {len(result.checks)} checks passed", file=sys.stderr)
     return 0

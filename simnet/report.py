@@ -1,11 +1,13 @@
 """Metrics files and plots of a simulation run.
 
 :func:`write_metrics` writes ``metrics.csv`` (one row per global round, columns
-:data:`simnet.simulation.ROW_FIELDS`) and ``metrics.json`` (``{"rows": [...], "summary":
-{...}}``). Both are deterministic functions of the result: no wall-clock time, floats in
-Python's shortest round-trip form, JSON keys in a fixed order, so the same scenario and
-seed give byte-identical files. :func:`write_plots` draws PNG plots with matplotlib when
-it is installed (``pip install 'p2pfed[simnet]'``) and otherwise says so and skips them.
+:data:`simnet.simulation.ROW_FIELDS`; the spread columns after ``restarts`` came later)
+and ``metrics.json`` (``{"rows": [...], "summary": {...}}``). Both are deterministic
+functions of the result: no wall-clock time, floats in Python's shortest round-trip
+form, JSON keys in a fixed order, so the same scenario and seed give byte-identical
+files. :func:`write_plots` draws PNG plots with matplotlib when it is installed
+(``pip install 'p2pfed[simnet]'``) and otherwise says so and skips them; the loss,
+accuracy and consensus plots shade the spread over the nodes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from typing import Any
 from p2pfed.atomicfile import atomic_write_text
 from simnet.simulation import ROW_FIELDS, SimulationResult
 
-__all__ = ["PLOTS", "Y_LABELS", "metrics_csv", "metrics_json", "write_metrics", "write_plots"]
+__all__ = [
+    "BANDS",
+    "PLOTS",
+    "Y_LABELS",
+    "metrics_csv",
+    "metrics_json",
+    "write_metrics",
+    "write_plots",
+]
 
 PLOTS = (
     ("consensus.png", ("consensus_max", "consensus_mean", "target_distance_max"), True),
@@ -33,14 +43,18 @@ PLOTS = (
 """(file name, columns, log scale) of each plot; plots of columns without values are skipped."""
 
 Y_LABELS = {
-    "consensus.png": "L2 distance (largest / mean over nodes)",
-    "loss.png": "test loss (mean over nodes)",
-    "accuracy.png": "test accuracy (mean over nodes)",
+    "consensus.png": "L2 distance to the mean model (bands: spread over nodes)",
+    "loss.png": "test loss (mean; bands: spread over nodes)",
+    "accuracy.png": "test accuracy (mean; bands: spread over nodes)",
     "groups.png": "groups so far (cumulative)",
     "bytes.png": "bytes sent so far (all nodes)",
     "epsilon.png": "epsilon spent (largest over nodes)",
 }
 """The y-axis label of each plot."""
+
+BANDS = {"consensus.png": "consensus", "loss.png": "loss", "accuracy.png": "accuracy"}
+"""Plots that shade the spread over the nodes of a metric: its ``_min``..``_max`` columns
+lightly, ``_p10``..``_p90`` darker (the mean alone hides a node left behind)."""
 
 
 def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -68,6 +82,31 @@ def write_metrics(result: SimulationResult, out_dir: Path) -> list[Path]:
     return [csv_path, json_path]
 
 
+def _shade_spread(axes: Any, rows: Sequence[dict[str, Any]], metric: str, log_scale: bool) -> None:
+    for low, high, alpha, label in (
+        ("min", "max", 0.12, "min..max over nodes"),
+        ("p10", "p90", 0.25, "p10..p90 over nodes"),
+    ):
+        points = [
+            (row["round"], row.get(f"{metric}_{low}"), row.get(f"{metric}_{high}")) for row in rows
+        ]
+        points = [
+            p
+            for p in points
+            if p[1] is not None and p[2] is not None and (not log_scale or p[1] > 0)
+        ]
+        if points:
+            axes.fill_between(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                [p[2] for p in points],
+                alpha=alpha,
+                color="tab:blue",
+                linewidth=0,
+                label=label,
+            )
+
+
 def write_plots(result: SimulationResult, out_dir: Path) -> tuple[list[Path], str | None]:
     """Draw the :data:`PLOTS` as PNG files; returns the paths and, if skipped, why."""
     try:
@@ -75,6 +114,7 @@ def write_plots(result: SimulationResult, out_dir: Path) -> tuple[list[Path], st
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return [], (
             "matplotlib is not installed: plots skipped (pip install 'p2pfed[simnet]' or "
@@ -97,8 +137,11 @@ def write_plots(result: SimulationResult, out_dir: Path) -> tuple[list[Path], st
             if log_scale:
                 points = [(r, v) for r, v in points if v > 0]
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=column)
+        if name in BANDS:
+            _shade_spread(axes, result.rows, BANDS[name], log_scale)
         if log_scale:
             axes.set_yscale("log")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("global round")
         axes.set_ylabel(Y_LABELS.get(name, ""))
         axes.set_title(f"{result.summary.get('scenario', '')}: {name[:-4]}")

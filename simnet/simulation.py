@@ -57,14 +57,19 @@ from p2pfed.model_vector import model_to_vector
 from p2pfed.node import Node, NodeOptions, RoundReport
 from p2pfed.task import Task, load_task
 from simnet.checks import (
+    QUANTILES,
     Check,
     GroupAudit,
+    Observed,
     consensus_distance,
+    consensus_distances,
     conservation_tolerance,
     distance_to,
     range_excess,
     run_checks,
+    spread,
     weighted_mean,
+    why_failed,
 )
 from simnet.determinism import deterministic_scheduling
 from simnet.network import NetworkStats, VirtualNetwork
@@ -108,8 +113,13 @@ ROW_FIELDS = (
     "epsilon_max",
     "crashes",
     "restarts",
+    # appended later (older files end at "restarts"): the spread over the live nodes
+    *(f"{metric}_{name}" for metric in ("loss", "accuracy") for name, _ in QUANTILES),
+    *(f"consensus_{name}" for name, _ in QUANTILES if name != "max"),
 )
-"""Columns of a metrics row (``None``/empty where not applicable)."""
+"""Columns of a metrics row (``None``/empty where not applicable). ``loss_p10`` etc.: the
+:data:`~simnet.checks.QUANTILES` over the live nodes' last evaluation; ``consensus_p10``
+etc.: of their distances to the mean model (``consensus_max`` is the largest)."""
 
 
 TICK = 0.25
@@ -252,6 +262,12 @@ class Simulation:
         self.churn_restarts: dict[int, list[_Slot]] = {}  # median round -> restart then
         self.churn_rng = random.Random(derive_seed(seed, "churn-rounds"))
         self.final_live: list[tuple[int, np.ndarray]] = []
+        self.final_metrics: list[dict[str, float]] = []
+        # what the end-of-run diagnosis (checks.why_failed) looks at besides the rows
+        self.partition_now: tuple[float, float | None, tuple[tuple[int, ...], ...]] | None = None
+        self.fewest_live: tuple[float, int] | None = None
+        self.last_group_time: float | None = None
+        self.observed = Observed(live_rounds={}, open_channels={})
         self.ending = False
         self.done = trio.Event()
 
@@ -378,6 +394,10 @@ class Simulation:
                 for s in self._live()
                 if s.node is not None and s.node.model is not None
             ]
+            self.final_metrics = [
+                dict(s.node.last_metrics) for s in self._live() if s.node is not None
+            ]
+            self.observed = self._observe()
             if not self.wall_limited:  # out of wall time: no graceful leave either
                 await self._stop_all()
             else:
@@ -501,15 +521,23 @@ class Simulation:
 
     async def _partition(self, number: int, spec: PartitionSpec) -> None:
         await trio.sleep_until(spec.start)
-        groups = [[host_address(i) for i in group] for group in spec.groups]
+        sides = [list(group) for group in spec.groups]
         if spec.split is not None:
-            chosen = sorted(self.rng.sample(range(self.n), round(spec.split * self.n)))
-            groups.append([host_address(i) for i in chosen])
+            sides.append(sorted(self.rng.sample(range(self.n), round(spec.split * self.n))))
+        groups = [[host_address(i) for i in side] for side in sides]
         self.network.partition(groups, mode=spec.mode)  # type: ignore[arg-type]
+        named = {i for side in sides for i in side}
+        rest = tuple(i for i in range(self.n) if i not in named)
+        self.partition_now = (
+            spec.start,
+            spec.end,
+            tuple(tuple(side) for side in sides) + ((rest,) if rest else ()),
+        )
         log.info("partition %d at %.1fs", number, trio.current_time())
         if spec.end is not None:
             await trio.sleep_until(spec.end)
             self.network.heal()
+            self.partition_now = None
             log.info("partition %d healed at %.1fs", number, trio.current_time())
         self.scheduled -= 1
         self._check_progress()
@@ -604,6 +632,7 @@ class Simulation:
             self.aborted_groups.add(outcome.group_id)
             return
         self.completed_groups.add(outcome.group_id)
+        self.last_group_time = trio.current_time()
         node = slot.node
         if not self.scenario.task.training and node is not None and node.contribution is not None:
             self.audit.record(node.node_id, outcome, node.contribution, node.contribution_weight)
@@ -615,6 +644,9 @@ class Simulation:
         if self.done.is_set() or self.ending:
             return  # stopping: nodes leave, rows would describe the shutdown
         live = self._live()
+        now = trio.current_time()
+        if now > 0 and (self.fewest_live is None or len(live) < self.fewest_live[1]):
+            self.fewest_live = (round(now, 6), len(live))
         if not live:
             return
         rounds = [s.node.round for s in live if s.node is not None]
@@ -631,6 +663,7 @@ class Simulation:
         nodes = [s.node for s in live if s.node is not None and s.node.model is not None]
         models = [n.model for n in nodes if n.model is not None]
         cmax, cmean = consensus_distance(models)
+        distances = spread(consensus_distances(models))
         excess = self._range_excess(models)
         losses = [n.last_metrics["loss"] for n in nodes if "loss" in n.last_metrics]
         accuracies = [n.last_metrics["accuracy"] for n in nodes if "accuracy" in n.last_metrics]
@@ -656,10 +689,48 @@ class Simulation:
             "epsilon_max": max(epsilons) if epsilons else None,
             "crashes": self.crashes,
             "restarts": self.restarts,
+            **{f"loss_{k}": v for k, v in spread(losses).items()},
+            **{f"accuracy_{k}": v for k, v in spread(accuracies).items()},
+            **{f"consensus_{k}": v for k, v in distances.items() if k != "max"},
         }
         self.rows.append(row)
         if self.progress is not None:
             self.progress(row)
+
+    def _observe(self) -> Observed:
+        """The state :func:`simnet.checks.why_failed` explains a failure from (at the end)."""
+        live = [s for s in self._live() if s.node is not None]
+        down = tuple(s.index for s in self.slots if s.node is not None and not s.live)
+        restarts = {
+            int(r["node"]): (int(r["round_at_crash"]), int(r["round"])) for r in self.restarted
+        }
+        pending = tuple(
+            sorted(
+                [e.at for e in self.scenario.events if e.at > self.ended_at]
+                + [p.start for p in self.scenario.partitions if p.start > self.ended_at]
+            )
+        )
+        return Observed(
+            live_rounds={s.index: s.node.round for s in live if s.node is not None},
+            open_channels={
+                s.index: len(s.node.connected_peers()) for s in live if s.node is not None
+            },
+            down=down,
+            never_started=tuple(sorted(self.joins_pending)),
+            pending=pending,
+            partition=self.partition_now,
+            restarts=restarts,
+            fewest_live=self.fewest_live,
+            last_group=None if self.last_group_time is None else round(self.last_group_time, 6),
+            triangle_free=self._triangle_free(),
+            wall_limited=self.wall_limited,
+        )
+
+    def _triangle_free(self) -> bool:
+        if self.scenario.topology.routing != "direct" or self.topology.edges is None:
+            return False
+        neighbours = [set(n) for n in self.topology.neighbours()]
+        return not any(neighbours[a] & neighbours[b] for a, b in self.topology.edges if a != b)
 
     def _range_excess(self, models: list[np.ndarray]) -> float | None:
         """Training off: how far any model lies outside the initial models' range."""
@@ -712,8 +783,18 @@ class Simulation:
             "crashes": self.crashes,
             "restarts": self.restarts,
         }
+        # appended later: the per-node spread of the live nodes' last metrics at the end
+        final_distances = spread(consensus_distances(models))
+        for metric in ("loss", "accuracy"):
+            values = [m[metric] for m in self.final_metrics if metric in m]
+            summary[f"final_{metric}_mean"] = float(np.mean(values)) if values else None
+            summary.update({f"final_{metric}_{k}": v for k, v in spread(values).items()})
+        summary.update(
+            {f"final_consensus_{k}": v for k, v in final_distances.items() if k != "max"}
+        )
         checks = run_checks(self.scenario, self.rows, summary, self.audit.failures)
         summary["checks"] = {c.name: "pass" if c.passed else "fail" for c in checks}
+        summary["why"] = why_failed(self.scenario, self.rows, summary, checks, self.observed)
         return SimulationResult(
             self.rows, summary, nodes, stats, self.audit, self.restarted, wall, checks
         )

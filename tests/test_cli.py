@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -64,11 +65,29 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     assert "usage: p2pfed" in capsys.readouterr().err
 
 
-def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+COMMANDS = [
+    "init",
+    "id",
+    "federation",
+    "status",
+    "node",
+    "run",
+    "demo",
+    "export",
+    "conformance",
+    "simnet",
+]
+
+
+def test_help_exits_zero_and_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("init", "id", "federation"):
-        assert command in out
+    # argparse indents each subcommand's name by 4 spaces under "COMMAND"
+    listed = re.findall(r"^    (\w+)(?:  |$)", out, flags=re.MULTILINE)
+    assert listed == COMMANDS
+    for command in COMMANDS:
+        assert cli.main([command, "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"usage: p2pfed {command} ")
 
 
 def test_init_creates_private_node_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

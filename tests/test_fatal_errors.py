@@ -169,7 +169,9 @@ def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_full(tmp_path: Path, tiny_filesystem: Path) -> None:
-    node_dir = _node_dir(tmp_path)
+    # with DP the node creates its privacy ledger before it looks for peers: the first
+    # file it must write, and it cannot
+    node_dir = _node_dir(tmp_path, dp=True)
     target = tiny_filesystem / "node"
     target.mkdir(mode=0o700)
     for item in node_dir.iterdir():
@@ -182,4 +184,25 @@ def test_disk_full(tmp_path: Path, tiny_filesystem: Path) -> None:
         check=False,
     )
     status, stderr = _run(target, "--listen", "127.0.0.1:0")
-    _assert_one_line(status, stderr, "disk full")
+    _assert_one_line(status, stderr, "the disk is full")
+
+
+def test_nested_exception_groups_are_unwrapped() -> None:
+    import errno
+
+    from p2pfed.errors import LedgerError, fatal_message, main_error
+
+    ledger = LedgerError("privacy ledger x is damaged")
+    nested = BaseExceptionGroup(
+        "outer", [ExceptionGroup("inner", [ValueError("noise"), ExceptionGroup("deep", [ledger])])]
+    )
+    assert main_error(nested) is ledger
+    assert fatal_message(ledger).startswith("privacy ledger x is damaged (restore the ledger")
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/checkpoint.bin")
+    assert main_error(ExceptionGroup("g", [RuntimeError("x"), full])) is full
+    assert fatal_message(full) == (
+        "cannot write /data/checkpoint.bin: the disk is full (free space on it and restart "
+        "the node, which resumes from its last checkpoint)"
+    )
+    interrupted = BaseExceptionGroup("g", [ledger, KeyboardInterrupt()])
+    assert isinstance(main_error(interrupted), KeyboardInterrupt)

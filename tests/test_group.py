@@ -187,7 +187,26 @@ def test_model_mismatch_is_declined() -> None:
     net.nodes[odd].fingerprint = bytes(32)
     net.offer(vectors, weights)
     net.run(until=2.0)
-    assert not completed(net)  # two compatible nodes are not enough for a group of 3
+    invites = net.sent(GroupInvite)
+    replies = {(m.group_id, s): (s, r, m) for s, r, m in net.sent(GroupReply)}
+    # every invite that crossed the model boundary, either way, was refused for that reason
+    crossing = [(s, r, m) for s, r, m in invites if odd in (s, r)]
+    assert crossing, "nobody invited across the model boundary: the test saw nothing"
+    assert {s for s, _, _ in crossing} >= {odd}, "the odd node never invited"
+    for sender, receiver, invite in crossing:
+        replier, to, reply = replies[invite.group_id, receiver]  # type: ignore[attr-defined]
+        assert (replier, to) == (receiver, sender)
+        assert not reply.accept  # type: ignore[attr-defined]
+        assert reply.reason.startswith("model mismatch")  # type: ignore[attr-defined]
+    # invites between the two compatible nodes were not refused for the model
+    same = [(r, m) for s, r, m in invites if odd not in (s, r)]
+    assert same
+    for receiver, invite in same:
+        reply = replies[invite.group_id, receiver][2]  # type: ignore[attr-defined]
+        assert not reply.reason.startswith("model mismatch")  # type: ignore[attr-defined]
+    # two compatible nodes are not enough for a group of 3: nothing started or completed
+    assert not net.sent(GroupStart)
+    assert not completed(net)
 
 
 def test_malformed_shard_aborts_and_blames_the_sender() -> None:
@@ -209,10 +228,39 @@ def test_malformed_shard_aborts_and_blames_the_sender() -> None:
     assert liar in blamed_by(net, list(net.nodes))
 
 
-def test_stale_abort_of_another_group_is_ignored() -> None:
+@pytest.mark.parametrize("stale", [True, False], ids=["stale", "current"])
+def test_stale_abort_of_another_group_is_ignored(stale: bool) -> None:
+    """A member mid all-reduce ignores an abort naming another group (a stale one) and its
+    group completes; the same abort naming its own group aborts it (the control)."""
     net = Net(3, GroupConfig())
-    node = next(iter(net.nodes.values()))
-    assert node.receive(sorted(net.nodes)[1], GroupAbort(group_id=bytes(16), reason="x"), 0.0) == []
+    vectors, weights = random_models(net)
+    seen: list[tuple[bytes, Phase, list, Phase]] = []
+
+    def abort_first_sender(sender: NodeId, receiver: NodeId, message: Message) -> bool:
+        if isinstance(message, Shard) and not seen:
+            # the sender of the first shard is in the all-reduce: a fellow member (the
+            # shard's receiver) sends it an abort
+            node = net.nodes[sender]
+            group_id = bytes(16) if stale else message.group_id
+            before = node.phase
+            actions = node.receive(receiver, GroupAbort(group_id=group_id, reason="x"), net.now)
+            seen.append((message.group_id, before, actions, node.phase))
+            net.handle(sender, actions)
+        return False
+
+    net.drop = abort_first_sender
+    net.offer(vectors, weights)
+    net.run(until=2.0)
+    [(running, before, actions, after)] = seen
+    assert before is Phase.RUNNING
+    first_completions = {n: net.completed(n)[0].group_id for n in net.nodes if net.completed(n)}
+    if stale:
+        assert actions == [] and after is Phase.RUNNING
+        assert first_completions == dict.fromkeys(net.nodes, running)
+    else:
+        assert after is not Phase.RUNNING
+        assert any(isinstance(a, GroupAborted) for a in actions)
+        assert running not in first_completions.values()  # later groups may complete
 
 
 def test_busy_node_declines_invites() -> None:

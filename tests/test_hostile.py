@@ -9,6 +9,7 @@ per-source limits see them as the separate hosts they would be.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -19,6 +20,7 @@ from p2pfed.channel import ChannelConnection, ReassemblyBudget, Role
 from p2pfed.errors import ChannelClosed
 from p2pfed.federation import Federation
 from p2pfed.identity import NodeIdentity
+from p2pfed.logs import ThrottledLog
 from p2pfed.messages import ModelState
 from p2pfed.trio_channel import (
     MAX_HANDSHAKES_PER_SOURCE,
@@ -219,7 +221,7 @@ def test_budget_lets_only_the_largest_holder_grow() -> None:
     b2.receive_data(d2[: (2 << 20) + 100_000])
     assert budget.exhausted
     assert b2.may_receive() and not b1.may_receive()  # b2 holds more: it goes on
-    [event] = b2.receive_data(d2[(2 << 20) + 100_000 :])
+    [_event2] = b2.receive_data(d2[(2 << 20) + 100_000 :])
     assert budget.used == b1.reassembling and not budget.exhausted
     assert b1.may_receive()
     [_event] = b1.receive_data(d1[2 << 20 :])
@@ -277,3 +279,47 @@ async def test_channel_stuck_behind_a_full_budget_is_closed(nursery: trio.Nurser
             await send_raw(other, (4 << 20).to_bytes(4, "big") + bytes(256 << 10))
             with pytest.raises(ChannelClosed, match="reassembly"), trio.fail_after(20):
                 await other.receive()
+
+
+# -- log flooding --------------------------------------------------------------------------
+
+
+def test_throttled_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttled = ThrottledLog(logging.getLogger("p2pfed.test"), 60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="p2pfed.test"):
+        for _ in range(100):
+            throttled.warning("10.0.0.9", "handshake from %s failed", "10.0.0.9")
+        throttled.warning("10.0.0.8", "handshake from %s failed", "10.0.0.8")
+        now[0] = 61.0
+        throttled.warning("10.0.0.9", "handshake from %s failed", "10.0.0.9")
+    assert [r.getMessage() for r in caplog.records] == [
+        "handshake from 10.0.0.9 failed",
+        "handshake from 10.0.0.8 failed",
+        "handshake from 10.0.0.9 failed (and 99 more like it in the last 60s)",
+    ]
+
+
+def test_throttled_log_remembers_a_bounded_number_of_keys() -> None:
+    throttled = ThrottledLog(logging.getLogger("p2pfed.test"), 60.0, clock=lambda: 0.0, max_keys=8)
+    for key in range(1000):
+        throttled.warning(key, "x")
+    assert len(throttled._keys) <= 8
+
+
+async def test_a_connect_storm_logs_a_line_not_a_line_per_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 60 connections that send garbage and hang up, from one address: before the fix
+    # each one logged its own warning
+    port = await _start_server(nursery, ChannelConfig(handshake_timeout=5.0))
+    with caplog.at_level(logging.WARNING, logger="p2pfed.channel"):
+        for _ in range(60):
+            sock = _idle_socket(port, "127.0.0.6")
+            sock.sendall(b"\x00\x05hello")
+            sock.close()
+        # every connection is dealt with once a legitimate peer gets through after them
+        await trio.sleep(0.5)
+        assert (await _join(port)).parameters == b"hello..!"
+    storm = [r for r in caplog.records if "127.0.0.6" in r.getMessage()]
+    assert 1 <= len(storm) <= 2, [r.getMessage() for r in storm]

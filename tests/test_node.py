@@ -155,16 +155,30 @@ async def test_late_joiner_adopts_an_aggregated_model(
         with trio.fail_after(30):
             while min(n.round for n in nodes) < 3:
                 await trio.sleep(0.05)
+        # Without training, the three hold one average after their first group, and
+        # averaging equal models leaves it unchanged: this is the model they serve.
+        served = [n._aggregated for n in nodes]
+        assert all(s is not None for s in served)
+        aggregate = served[0][1].copy()  # type: ignore[index]
+        for s in served[1:]:
+            np.testing.assert_array_equal(s[1], aggregate)  # type: ignore[index]
         late_options = options_for(3, training=False, rounds=100, samples=10)
         late = make_node(tmp_path, 3, fed, (f"127.0.0.1:{port}",), late_options)
         late.options.sync_timeout = 3.0
         await nursery.start(late.run)
+        assert late.model is not None and not np.array_equal(late.model, aggregate)
         with trio.fail_after(30):
             while late.round < 1:
                 await trio.sleep(0.05)
         for node in [*nodes, late]:
             node.request_stop()
-    assert any("adopted the aggregated model" in r.getMessage() for r in caplog.records)
+    # Had the late node started from its own model, its first group would have averaged
+    # its parameters in; having adopted the served aggregate, nothing moved.
+    for node in [*nodes, late]:
+        np.testing.assert_array_equal(node.model, aggregate)
+    adopted = [r for r in caplog.records if "adopted the aggregated model" in r.getMessage()]
+    assert len(adopted) == 1
+    assert 3 <= adopted[0].args[0] <= late.round  # type: ignore[index]
 
 
 async def test_restart_resumes_from_the_checkpoint(tmp_path: Path) -> None:
