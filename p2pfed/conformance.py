@@ -21,6 +21,11 @@ Rules of this file:
   (spec/transport.md section 7): a fresh handshake must still complete.
 * Reference peers for the group check are real :class:`p2pfed.node.Node` objects in this
   process; torch and the node are imported only when that check runs.
+* The checks of groups the node initiates (group.md §3 to §6) use the kit's own members
+  (:class:`_Member`): fresh identities on version-1 channels that keep their channel
+  alive, answer at the message level (signed mask keys, declines, aborts, invites) and
+  never send a Shard. Each such check is shown, in tests/test_conformance_behaviour.py,
+  to fail against a real node with exactly that behaviour broken.
 
 Example::
 
@@ -77,6 +82,7 @@ from p2pfed.messages import (
     NodeAnnounce,
     PeerExchangeRequest,
     PeerList,
+    ReducedShard,
     Shard,
     Welcome,
     decode_message,
@@ -117,6 +123,7 @@ SECTIONS: dict[str, str] = {
     "discovery.md §4": "Peer exchange",
     "discovery.md §4.5": "NodeAnnounce",
     "group.md": "Formation and secure all-reduce with reference peers",
+    "group.md §1": "Weights",
     "group.md §3": "Formation with the node as initiator",
     "group.md §5": "Timeouts",
     "group.md §6": "Abort and exclusion",
@@ -166,6 +173,9 @@ class ConformanceOptions:
     task_settings: dict[str, Any] = field(default_factory=dict)
     listen_host: str = "127.0.0.1"
     keepalive_interval: float | None = 1.0
+    node_trains: bool = False
+    """The node trains between groups (its weight is reset to its training weight each
+    round): the group-weights check, which needs the weight it holds, is skipped."""
 
     def __post_init__(self) -> None:
         if self.keepalive_interval is not None:
@@ -1614,6 +1624,132 @@ async def check_exclusion(ctx: _Context) -> Outcome:
     return excluded
 
 
+@_check(
+    "group-weights",
+    "group.md §1",
+    "a random group's weight shares add up to its total: the node's next contribution "
+    "carries its share",
+)
+async def check_group_weights(ctx: _Context) -> Outcome:
+    # The kit's members run the reference group protocol core (sans-IO), contributing
+    # zero models with known weights; shards between two kit members stay in this process.
+    # The node's weight is visible only in a group sum: with the node's share s of a first
+    # group of total W, a second group of the same members must have total W again
+    # (spec/group.md §1, Weights, rule 2: the shares add up to W; a node that does not
+    # train contributes the weight it holds).
+    import numpy as np
+
+    from p2pfed.fixedpoint import FixedPointParams
+    from p2pfed.group import GroupAborted, GroupCompleted, GroupConfig, GroupProtocol, Send
+
+    assert ctx.peer is not None
+    if ctx.options.node_trains:
+        return Status.SKIP, (
+            "the node trains (--node-trains): its weight is reset to its training weight "
+            "every round; run this check against a node that does not train"
+        )
+    node = ctx.peer.peer_id
+    params = ctx.federation.params
+    count = params.group_min - 1
+    async with _kit_members(ctx, count) as members:
+        invite = await _invited(ctx, members)  # to learn the model's size; declined
+        for member in members:
+            await member.decline(invite.group_id)
+        fixed = FixedPointParams.for_federation(
+            params.fixed_point_bits, params.clip, params.group_max
+        )
+        engines = {
+            m.node_id: GroupProtocol(
+                m.identity,
+                GroupConfig(group_min=params.group_min, group_max=params.group_max),
+                fixed,
+                fingerprint=invite.fingerprint,
+                model_size=invite.model_size,
+                listen_port=0,
+                randbytes=ctx.randbytes,
+                sit_out=False,
+            )
+            for m in members
+        }
+        by_id = {m.node_id: m for m in members}
+        zeros = np.zeros(invite.model_size, np.float32)
+        now = trio.current_time()
+        for index, member in enumerate(members):
+            engines[member.node_id].set_contribution(
+                zeros, 3 + 2 * index, invite.round, now, initiate=False
+            )
+        totals: list[GroupCompleted] = []
+        aborts: list[str] = []
+
+        async def act(sender: NodeId, actions: list[Any]) -> None:
+            for action in actions:
+                if isinstance(action, Send):
+                    if action.peer == node:
+                        await by_id[sender].send(action.message)
+                    elif action.peer in engines:
+                        again = engines[action.peer].receive(
+                            sender, action.message, trio.current_time()
+                        )
+                        await act(action.peer, again)
+                elif isinstance(action, GroupCompleted) and sender == members[0].node_id:
+                    totals.append(action)
+                elif isinstance(action, GroupAborted) and sender == members[0].node_id:
+                    aborts.append(action.reason)
+                if isinstance(action, GroupCompleted):
+                    # the next contribution: the mean with this member's share
+                    engines[sender].set_contribution(
+                        action.mean,
+                        action.share(sender),
+                        action.round,
+                        trio.current_time(),
+                        initiate=False,
+                    )
+
+        group_kinds = (GroupInvite, GroupStart, GroupAbort, Shard, ReducedShard, GroupReply)
+        with trio.move_on_after(ctx.options.group_timeout):
+            while len(totals) < 2:
+                for member in members:
+                    while True:
+                        message = next(
+                            (m for m in member.inbox if isinstance(m, group_kinds)), None
+                        )
+                        if message is None:
+                            break
+                        member.inbox.remove(message)
+                        engine = engines[member.node_id]
+                        await act(
+                            member.node_id,
+                            engine.receive(node, message, trio.current_time()),
+                        )
+                    connected = [node, *(m.node_id for m in members if m is not member)]
+                    await act(
+                        member.node_id,
+                        engines[member.node_id].poll(trio.current_time(), connected),
+                    )
+                await trio.sleep(0.01)
+    if len(totals) < 2:
+        last = f"; last abort: {aborts[-1]}" if aborts else ""
+        return Status.FAIL, (
+            f"{len(totals)} of 2 groups of the node and {count} kit members completed within "
+            f"{ctx.options.group_timeout:g}s ({len(aborts)} aborted{last})"
+        )
+    first, second = totals
+    share = first.share(node)
+    if second.total_weight != first.total_weight:
+        implied = second.total_weight - sum(first.share(m.node_id) for m in members)
+        return Status.FAIL, (
+            f"the first group's total weight was {first.total_weight} (the node's share "
+            f"{share}); in the next group of the same members the node contributed weight "
+            f"{implied}, so the total became {second.total_weight}. spec/group.md §1, "
+            "Weights, rule 2: shares add up to W, and a node that does not train contributes "
+            "the weight it holds (pass --node-trains if the node trains between groups)"
+        )
+    return Status.PASS, (
+        f"two groups of total weight {first.total_weight}; the node's share {share} came back "
+        "as its contribution"
+    )
+
+
 # group.md, Exact rounds (protocol version 2) ---------------------------------------------
 
 
@@ -1722,7 +1858,13 @@ def _budget(check: Check, options: ConformanceOptions) -> float:
         return options.group_timeout + 6 * options.timeout + 30
     if check.name in ("group-timeout", "exclusion"):
         return 2 * options.group_timeout + 12 * options.timeout
-    if check.name in ("group-initiated", "group-start", "abort-forwarding", "group-position"):
+    if check.name in (
+        "group-initiated",
+        "group-start",
+        "abort-forwarding",
+        "group-position",
+        "group-weights",
+    ):
         return options.group_timeout + 12 * options.timeout
     if check.name == "keepalive":
         return options.idle + 4 * options.timeout
@@ -1880,6 +2022,13 @@ def add_conformance_parser(subparsers: Any) -> None:
         metavar="NAME",
         help=f"run only this check (repeatable): {', '.join(c.name for c in CHECKS)}",
     )
+    p.add_argument(
+        "--node-trains",
+        action="store_true",
+        help="the node trains between groups: skip the check that needs its weight to stay "
+        "as the last group left it (group-weights); best run against a node that does not "
+        "train (p2pfed node --no-train)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--log-level", default="ERROR", help="log level of the reference peers")
     p.set_defaults(handler=cmd_conformance)
@@ -1900,6 +2049,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         idle=args.idle,
         group_timeout=args.group_timeout,
         keepalive_interval=args.keepalive_interval,
+        node_trains=args.node_trains,
         task=args.task,
         task_settings=parse_task_settings(args.task_settings),
         listen_host=args.listen_host,

@@ -1371,7 +1371,8 @@ class Node:
             parts.append(f"{len(known)} known but not connected (dialing them with backoff)")
         failing = [e for e in self.bootstrap.entries() if e.state == "failing"]
         for entry in failing[:3]:
-            parts.append(f"bootstrap {entry.label} failing: {entry.last_error}")
+            # (its error has warnings of its own: the reason changes with the state only)
+            parts.append(f"bootstrap {entry.label} failing")
         if not known and not silent and not failing:
             if not self.config.bootstrap and not self.config.mdns:
                 parts.append(
@@ -1391,7 +1392,9 @@ class Node:
         if reason == self._stall_logged:
             return
         if reason is not None:
-            log.warning("not forming groups: %s", reason, extra={"event": "stalled"})
+            # info, the daemon's default level: a stall is a state, not a fault (its causes,
+            # such as a failing bootstrap address, warn on their own)
+            log.info("not forming groups: %s", reason, extra={"event": "stalled"})
         elif self._stall_logged is not None:
             log.info("enough responsive peers to form groups again", extra={"event": "unstalled"})
         self._stall_logged = reason
@@ -1432,25 +1435,6 @@ class Node:
                 link.close_code = CloseCode.NORMAL
                 link.close_reason = "connection limit: closing the longest-idle channel"
                 link.outbox.close()
-
-    def _keep_one_channel(self, peer: NodeId) -> None:
-        """Of two or more channels to ``peer``, keep the one initiated by the lower node id
-        (the earliest of those, if one node dialed twice) and close the others with NORMAL
-        (spec/discovery.md, "Duplicate channels"). Both ends know who dialed each channel,
-        so both pick the same survivor without a message about it; what was queued on a
-        closed channel still goes out before its Close."""
-        links = self._links.get(peer, [])
-        if len(links) < 2:
-            return
-        mine, theirs = self.node_id.raw, peer.raw
-        survivor = min(links, key=lambda link: mine if link.initiated else theirs)
-        links.remove(survivor)
-        for link in links:
-            log.debug("closing a duplicate channel to %s", peer.short)
-            link.close_code = CloseCode.NORMAL
-            link.close_reason = "duplicate channel: the one dialed by the lower node id stays"
-            link.outbox.close()
-        links[:] = [survivor, *links]  # _send uses the first
 
     def _address_of(self, peer: NodeId) -> tuple[str, int] | None:
         record = self.peers.get(peer)
@@ -1686,7 +1670,6 @@ class Node:
         # opens many channels, and a PeerList on each one was a large part of their cost
         if session.may_request(now) and len(self._links) <= self.options.target_peers:
             send.send_nowait(session.make_request(now))
-        self._keep_one_channel(peer)
         self._wake.set()
         try:
             async with trio.open_nursery() as nursery:

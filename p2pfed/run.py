@@ -446,10 +446,12 @@ def run_federation(workdir: Path, options: RunOptions, out: TextIO | None = None
     federation = dataclasses.replace(Federation.new(f"{options.label}-federation"), params=params)
     # the layout goes into the file: a node started with other settings refuses to run
     node_settings = {**options.settings, "node_index": 0, "num_nodes": options.nodes}
-    federation = dataclasses.replace(
-        federation,
-        model_fingerprint=task_model_fingerprint(options.task, node_settings, federation),
-    )
+    try:
+        fingerprint = task_model_fingerprint(options.task, node_settings, federation)
+    except Exception:
+        # a task that cannot build its model: every node says why in its one error line
+        fingerprint = None
+    federation = dataclasses.replace(federation, model_fingerprint=fingerprint)
     dirs = create_local_federation(
         workdir,
         federation,

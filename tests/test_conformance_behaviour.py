@@ -25,7 +25,7 @@ from p2pfed.atomicfile import atomic_write_text
 from p2pfed.conformance import ConformanceOptions, ConformanceReport, Status, run_conformance
 from p2pfed.demo import free_ports
 from p2pfed.federation import Federation, ProtocolParams, save_federation
-from p2pfed.group import GroupConfig, GroupProtocol, Send
+from p2pfed.group import GroupCompleted, GroupConfig, GroupProtocol, Send
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, save_identity
 from p2pfed.messages import GroupAbort, PeerInfo, PeerList
 from p2pfed.network import TcpNetwork
@@ -45,6 +45,7 @@ NEW_CHECKS = [
     "group-timeout",
     "exclusion",
     "group-position",
+    "group-weights",
 ]
 OPTIONS = ConformanceOptions(timeout=3.0, group_timeout=10.0, task=TASK, keepalive_interval=0.5)
 
@@ -201,6 +202,25 @@ def _overlapping_shards(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2pfed.group, "shard_bounds", bounds)
 
 
+def _keeps_the_whole_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the node keeps the group's whole weight W instead of its share (version 1 sent
+    # max(1, round(W / k)), which did not conserve W either)
+    class Inflated(GroupCompleted):
+        def share(self, member: Any) -> int:
+            return self.total_weight
+
+    original = Node._one_group
+
+    async def one_group(self: Node, *args: Any, **kwargs: Any) -> Any:
+        outcome = await original(self, *args, **kwargs)
+        if type(outcome) is GroupCompleted:
+            fields = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}
+            return Inflated(**fields)
+        return outcome
+
+    monkeypatch.setattr(Node, "_one_group", one_group)
+
+
 def _no_positions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2pfed.node, "_POSITION_VERSION", 3)
 
@@ -219,6 +239,7 @@ BROKEN: list[tuple[str, Callable[[pytest.MonkeyPatch], None], dict[str, Any], st
     ("abort-forwarding", _no_abort_forwarding, {}, "did not send GroupAbort to the other"),
     ("group-timeout", lambda mp: None, {"allreduce_timeout": 1e6}, "did not abort"),
     ("exclusion", _no_exclusion_on_joins, {}, "accepted an invite from a member"),
+    ("group-weights", _keeps_the_whole_weight, {}, "the node contributed weight"),
     ("group-position", _no_positions, {}, "no GroupPosition"),
     ("group-position", _positions_on_version_1, {}, "channel of protocol version 1"),
 ]
