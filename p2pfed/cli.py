@@ -379,6 +379,7 @@ def cmd_federation_show(args: argparse.Namespace) -> int:
 
 # --- parser and entry point ------------------------------------------------------------------
 
+
 def add_simnet_parser(subparsers: Subparsers) -> None:
     """``p2pfed simnet ...``, from the simulator package when it is installed: the node
     itself never imports simnet (simnet depends on the node, not the other way round)."""

@@ -550,8 +550,7 @@ def encode_ledger_file(
         for key, count in groups.items()
     }
     rows: list[Recent] = [
-        entry if len(entry) == 4 else (entry[0], entry[1], 1.0, 1)
-        for entry in recent
+        entry if len(entry) == 4 else (entry[0], entry[1], 1.0, 1) for entry in recent
     ]
     version = _version_for(mechanisms)
     by_noise: list[dict[str, Any]] = []
