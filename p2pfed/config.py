@@ -118,7 +118,8 @@ _DOCS: dict[str, str] = {
     "mdns_interfaces": 'IP addresses of the interfaces mDNS uses, e.g. ["192.168.1.10"]; '
     "empty = all.",
     "handshake_timeout": "Seconds a connection may take to complete its Noise handshake.",
-    "keepalive_interval": "Seconds of silence after which a keepalive is sent.",
+    "keepalive_interval": "Seconds of silence after which a keepalive is sent (the node sends\n"
+    "one after at most 1 s, so that a vanished peer is noticed within 3 s).",
     "idle_timeout": "Seconds without hearing from a peer before the connection is dropped.",
     "send_timeout": "Seconds a single message may take to send before the peer is dropped.",
     "max_message_size": "Largest message accepted, in bytes: at most the federation's\n"

@@ -55,6 +55,7 @@ WITH_A_NODE = {
     "group-start",
     "abort-forwarding",
     "group-position",
+    "group-weights",
     *SLOW,
 }
 """Checks that need a node behind the channel (the broken responder is only a channel)."""
