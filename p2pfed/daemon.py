@@ -206,10 +206,17 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
         network=network,
         options=options,
         task_spec=args.task,
+        config=config,
         on_round=on_round,
         on_group=on_group,
     )
-    node.config = config
+    if not options.masking:
+        # privacy off must never pass unnoticed: every start says so, and so does status
+        log.warning(
+            "secure aggregation is OFF (--insecure-no-masking): peers see this node's "
+            "model in the clear; use it only for benchmarks, never with private data"
+        )
+    status.update(trio.current_time(), masking=options.masking)
     counted = [0, 0]  # bytes sent and received already added to the counters
 
     # trio's clock to wall-clock seconds, fixed once: recomputed on every refresh, the

@@ -388,11 +388,16 @@ class Node:
         network: Network,
         options: NodeOptions | None = None,
         task_spec: str | None = None,
+        config: NodeConfig | None = None,
         **kwargs: Any,
     ) -> Node:
-        """Load identity, config, federation and task from ``node_dir`` (``p2pfed init``)."""
+        """Load identity, config, federation and task from ``node_dir`` (``p2pfed init``).
+
+        ``config`` replaces the directory's ``config.toml`` (the daemon passes it with its
+        command-line overrides applied): the node builds its channel settings from it at
+        construction, so it must be the final one then, never assigned afterwards."""
         node_dir = Path(node_dir)
-        config = load_config(node_dir)
+        config = config if config is not None else load_config(node_dir)
         identity = load_identity(node_dir / IDENTITY_FILE_NAME)
         federation = load_federation(config.federation_path(node_dir))
         # before anything runs, so that the operator gets one clear line, not a traceback

@@ -247,6 +247,7 @@ _VALIDATORS: dict[str, Callable[[object], object]] = {
     "peers": _check_peers,
     "bootstrap": _check_bootstrap,
     "stall": lambda v: None if v is None else str(_check_text("stall", v))[:_MAX_ERROR_CHARS],
+    "masking": lambda v: None if v is None else bool(v),
 }
 """Fields :meth:`StatusWriter.update` accepts, each with its check-and-normalise function."""
 
@@ -303,6 +304,7 @@ class StatusWriter:
             "peers": [],
             "bootstrap": [],
             "stall": None,
+            "masking": None,
             "last_groups": [],
         }
         self._doc.update(self._validated(fields))
@@ -592,6 +594,10 @@ def format_status(
     connected = sum(1 for p in peers if p.get("connected") is True)
     lines.append("")
     lines.append(f"peers: {connected} connected, {len(peers)} known")
+    if status.get("masking") is False:
+        lines.append(
+            "SECURE AGGREGATION OFF (--insecure-no-masking): peers see this node's model"
+        )
     stall = status.get("stall")
     if isinstance(stall, str) and stall:
         lines.append(f"NOT FORMING GROUPS: {_clean(stall)}")
