@@ -40,17 +40,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import ifaddr
 import trio
-from zeroconf import (
-    InterfaceChoice,
-    ServiceBrowser,
-    ServiceInfo,
-    ServiceStateChange,
-    Zeroconf,
-)
+
+if TYPE_CHECKING:  # zeroconf is imported when mDNS starts: simnet and mdns = false never load it
+    from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from p2pfed.identity import NODE_ID_TEXT_LENGTH, NodeId, NodeIdError
 
@@ -406,6 +402,8 @@ class MdnsDiscovery:
 
     def _start(self) -> None:
         """Create the zeroconf instance, register, browse (blocking: runs in a thread)."""
+        from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, Zeroconf
+
         interfaces: Any = self.interfaces if self.interfaces else InterfaceChoice.All
         zc = Zeroconf(interfaces=interfaces)
         try:
@@ -465,6 +463,8 @@ class MdnsDiscovery:
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
+        from zeroconf import ServiceStateChange
+
         if state_change is ServiceStateChange.Removed:
             gone = self._known.pop(name, None)
             if gone is not None:
