@@ -111,14 +111,26 @@ def _final_metrics(summary: dict[str, Any]) -> str:
 
 def cmd_simnet(args: argparse.Namespace) -> int:
     """Run the scenario and write the results (see the module docstring)."""
-    from simnet.report import write_metrics, write_plots
     from simnet.scenario import load_scenario
-    from simnet.simulation import run_simulation
 
     scenario = load_scenario(args.scenario)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    for name in ("p2pfed", "simnet"):
+    # the levels are this command's: put them back afterwards, so that an in-process call
+    # (a test, a notebook) does not silence the caller's own p2pfed logging
+    levels = {name: logging.getLogger(name).level for name in ("p2pfed", "simnet")}
+    for name in levels:
         logging.getLogger(name).setLevel(args.log_level.upper())
+    try:
+        return _run_scenario(args, scenario)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run_scenario(args: argparse.Namespace, scenario: Any) -> int:
+    from simnet.report import write_metrics, write_plots
+    from simnet.simulation import run_simulation
+
     out_dir: Path = args.out or Path("simnet-out") / (scenario.name or args.scenario.stem)
     started = time.perf_counter()
     progress = None if args.quiet else _progress(started, scenario.rounds)
