@@ -64,8 +64,9 @@ def test_halves_partitioned_from_the_start_merge_after_the_heal(tmp_path: Path) 
     final = result.summary["final_consensus_max"]
     # merged: far below the first row after the heal (2.5) and the initial spread (6.3).
     # Without exploration this run ends with final_consensus_max 0.28 (the halves still
-    # apart: each side near its own mean); with it, 0.011.
-    assert final < after_heal[0]["consensus_max"] / 100
+    # apart: each side near its own mean); with it, 0.011 before keepalives every second
+    # and liveness (spec/transport.md 6) changed the run's timing, 0.022 since.
+    assert final < after_heal[0]["consensus_max"] / 50
     assert final < initial / 200
 
 
