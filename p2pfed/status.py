@@ -595,9 +595,7 @@ def format_status(
     lines.append("")
     lines.append(f"peers: {connected} connected, {len(peers)} known")
     if status.get("masking") is False:
-        lines.append(
-            "SECURE AGGREGATION OFF (--insecure-no-masking): peers see this node's model"
-        )
+        lines.append("SECURE AGGREGATION OFF (--insecure-no-masking): peers see this node's model")
     stall = status.get("stall")
     if isinstance(stall, str) and stall:
         lines.append(f"NOT FORMING GROUPS: {_clean(stall)}")
