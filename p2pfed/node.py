@@ -671,7 +671,7 @@ class Node:
             if result is not None:
                 self.local_rounds += 1
             self._aggregated = (self.round, self.model)
-            await self._save_checkpoint()
+            self._save_checkpoint()
             metrics: dict[str, float] = {}
             every = self.options.evaluate_every
             if data is not None and every and self.round % every == 0:
@@ -1171,7 +1171,7 @@ class Node:
         if state is not None:
             atomic_write_bytes(self.node_dir / SERVER_OPTIMIZER_FILE_NAME, state, mode=0o600)
 
-    async def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self) -> None:
         """Checkpoint the round just completed.
 
         With worker threads the write (two files, each fsynced with its directory: tens of

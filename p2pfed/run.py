@@ -74,7 +74,6 @@ __all__ = [
     "add_run_parser",
     "cmd_run",
     "create_local_federation",
-    "dp_noise_multiplier",
     "free_ports",
     "render_table",
     "run_federation",
@@ -162,15 +161,6 @@ def create_local_federation(
     return dirs
 
 
-def dp_noise_multiplier(epsilon: float, rounds: int) -> float:
-    """The noise multiplier sigma that spends ``epsilon`` (at delta 1e-5) in ``rounds``
-    rounds of node-level local DP: the federation's calibration (:func:`p2pfed.dp.calibrate`,
-    what ``p2pfed federation new --dp node`` uses)."""
-    from p2pfed.dp import calibrate
-
-    return calibrate("node", epsilon=epsilon, delta=DELTA, rounds=rounds)
-
-
 # --- running -------------------------------------------------------------------------------
 
 
@@ -224,6 +214,7 @@ class RunOptions:
 
     def protocol_params(self) -> ProtocolParams:
         """The federation's parameters: the runner's defaults, ``params``, then DP."""
+        from p2pfed.dp import calibrate
         from p2pfed.federation import ProtocolParams
 
         # every node is there before the first round; DP only when asked for
@@ -234,7 +225,9 @@ class RunOptions:
             values.update(
                 dp_enabled=True,
                 dp_clip_norm=values.get("dp_clip_norm", DEFAULT_DP_CLIP),
-                dp_noise_multiplier=dp_noise_multiplier(self.epsilon, self.rounds),
+                dp_noise_multiplier=calibrate(
+                    "node", epsilon=self.epsilon, delta=DELTA, rounds=self.rounds
+                ),
                 dp_delta=DELTA,
                 # a hair above the target so that float rounding never refuses the last round
                 dp_epsilon_budget=self.epsilon * 1.0001,
