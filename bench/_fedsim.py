@@ -194,9 +194,14 @@ def replay(
     *,
     datasets: list[NodeData] | None = None,
     progress: Any = None,
+    nudge_round: int | None = None,
 ) -> History:
     """Run ``setup.rounds`` rounds of federated training with ``optimizer``; the accuracy
-    and loss of the global model on the common test set after every round."""
+    and loss of the global model on the common test set after every round.
+
+    ``nudge_round`` (1-based): after that round, move the global model's largest
+    coordinate by one float32 ulp, the size of difference any other summation order or
+    number format makes; how far the curve then moves is the chaos floor of the task."""
     torch.set_num_threads(1)
     datasets = datasets if datasets is not None else client_data(setup)
     weights = [d.num_train for d in datasets]
@@ -207,6 +212,9 @@ def replay(
     for r in range(setup.rounds):
         models = [local_update(setup, d, k, r, x) for k, d in enumerate(datasets)]
         x = server_step(optimizer, state, x, weighted_mean(models, weights))
+        if nudge_round is not None and r + 1 == nudge_round:
+            i = int(np.argmax(np.abs(x)))
+            x[i] = np.nextafter(x[i], np.float32(np.inf))
         metrics = evaluate(setup, datasets[0], x)
         history.accuracy.append(metrics["accuracy"])
         history.loss.append(metrics["loss"])

@@ -23,13 +23,20 @@ draws it from ``(seed, client, round)``), so their curves differ only by how the
   groups of 3-4, ``random_steps`` of them per round, 3 for 16 nodes by the automatic
   rule). A variant whose parameter keys this p2pfed does not know, or whose server
   optimiser the node does not apply yet, is skipped with the reason in the JSON. The curve
-  is the mean over nodes of each node's logged test accuracy after round ``r`` (every node
-  evaluates: 16 times the work of Flower's one evaluation per round on the server, which
-  shows in p2pfed's seconds per round).
+  is the mean over nodes of each node's logged test accuracy after round ``r``. In random
+  variants every node evaluates every round (nodes hold different models); in exact
+  variants, where every node ends each round with the same model, node 0 evaluates every
+  round, as Flower's server does once per round, and the others every 10th round, which
+  checks that they agree (``node_accuracy_spread_max_points``).
 * **reference** (:mod:`bench._fedsim`): the textbook algorithm in a loop in this process,
   sample-weighted FedAvg and the FedAvgM / FedAdam server optimisers of Reddi et al. 2021
   with the same hyper-parameters as the p2pfed variants; plus a **centralized** model
-  trained on the union of the clients' data for as many epochs.
+  trained on the union of the clients' data for as many epochs; and the **chaos floor**:
+  the FedAvg reference again with one coordinate of its model moved by one float32 ulp
+  after round 10 (``differences_points.reference_fedavg_nudged_one_ulp``). Training is
+  chaotic: any implementation whose sums differ from the reference's in the last bit
+  (Flower's float32 sums, p2pfed's fixed point on coordinates below ``2**-14``) drifts
+  from it by about this much, however exact its averaging.
 * **Flower** (optional extra ``peers``): Flower's ``FedAvg`` with a real server and 16
   client processes over gRPC on 127.0.0.1 (:mod:`bench._flower`).
 
@@ -95,6 +102,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "random-fedavg": ("random", "fedavg"),
 }
 """p2pfed variants: (averaging, server optimiser)."""
+
+NUDGE_ROUND = 10
+"""After this round the chaos-floor replay moves one coordinate of the model by one ulp."""
 
 TOLERANCE_POINTS = {"exact-fedavg": 0.5, "exact-fedavgm": 1.0, "exact-fedadam": 1.0}
 RANDOM_TOLERANCE_POINTS = 3.0
@@ -193,6 +203,11 @@ def run_references(
         log(f"[reference fedavg, client lr {doubled['lr']:g}] {setup.rounds} rounds")
         histories["fedavg-client-lr-x2"] = replay(
             dataclasses.replace(setup, task_settings=doubled), OPTIMIZERS["fedavg"]
+        )
+    if "fedavg" in optimizers and extra:
+        log(f"[reference fedavg, one ulp nudged after round {NUDGE_ROUND}] {setup.rounds} rounds")
+        histories["fedavg-nudged"] = replay(
+            setup, OPTIMIZERS["fedavg"], datasets=datasets, nudge_round=NUDGE_ROUND
         )
     log(f"[centralized] {setup.rounds} epochs")
     histories["centralized"] = centralized(setup)
@@ -330,6 +345,11 @@ def run_p2pfed(
         for index, node_dir in enumerate(dirs):
             settings = {**setup.config(index)}
             argv = ["node", str(node_dir), "--rounds", str(rounds), "--linger", "--log-json"]
+            if VARIANTS[variant][0] == "exact" and index:
+                # every node of an exact round holds the same model: node 0 evaluates it
+                # each round, as Flower's server does once; the others every 10th round,
+                # which measures that they agree (node_accuracy_spread_max_points)
+                argv += ["--evaluate-every", str(EVERY)]
             for key, value in settings.items():
                 argv += ["--set", f"{key}={value}"]
             process = launcher.start(
@@ -661,6 +681,13 @@ def build_result(
         complete = len(curve) >= rounds and "failure" not in run
         met[f"{variant}_within_{tolerance:g}pt_of_reference"] = (
             complete and gap["max_abs"] <= tolerance
+        )
+    nudged = references.get("fedavg-nudged")
+    if nudged is not None and "fedavg" in references:
+        # the chaos floor: the reference against itself with one coordinate one ulp off
+        # (any other float summation, Flower's included, differs by at least that much)
+        result["differences_points"]["reference_fedavg_nudged_one_ulp"] = gap_points(
+            nudged.accuracy, references["fedavg"].accuracy, marks
         )
     if flower is not None:
         curve = flower.pop("curve")

@@ -8,7 +8,14 @@ A 16-node cross-silo federation with a few thousand records per node (a generate
   per-record clipping, Gaussian noise) for one expected epoch per round, the noise
   calibrated with p2pfed's accountant so that all rounds spend epsilon at delta 1e-5;
 * ``central``: DP-SGD on the union of all nodes' data (what a trusted curator could do),
-  the same number of expected epochs, calibrated to the same epsilon.
+  the same number of expected epochs, calibrated to the same epsilon;
+* ``node_level``: node-level DP, each node clips its round update and adds all the
+  Gaussian noise itself (:func:`p2pfed.dp.clip_and_noise`);
+* ``distributed``: node-level DP at the same (central) epsilon, each node adding only a
+  Skellam share in the secure-aggregation ring (:class:`p2pfed.skellam.DistributedDP`,
+  groups of at least ``group_min`` = 4); the ring sum of all nodes' words is what an
+  exact round's carried group sums add up to. ``distributed_local_epsilon`` is the
+  weaker guarantee against members who strip the masks.
 
 This is a framework-free replay (no sockets): the same DP-SGD code and accountant a node
 uses, with the federation's averaging done in a loop, as in ``bench/_fedsim.py``.
@@ -29,7 +36,10 @@ import numpy as np
 import torch
 
 from p2pfed import dp
+from p2pfed.accountant import distributed_epsilon_for
 from p2pfed.dp_sgd import dp_sgd
+from p2pfed.fixedpoint import FixedPointParams, decode_group_sum
+from p2pfed.skellam import DistributedDP, nominal_noise_multipliers, required_clip
 
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
@@ -48,6 +58,7 @@ class Setup:
     dp_lr: float = 1.0
     clip: float = 1.0
     seed: int = 0
+    group_min: int = 4
 
 
 def make_data(
@@ -146,6 +157,47 @@ def federated(
     return accuracy(model, test)
 
 
+def node_level(
+    setup: Setup,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    test: tuple[torch.Tensor, torch.Tensor],
+    epsilon: float,
+    *,
+    distributed: bool,
+) -> float:
+    """FedAvg with node-level DP on each round's update: all the noise added by each node,
+    or (``distributed``) a Skellam share of it added in the ring."""
+    level = "distributed" if distributed else "node"
+    sigma = dp.calibrate(level, epsilon=epsilon, delta=DELTA, rounds=setup.rounds)
+    model = build_model(setup.seed)
+    size = len(_vector(model))
+    fixed_point = FixedPointParams.for_federation(
+        64, required_clip(setup.clip, sigma, setup.group_min), max(8, setup.group_min)
+    )
+    shares = DistributedDP(setup.clip, sigma, setup.group_min, size, fixed_point)
+    rng = np.random.default_rng(setup.seed + 4)
+    g = torch.Generator().manual_seed(setup.seed + 5)
+    for _ in range(setup.rounds):
+        start = _vector(model).numpy()
+        ring = np.zeros(size + 1, fixed_point.dtype)
+        total = np.zeros(size, np.float64)
+        for data in parts:
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(start), model.parameters())
+            _sgd_epoch(model, data, setup, g)
+            update = _vector(model).numpy() - start
+            if distributed:
+                ring += shares.encode_release(start, update, rng)[0]
+            else:
+                total += start + dp.clip_and_noise(update, setup.clip, sigma, rng)
+        mean = (
+            decode_group_sum(ring, fixed_point)[0]
+            if distributed
+            else (total / len(parts)).astype(np.float32)
+        )
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(mean), model.parameters())
+    return accuracy(model, test)
+
+
 def central(
     setup: Setup,
     parts: list[tuple[torch.Tensor, torch.Tensor]],
@@ -179,9 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=Setup.rounds)
     parser.add_argument("--records", type=int, default=Setup.records)
     parser.add_argument("--seed", type=int, default=Setup.seed)
+    parser.add_argument("--nodes", type=int, default=Setup.nodes)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    setup = Setup(rounds=args.rounds, records=args.records, seed=args.seed)
+    setup = Setup(rounds=args.rounds, records=args.records, seed=args.seed, nodes=args.nodes)
     parts, test = make_data(setup)
     began = time.monotonic()
     result: dict[str, object] = {
@@ -200,6 +253,19 @@ def main(argv: list[str] | None = None) -> None:
         )
     result["record_level"] = record
     result["central_dp_sgd"] = union
+    node, shared, local = {}, {}, {}
+    for epsilon in EPSILONS:
+        key = f"{epsilon:g}"
+        node[key] = round(node_level(setup, parts, test, epsilon, distributed=False), 4)
+        shared[key] = round(node_level(setup, parts, test, epsilon, distributed=True), 4)
+        sigma = dp.calibrate("distributed", epsilon=epsilon, delta=DELTA, rounds=setup.rounds)
+        local_z = nominal_noise_multipliers(sigma, setup.group_min)[1]
+        local[key] = round(distributed_epsilon_for(local_z, setup.rounds, DELTA), 3)
+        print(f"epsilon {epsilon:g}: node {node[key]}, distributed {shared[key]}")
+    result["node_level"] = node
+    result["distributed"] = shared
+    result["distributed_group_min"] = setup.group_min
+    result["distributed_local_epsilon"] = local
     result["seconds"] = round(time.monotonic() - began, 1)
     result["chance"] = round(1 / CLASSES, 2)
     assert all(math.isfinite(float(v)) for v in record.values())

@@ -44,10 +44,15 @@ __all__ = [
     "check_noise_multiplier",
     "check_sampling_rate",
     "conversion_terms",
+    "distributed_epsilon_for",
+    "distributed_noise_multiplier_for",
     "epsilon_floor",
     "epsilon_for",
+    "integer_order_gaussian_rdp",
     "noise_multiplier_for",
     "sampled_gaussian_rdp",
+    "skellam_gaussian_equivalent",
+    "skellam_rdp",
 ]
 
 
@@ -392,6 +397,138 @@ def noise_multiplier_for(
         if lo < 1.0 / _BRACKET_LIMIT:  # pragma: no cover - epsilon grows without bound
             raise ValueError(f"target_epsilon {target!r} is too large to invert")
     while hi - lo > width * hi:
+        mid = math.sqrt(lo * hi)
+        if mid <= lo or mid >= hi:  # pragma: no cover - floats exhausted
+            break
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# -- the Skellam mechanism (distributed DP, spec/privacy.md section 2B) ------------------
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return v
+
+
+def skellam_rdp(
+    variance: float,
+    l1_sensitivity: float,
+    l2_sensitivity: float,
+    orders: Sequence[float] | np.ndarray = DEFAULT_ORDERS,
+) -> np.ndarray:
+    """RDP bound at each order of the Skellam mechanism with noise variance ``variance``.
+
+    The noise on every coordinate is ``Poisson(mu/2) - Poisson(mu/2)`` (variance ``mu``),
+    the query integer-valued with L1 and L2 sensitivities ``Delta1``, ``Delta2`` (in the
+    same integer units). Agarwal, Kairouz and Liu 2021 ("The Skellam Mechanism for
+    Differentially Private Federated Learning", Theorem 3.5 / Corollary 3.6) bound it at
+    integer orders ``alpha > 1`` by::
+
+        alpha Delta2^2 / (2 mu)
+          + min(((2 alpha - 1) Delta2^2 + 6 Delta1) / (4 mu^2), 3 Delta1 / (2 mu))
+
+    A fractional order takes the bound of the next integer order: Renyi divergence does not
+    decrease with the order (van Erven and Harremoes 2014, Theorem 3), so that is valid.
+
+    >>> [round(float(v), 6) for v in skellam_rdp(100.0, 1.0, 1.0, [2.0, 2.5])]
+    [0.010225, 0.015275]
+    """
+    mu = _check_positive("variance", variance)
+    d1 = _check_positive("l1_sensitivity", l1_sensitivity)
+    d2 = _check_positive("l2_sensitivity", l2_sensitivity)
+    alpha = np.ceil(_check_orders(orders))
+    lead = alpha * d2 * d2 / (2.0 * mu)
+    extra = np.minimum(
+        ((2.0 * alpha - 1.0) * d2 * d2 + 6.0 * d1) / (4.0 * mu * mu), 3.0 * d1 / (2.0 * mu)
+    )
+    return lead + extra
+
+
+def integer_order_gaussian_rdp(
+    noise_multiplier: float, orders: Sequence[float] | np.ndarray = DEFAULT_ORDERS
+) -> np.ndarray:
+    """``ceil(alpha) / (2 z^2)``: the RDP the ledger charges for a Skellam release whose
+    Gaussian-equivalent noise multiplier is ``z`` (:func:`skellam_gaussian_equivalent`).
+
+    >>> integer_order_gaussian_rdp(1.0, [2.0, 2.5]).tolist()
+    [1.0, 1.5]
+    """
+    z = check_noise_multiplier(noise_multiplier)
+    return np.ceil(_check_orders(orders)) / (2.0 * z * z)
+
+
+def skellam_gaussian_equivalent(
+    variance: float, l1_sensitivity: float, l2_sensitivity: float
+) -> float:
+    """The largest ``z`` with ``skellam_rdp <= ceil(alpha) / (2 z^2)`` at every order.
+
+    At an integer order ``alpha >= 2``: ``(2 alpha - 1) Delta2^2 / (4 mu^2) <= alpha
+    Delta2^2 / (2 mu^2)`` and ``6 Delta1 / (4 mu^2) <= alpha 3 Delta1 / (2 mu^2)``, so the
+    bound is at most ``alpha / (2 z^2)`` with::
+
+        1 / z^2 = Delta2^2 / mu + Delta2^2 / mu^2 + 3 Delta1 / mu^2
+
+    Only the first term remains as ``mu`` grows: ``z`` tends to ``sqrt(mu) / Delta2``, the
+    noise multiplier of the Gaussian with the same variance.
+
+    >>> round(skellam_gaussian_equivalent(1e12, 1e3, 1e3), 6)
+    1000.0
+    """
+    mu = _check_positive("variance", variance)
+    d1 = _check_positive("l1_sensitivity", l1_sensitivity)
+    d2 = _check_positive("l2_sensitivity", l2_sensitivity)
+    inverse = d2 * d2 / mu + d2 * d2 / (mu * mu) + 3.0 * d1 / (mu * mu)
+    return 1.0 / math.sqrt(inverse)
+
+
+def distributed_epsilon_for(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon after ``releases`` distributed releases whose Gaussian-equivalent noise
+    multiplier is ``z`` (charged at integer orders, :func:`integer_order_gaussian_rdp`).
+
+    >>> round(distributed_epsilon_for(1.0, 10, 1e-5), 3)
+    19.802
+    """
+    n = check_count("releases", releases, 0)
+    d = check_delta(delta)
+    if n == 0:
+        return 0.0
+    orders = np.array(DEFAULT_ORDERS)
+    eps = n * integer_order_gaussian_rdp(noise_multiplier, orders) + conversion_terms(orders, d)
+    return max(0.0, float(np.min(eps)))
+
+
+def distributed_noise_multiplier_for(target_epsilon: float, releases: int, delta: float) -> float:
+    """The smallest ``z`` whose ``releases`` distributed releases spend ``target_epsilon``
+    (bisection as in :func:`noise_multiplier_for`; the upper end is returned)."""
+    target = _check_positive("target_epsilon", target_epsilon)
+    n = check_count("releases", releases, 1)
+    d = check_delta(delta)
+    floor = epsilon_floor(d)
+    if target <= floor:
+        raise ValueError(
+            f"target_epsilon {target!r} is not above {floor:.6g}, the smallest epsilon "
+            f"reachable at delta={d!r} with the order grid; raise the target or delta"
+        )
+
+    def fits(z: float) -> bool:
+        return distributed_epsilon_for(z, n, d) <= target
+
+    hi = 1.0
+    while not fits(hi):
+        hi *= 2.0
+    lo = hi / 2.0
+    while fits(lo):
+        lo /= 2.0
+    while hi - lo > _BISECTION_RELATIVE_WIDTH * hi:
         mid = math.sqrt(lo * hi)
         if mid <= lo or mid >= hi:  # pragma: no cover - floats exhausted
             break

@@ -49,6 +49,7 @@ from p2pfed.federation import (
 )
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
 from p2pfed.run import add_run_parser
+from p2pfed.skellam import required_clip
 from p2pfed.status import add_status_parser
 
 __all__ = [
@@ -235,7 +236,8 @@ def add_federation_parser(subparsers: Subparsers) -> None:
         default="record",
         help="record: DP-SGD protects each record of a node's data (default); node: each "
         "round's update is noised to protect a node's whole dataset (needs many nodes to "
-        "learn); off: no differential privacy",
+        "learn); distributed: as node, but each group member adds only a share of the "
+        "noise, in the secure-aggregation ring; off: no differential privacy",
     )
     privacy.add_argument(
         "--epsilon", type=float, default=8.0, metavar="E", help="privacy budget (default 8)"
@@ -309,6 +311,10 @@ def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
         steps=base.dp_steps,
     )
     params = dataclasses.replace(base, dp_noise_multiplier=sigma)
+    if level == "distributed":
+        # the group sum's noise needs headroom in the fixed-point range
+        needed = required_clip(params.dp_clip_norm, sigma, params.group_min)
+        params = dataclasses.replace(params, clip=max(params.clip, needed))
     check_budget(params)
     cost = release_cost(params)
     spent = cost.epsilon(args.rounds, params.dp_delta)
@@ -316,6 +322,10 @@ def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
         f"DP-SGD, {params.dp_steps} steps per round sampling {params.dp_sample_rate:g} of the "
         "records"
         if level == "record"
+        else "each round's update clipped, each group member adding a share of the noise "
+        f"(local epsilon {cost.epsilon(args.rounds, params.dp_delta, local=True):.3g} against "
+        "members who strip the masks)"
+        if level == "distributed"
         else "each round's update clipped and noised"
     )
     summary = (

@@ -120,7 +120,9 @@ _DOCS: dict[str, str] = {
     "handshake_timeout": "Seconds a connection may take to complete its Noise handshake.",
     "keepalive_interval": "Seconds of silence after which a keepalive is sent (the node sends\n"
     "one after at most 1 s, so that a vanished peer is noticed within 3 s).",
-    "idle_timeout": "Seconds without hearing from a peer before the connection is dropped.",
+    "idle_timeout": "Seconds without hearing from a peer before the connection is dropped\n"
+    "(a peer that is up sends a keepalive every second; a channel silent this long is\n"
+    "dead, and a peer reachable again is dialled anew).",
     "send_timeout": "Seconds a single message may take to send before the peer is dropped.",
     "max_message_size": "Largest message accepted, in bytes: at most the federation's\n"
     "max_message_size (unset = the federation's).",
@@ -207,8 +209,8 @@ class NodeConfig:
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
     handshake_timeout: float = 10.0
-    keepalive_interval: float = 15.0
-    idle_timeout: float = 60.0
+    keepalive_interval: float = 1.0
+    idle_timeout: float = 15.0
     send_timeout: float = 60.0
     max_message_size: int | None = None
     max_connections: int = 64

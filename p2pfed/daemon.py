@@ -141,10 +141,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespace) -> dict:
     """Run the node of ``node_dir`` until a signal (or the end of ``--rounds``)."""
     from p2pfed.group import GroupAborted, GroupCompleted
-    from p2pfed.metrics import MetricsRegistry, NodeMetrics, serve_metrics
+    from p2pfed.metrics import NodeMetrics, serve_metrics
     from p2pfed.network import TcpNetwork
     from p2pfed.node import Node
-    from p2pfed.status import StatusWriter
+    from p2pfed.status import StatusWriter, federation_metrics_mode
 
     config = load_config(node_dir)
     overrides: dict[str, Any] = {}
@@ -159,32 +159,18 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
     if options.grid is None:
         options = dataclasses.replace(options, grid=config.grid_position())
     network = TcpNetwork(mdns=config.mdns, mdns_interfaces=tuple(config.mdns_interfaces))
-    registry = MetricsRegistry()
-    metrics = NodeMetrics(registry)
+    metrics = NodeMetrics()
     status = StatusWriter(node_dir, state="starting")
 
     def on_round(report: RoundReport) -> None:
         refresh()
-        metrics.rounds_total.inc()
-        metrics.round.set(report.round)
-        if "accuracy" in report.metrics:
-            metrics.test_accuracy.set(report.metrics["accuracy"])
-        if "loss" in report.metrics:
-            metrics.test_loss.set(report.metrics["loss"])
-        if report.epsilon_spent is not None:
-            metrics.epsilon_spent.set(report.epsilon_spent)
-        if node.ledger is not None:
-            metrics.epsilon_remaining.set(node.ledger.remaining())
-            metrics.privacy_budget_exhausted.set(1.0 if node.budget_exhausted else 0.0)
-        if report.train_loss is not None:
-            metrics.train_loss.set(report.train_loss)
-        if report.nodes:
-            metrics.round_coverage.set(min(1.0, report.coverage / report.nodes))
+        metrics.round_completed(report, node)
         status.update(
             trio.current_time(),
             round=report.round,
             accuracy=report.metrics.get("accuracy"),
             loss=report.metrics.get("loss"),
+            federation=node.federation_metrics,
             epsilon_spent=report.epsilon_spent,
             dp_exhausted=node.budget_exhausted if node.ledger is not None else None,
         )
@@ -217,19 +203,13 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             "model in the clear; use it only for benchmarks, never with private data"
         )
     status.update(trio.current_time(), masking=options.masking)
-    counted = [0, 0]  # bytes sent and received already added to the counters
-
     # trio's clock to wall-clock seconds, fixed once: recomputed on every refresh, the
     # times of an unchanged bootstrap entry could flip by a second and rewrite the file
     wall_offset = time.time() - trio.current_time()
 
     def refresh() -> None:
-        sent, received = node.traffic()
-        metrics.bytes_sent_total.inc(sent - counted[0])
-        metrics.bytes_received_total.inc(received - counted[1])
-        counted[:] = [sent, received]
+        metrics.refresh(node)
         peers = node.peer_summary()
-        metrics.peers_connected.set(sum(1 for p in peers if p["connected"]))
         status.update(
             trio.current_time(),
             peers=peers,
@@ -247,7 +227,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
         nursery.start_soon(_stop_on_signals, node)
         if config.metrics:
             port = await nursery.start(
-                serve_metrics, registry, config.metrics_host, config.metrics_port
+                serve_metrics, metrics.registry, config.metrics_host, config.metrics_port
             )
             log.info("metrics at http://%s:%d/metrics", config.metrics_host, port)
         async with trio.open_nursery() as running:
@@ -260,10 +240,11 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
                 listen=f"{config.listen_host}:{node.listen_port}",
                 dp_enabled=node.federation.params.dp_enabled,
                 epsilon_budget=node.ledger.epsilon_budget if node.ledger else None,
+                federation_metrics=federation_metrics_mode(
+                    node.federation.params.federation_metrics, node.federation.params.dp_enabled
+                ),
             )
-            if node.ledger is not None:
-                metrics.epsilon_budget.set(node.ledger.epsilon_budget)
-                metrics.epsilon_remaining.set(node.ledger.remaining())
+            metrics.node_started(node)
             running.start_soon(publish_periodically)
             await node.finished.wait()
             running.cancel_scope.cancel()
@@ -274,6 +255,7 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             round=node.round,
             accuracy=node.last_metrics.get("accuracy"),
             loss=node.last_metrics.get("loss"),
+            federation=node.federation_metrics,
         )
         status.flush(trio.current_time())
         nursery.cancel_scope.cancel()

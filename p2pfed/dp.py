@@ -59,8 +59,9 @@ __all__ = [
     "release_cost",
 ]
 
-DP_MODES = ("off", "record", "node")
-"""``p2pfed federation new --dp``: no DP, record-level DP-SGD, node-level update noise."""
+DP_MODES = ("off", "record", "node", "distributed")
+"""``p2pfed federation new --dp``: no DP, record-level DP-SGD, node-level update noise,
+node-level noise shared out among the members of a secure-aggregation group."""
 
 SEED_BYTES = 32
 """Bytes of fresh entropy that seed one noise generator (256 bits)."""
@@ -201,18 +202,28 @@ class ReleaseCost:
     """What one release of a federation's DP mechanism costs the ledger.
 
     ``noise_multiplier`` is the accounting ``z``; the release is ``steps`` steps of the
-    Gaussian mechanism subsampled at ``sampling_rate`` (1 and 1 at node level).
+    Gaussian mechanism subsampled at ``sampling_rate`` (1 and 1 at node level). A
+    distributed release (Skellam shares, :mod:`p2pfed.skellam`) also has
+    ``local_noise_multiplier``: ``noise_multiplier`` is then its central Gaussian-equivalent
+    ``z`` and both are charged at integer orders.
     """
 
     noise_multiplier: float
     sampling_rate: float = 1.0
     steps: int = 1
+    local_noise_multiplier: float | None = None
 
-    def epsilon(self, releases: int, delta: float) -> float:
-        """Epsilon of ``releases`` such releases at ``delta``."""
-        from p2pfed.accountant import epsilon_for
+    def epsilon(self, releases: int, delta: float, *, local: bool = False) -> float:
+        """Epsilon of ``releases`` such releases at ``delta`` (``local``: against members
+        who strip the masks; the same as central unless the release is distributed)."""
+        from p2pfed.accountant import distributed_epsilon_for, epsilon_for
 
-        return epsilon_for(self.noise_multiplier, releases * self.steps, delta, self.sampling_rate)
+        if self.local_noise_multiplier is None:
+            return epsilon_for(
+                self.noise_multiplier, releases * self.steps, delta, self.sampling_rate
+            )
+        z = self.local_noise_multiplier if local else self.noise_multiplier
+        return distributed_epsilon_for(z, releases, delta)
 
 
 def release_cost(params: ProtocolParams) -> ReleaseCost:
@@ -220,10 +231,16 @@ def release_cost(params: ProtocolParams) -> ReleaseCost:
 
     Node level: one Gaussian release with ``z = sigma / 2`` (replacement of a whole
     dataset). Record level: ``dp_steps`` DP-SGD steps sampled at ``dp_sample_rate`` with
-    ``z = sigma`` (add/remove one record: the clipped sum moves by at most C).
+    ``z = sigma`` (add/remove one record: the clipped sum moves by at most C). Distributed:
+    the nominal central and local multipliers of :func:`p2pfed.skellam.nominal_noise_multipliers`.
     """
     if params.dp_level == "record":
         return ReleaseCost(params.dp_noise_multiplier, params.dp_sample_rate, params.dp_steps)
+    if params.dp_level == "distributed":
+        from p2pfed.skellam import nominal_noise_multipliers
+
+        central, local = nominal_noise_multipliers(params.dp_noise_multiplier, params.group_min)
+        return ReleaseCost(central, local_noise_multiplier=local)
     return ReleaseCost(effective_noise_multiplier(params.dp_noise_multiplier))
 
 
@@ -243,7 +260,8 @@ def calibrate(
     steps: int = 1,
 ) -> float:
     """The noise multiplier sigma (a federation's ``dp_noise_multiplier``) with which
-    ``rounds`` releases at ``level`` ("node" or "record") spend at most ``epsilon``.
+    ``rounds`` releases at ``level`` ("node", "record" or "distributed") spend at most
+    ``epsilon`` (the central epsilon, for "distributed").
 
     Bisection on the RDP accountant (:func:`p2pfed.accountant.noise_multiplier_for`),
     rounded up to 4 significant digits, so the budget always holds. Raises
@@ -251,13 +269,32 @@ def calibrate(
 
     >>> calibrate("node", epsilon=8.0, delta=1e-5, rounds=100)
     12.76
+    >>> calibrate("distributed", epsilon=8.0, delta=1e-5, rounds=100)
+    12.82
     """
-    from p2pfed.accountant import epsilon_for, noise_multiplier_for
+    from p2pfed.accountant import (
+        distributed_epsilon_for,
+        distributed_noise_multiplier_for,
+        epsilon_for,
+        noise_multiplier_for,
+    )
 
-    if level not in ("node", "record"):
-        raise ConfigError(f'DP level must be "node" or "record", got {level!r}')
+    if level not in ("node", "record", "distributed"):
+        raise ConfigError(f'DP level must be "node", "record" or "distributed", got {level!r}')
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"the expected number of rounds must be an integer >= 1, got {rounds!r}")
+    if level == "distributed":
+        from p2pfed.skellam import SLACK
+
+        try:
+            z = distributed_noise_multiplier_for(epsilon, rounds, delta)
+        except ValueError as exc:
+            raise ConfigError(f"cannot calibrate the noise: {exc}") from None
+        sigma = _round_up(2.0 * (1.0 + SLACK) * z)
+        z_used = sigma / (2.0 * (1.0 + SLACK))
+        if distributed_epsilon_for(z_used, rounds, delta) > epsilon:  # pragma: no cover
+            raise AssertionError("calibrated noise exceeds the target; this is a bug")
+        return sigma
     q = sampling_rate if level == "record" else 1.0
     n = rounds * steps if level == "record" else rounds
     try:
@@ -276,6 +313,13 @@ def check_budget(params: ProtocolParams, source: str = "the federation") -> None
     such a federation would never train (every node would stop before its first round)."""
     if not params.dp_enabled:
         return
+    if params.dp_level == "distributed":
+        from p2pfed.skellam import check_headroom
+
+        try:
+            check_headroom(params)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     cost = release_cost(params)
     one = cost.epsilon(1, params.dp_delta)
     if one > params.dp_epsilon_budget:

@@ -124,8 +124,9 @@ class ProtocolParams:
     """Total epsilon a node may spend; it stops contributing once reached (> 0)."""
     dp_level: str = "node"
     """What one neighbouring change is (spec/privacy.md): "node" (a node's whole dataset:
-    its round update is clipped and noised) or "record" (one record: DP-SGD in local
-    training, with ``dp_sample_rate`` and ``dp_steps``)."""
+    its round update is clipped and noised), "record" (one record: DP-SGD in local
+    training, with ``dp_sample_rate`` and ``dp_steps``) or "distributed" (a node's whole
+    dataset, the noise shared out among the members of a group: spec/privacy.md 2B)."""
     dp_sample_rate: float = 0.02
     """Record level: probability that a record joins a DP-SGD step's batch, in (0, 1]."""
     dp_steps: int = 50
@@ -155,9 +156,14 @@ class ProtocolParams:
     """fedadam's beta2, in [0, 1)."""
     server_tau: float = 1e-3
     """fedadam's adaptivity tau (> 0)."""
+    federation_metrics: bool = True
+    """Append each member's evaluation sums (correct count, loss sum, sample count, each
+    divided by its weight) to the averaged vector, so that every node learns the
+    federation's accuracy and loss (spec/group.md, "Federation metrics"). Never with DP
+    on: see :attr:`federation_metrics_active`."""
 
     AVERAGING_MODES: ClassVar[tuple[str, ...]] = ("exact", "random")
-    DP_LEVELS: ClassVar[tuple[str, ...]] = ("node", "record")
+    DP_LEVELS: ClassVar[tuple[str, ...]] = ("node", "record", "distributed")
 
     FLOAT_FIELDS: ClassVar[tuple[str, ...]] = (
         "clip",
@@ -206,6 +212,10 @@ class ProtocolParams:
             raise _ParamError(f"clip must be > 0, got {self.clip}")
         if not isinstance(self.dp_enabled, bool):
             raise _ParamError(f"dp_enabled must be true or false, got {self.dp_enabled!r}")
+        if not isinstance(self.federation_metrics, bool):
+            raise _ParamError(
+                f"federation_metrics must be true or false, got {self.federation_metrics!r}"
+            )
         if self.dp_clip_norm <= 0:
             raise _ParamError(f"dp_clip_norm must be > 0, got {self.dp_clip_norm}")
         if self.dp_noise_multiplier < 0 or (self.dp_enabled and self.dp_noise_multiplier == 0):
@@ -218,7 +228,9 @@ class ProtocolParams:
         if self.dp_epsilon_budget <= 0:
             raise _ParamError(f"dp_epsilon_budget must be > 0, got {self.dp_epsilon_budget}")
         if self.dp_level not in self.DP_LEVELS:
-            raise _ParamError(f'dp_level must be "node" or "record", got {self.dp_level!r}')
+            raise _ParamError(
+                f'dp_level must be "node", "record" or "distributed", got {self.dp_level!r}'
+            )
         if not 0 < self.dp_sample_rate <= 1:
             raise _ParamError(f"dp_sample_rate must be in (0, 1], got {self.dp_sample_rate}")
         dp_steps = _int("dp_steps", self.dp_steps)
@@ -244,6 +256,13 @@ class ProtocolParams:
             ServerOptimizerSettings.from_params(self)
         except ConfigError as exc:
             raise _ParamError(str(exc)) from None
+
+    @property
+    def federation_metrics_active(self) -> bool:
+        """Whether contributions carry the evaluation words: ``federation_metrics``, and
+        DP off (evaluation sums are data-dependent and would be released without noise or
+        accounting, spec/group.md, "Federation metrics")."""
+        return self.federation_metrics and not self.dp_enabled
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
@@ -277,7 +296,8 @@ _PARAM_COMMENTS: dict[str, str] = {
     "dp_noise_multiplier": "sigma: Gaussian noise standard deviation is sigma * C",
     "dp_delta": "delta of the (epsilon, delta) privacy guarantee",
     "dp_epsilon_budget": "total epsilon a node may spend before it stops contributing",
-    "dp_level": 'DP unit: "node" (whole local dataset) or "record" (one record: DP-SGD)',
+    "dp_level": 'DP unit: "node" (whole local dataset), "record" (one record: DP-SGD) or '
+    '"distributed" (whole dataset, noise shared by the group)',
     "dp_sample_rate": "record level: probability a record joins a DP-SGD step's batch",
     "dp_steps": "record level: DP-SGD steps per round",
     "averaging": 'groups: "exact" (the exact average every round) or "random"',
@@ -288,6 +308,8 @@ _PARAM_COMMENTS: dict[str, str] = {
     "server_momentum": "fedavgm momentum / fedadam beta1, in [0, 1)",
     "server_beta2": "fedadam beta2, in [0, 1)",
     "server_tau": "fedadam tau (> 0)",
+    "federation_metrics": "share evaluation sums for federation-wide accuracy and loss "
+    "(off while dp_enabled)",
 }
 
 

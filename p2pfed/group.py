@@ -8,14 +8,20 @@ a run exactly.
 
 Rules of this file:
 
-* A node is in one :class:`Phase` at a time; :data:`PHASES` lists, for each phase, the
-  messages it acts on. Three kinds are answered in every phase (:data:`ANSWERED`): an
+* A node is in one :class:`Phase` at a time, held as one state object per phase with
+  exactly that phase's data (``_Ready``, ``_Initiating``, ...). Every phase change goes
+  through ``GroupProtocol._transition``, checked against :data:`GROUP_TRANSITIONS` (the
+  table spec/group.md shows, generated from it). :data:`PHASES` lists, for each phase,
+  the messages it acts on. Three kinds are answered in every phase (:data:`ANSWERED`): an
   invite (a decline where it cannot be accepted), a GroupStart (refused with GroupAbort
   to its members unless it is the start of the group the node is pending for, so they
   abort at once) and an accepting GroupReply for a group the node is not forming
   (answered with GroupAbort, so the invitee stops waiting). Anything else outside the
   table concerns a group we are not in (messages of an aborted group may still be in
   flight) and is ignored.
+* Whom to invite, which invites to decline and when to fall back to random groups is a
+  grouping policy (:mod:`p2pfed.grouping`: random, grid or exact rounds), chosen at
+  construction; the node carries out the policy's decisions itself.
 * Formation: a READY node initiates after a short random delay by inviting up to
   ``group_max - 1`` connected peers with a random 64-bit *priority*. An invitee that is
   READY accepts; an initiator or pending member that receives an invite of *higher*
@@ -51,12 +57,28 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from p2pfed.errors import InvalidGroupSumError, SecureAggregationError
-from p2pfed.exact_rounds import Position, RoundPlan, class_chunks, round_plan, sitting_out
+from p2pfed.errors import InvalidGroupSumError, LocalProtocolError, SecureAggregationError
+from p2pfed.exact_rounds import Position, RoundPlan
 from p2pfed.fixedpoint import FixedPointParams, decode_group_sum, make_contribution
+from p2pfed.grouping import (
+    AwaitInvite,
+    ExactGrouping,
+    FallBack,
+    GridGrouping,
+    Grouping,
+    Invite,
+    LookAgain,
+    Offer,
+    RandomGrouping,
+    SitOutRound,
+    WaitUntil,
+    class_members,
+    exact_plan,
+)
 from p2pfed.identity import NodeId, NodeIdentity, verify_signature
 from p2pfed.masking import GroupMember, MaskingContext, generate_mask_keypair
 from p2pfed.messages import (
@@ -75,6 +97,8 @@ from p2pfed.messages import (
 
 __all__ = [
     "ANSWERED",
+    "GROUP_EVENT_MEANING",
+    "GROUP_TRANSITIONS",
     "MASK_KEY_SIGNATURE_CONTEXT",
     "PHASES",
     "Action",
@@ -82,6 +106,7 @@ __all__ = [
     "GroupAborted",
     "GroupCompleted",
     "GroupConfig",
+    "GroupEvent",
     "GroupProtocol",
     "GroupStarted",
     "Phase",
@@ -214,6 +239,80 @@ PHASES: dict[Phase, frozenset[type[Message]]] = {
 }
 
 
+class GroupEvent(enum.Enum):
+    """What moves a node between phases. Deadlines and replies are named by the decision
+    they lead to: the invite deadline, say, ends in :attr:`START` or :attr:`CANCEL`
+    depending on who accepted, and the table maps each decision to one next phase."""
+
+    CONTRIBUTE = "contribution offered"
+    WITHDRAW = "contribution withdrawn"
+    INITIATE = "invites sent"
+    ACCEPT = "invite accepted"
+    CANCEL = "formation cancelled"
+    START = "GroupStart sent"
+    START_FAILED = "own GroupStart invalid"
+    JOIN = "GroupStart from the initiator"
+    REFUSE = "GroupStart refused"
+    START_TIMEOUT = "start deadline passed"
+    INITIATOR_LOST = "initiator disconnected"
+    GROUP_ABORT = "GroupAbort of the group"
+    COMPLETE = "all reduced shards held"
+    ABORT = "all-reduce aborted"
+
+
+_P, _E = Phase, GroupEvent
+
+#: ``GROUP_TRANSITIONS[(phase, event)] -> next phase``: every phase change of a
+#: :class:`GroupProtocol` goes through this table (spec/group.md section 2, generated from
+#: it by :mod:`p2pfed.spec_document`); a pair not listed is a bug, raised as
+#: :class:`~p2pfed.errors.LocalProtocolError`. Withdrawing while initiating or running
+#: first cancels or aborts the group (to READY), then withdraws.
+GROUP_TRANSITIONS: dict[tuple[Phase, GroupEvent], Phase] = {
+    (_P.IDLE, _E.CONTRIBUTE): _P.READY,
+    (_P.IDLE, _E.WITHDRAW): _P.IDLE,
+    (_P.READY, _E.CONTRIBUTE): _P.READY,
+    (_P.READY, _E.WITHDRAW): _P.IDLE,
+    (_P.READY, _E.INITIATE): _P.INITIATING,
+    (_P.READY, _E.ACCEPT): _P.PENDING,
+    (_P.INITIATING, _E.CONTRIBUTE): _P.INITIATING,
+    (_P.INITIATING, _E.CANCEL): _P.READY,
+    (_P.INITIATING, _E.START): _P.RUNNING,
+    (_P.INITIATING, _E.START_FAILED): _P.READY,
+    (_P.PENDING, _E.CONTRIBUTE): _P.PENDING,
+    (_P.PENDING, _E.WITHDRAW): _P.IDLE,
+    (_P.PENDING, _E.JOIN): _P.RUNNING,
+    (_P.PENDING, _E.REFUSE): _P.READY,
+    (_P.PENDING, _E.START_TIMEOUT): _P.READY,
+    (_P.PENDING, _E.INITIATOR_LOST): _P.READY,
+    (_P.PENDING, _E.GROUP_ABORT): _P.READY,
+    (_P.RUNNING, _E.CONTRIBUTE): _P.RUNNING,
+    (_P.RUNNING, _E.COMPLETE): _P.IDLE,
+    (_P.RUNNING, _E.ABORT): _P.READY,
+}
+
+#: What each event means, for the generated table in spec/group.md.
+GROUP_EVENT_MEANING: dict[GroupEvent, str] = {
+    _E.CONTRIBUTE: "the node offers a contribution (a new one replaces the old)",
+    _E.WITHDRAW: "the node stops offering its contribution (GroupAbort to a pending "
+    "group's initiator)",
+    _E.INITIATE: "the initiation delay passed and the grouping rule chose invitees",
+    _E.ACCEPT: 'an invite the node accepts (section 3, "Answering")',
+    _E.CANCEL: "too few acceptances, a decline or loss in a full group, preemption by a "
+    "higher-priority invite, or withdrawal: GroupAbort to those that accepted",
+    _E.START: "at least `group_min - 1` acceptances (all of them for a full group), at "
+    "the invite deadline or once every invitee replied",
+    _E.START_FAILED: "the initiator's own GroupStart does not verify: GroupAbort to its members",
+    _E.JOIN: "GroupStart of the pending group from its initiator, valid",
+    _E.REFUSE: "that GroupStart lists an excluded node or is invalid: GroupAbort to its members",
+    _E.START_TIMEOUT: "no GroupStart within `invite_timeout + start_timeout`",
+    _E.INITIATOR_LOST: "the channel to the pending group's initiator closed",
+    _E.GROUP_ABORT: "GroupAbort of the pending group, from any sender",
+    _E.COMPLETE: "all `k` reduced shards held and the group sum valid: GroupCompleted",
+    _E.ABORT: "deadline, lost member, malformed shard, invalid sum, GroupAbort from a "
+    "member, or withdrawal: GroupAbort to the members, GroupAborted",
+}
+
+
 @dataclass(frozen=True)
 class Send:
     """Send ``message`` to ``peer`` (connecting first if needed, to ``address``)."""
@@ -299,18 +398,37 @@ class _Contribution:
     """An exact round's ring sum to send as it is (``vector`` is then its mean)."""
 
 
+# One object per phase, holding exactly the data valid in that phase; the node's state is
+# one of them (GroupProtocol._state), replaced only by GroupProtocol._transition.
+
+
 @dataclass
-class _Formation:
+class _Idle:
+    phase: ClassVar[Phase] = Phase.IDLE
+
+
+@dataclass
+class _Ready:
+    contribution: _Contribution
+    initiate_at: float | None = None  # None: only an invite (or a new position) moves it
+    phase: ClassVar[Phase] = Phase.READY
+
+
+@dataclass
+class _Initiating:
+    contribution: _Contribution
     group_id: bytes
     priority: int
     deadline: float
     invited: set[NodeId]
     accepted: dict[NodeId, GroupReply] = field(default_factory=dict)
-    required: int = 0  # a grid line: every one of these invitees must accept (0: random)
+    required: int = 0  # a grid line or exact run: all of these invitees must accept
+    phase: ClassVar[Phase] = Phase.INITIATING
 
 
 @dataclass
 class _Pending:
+    contribution: _Contribution
     group_id: bytes
     priority: int
     initiator: NodeId
@@ -319,10 +437,12 @@ class _Pending:
     # shards that other members sent before our GroupStart arrived (channels are
     # independent, so this happens); replayed when the group starts
     early: list[tuple[NodeId, Message]] = field(default_factory=list)
+    phase: ClassVar[Phase] = Phase.PENDING
 
 
 @dataclass
-class _Run:
+class _Running:
+    contribution: _Contribution
     group_id: bytes
     round: int
     members: tuple[NodeId, ...]
@@ -333,6 +453,10 @@ class _Run:
     structured: bool
     shards: dict[int, np.ndarray] = field(default_factory=dict)  # sender index -> my shard
     reduced: dict[int, np.ndarray] = field(default_factory=dict)  # reducer index -> shard
+    phase: ClassVar[Phase] = Phase.RUNNING
+
+
+_State = _Idle | _Ready | _Initiating | _Pending | _Running
 
 
 class GroupProtocol:
@@ -404,14 +528,42 @@ class GroupProtocol:
         self._np_rng = numpy_rng or np.random.default_rng(
             np.random.SeedSequence(int.from_bytes(randbytes(32), "big"))
         )
-        self.phase = Phase.IDLE
-        self._contribution: _Contribution | None = None
-        self._initiate_at: float | None = None
-        self._formation: _Formation | None = None
-        self._pending: _Pending | None = None
-        self._run: _Run | None = None
+        self._state: _State = _Idle()
         self._identity_keys: dict[NodeId, bytes] = {}
+        # the grouping rule, chosen once; random grouping is also every rule's fallback
+        self._random = RandomGrouping(self.node_id, config)
+        self._grouping: Grouping = self._random
+        if grid is not None:
+            self._grouping = GridGrouping(self.node_id, config, grid, self._peer_grid)
+        elif self.exact:
+            self._grouping = ExactGrouping(
+                self.node_id, config, self._peer_position, sit_out=sit_out
+            )
         self._now = 0.0  # the time of the latest input
+
+    # -- state machine -------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """The node's current phase (spec/group.md section 2)."""
+        return self._state.phase
+
+    def _transition(self, event: GroupEvent, state: _State) -> None:
+        """The one place the state changes: ``event`` must lead from the current phase to
+        ``state``'s phase in :data:`GROUP_TRANSITIONS`."""
+        before = self._state.phase
+        after = GROUP_TRANSITIONS.get((before, event))
+        if after is not state.phase:
+            raise LocalProtocolError(
+                f"group protocol in phase {before.value} cannot take {event.value!r} "
+                f"to phase {state.phase.value}"
+            )
+        self._state = state
+
+    @property
+    def _contribution(self) -> _Contribution | None:
+        state = self._state
+        return None if isinstance(state, _Idle) else state.contribution
 
     def register_peer(self, peer: NodeId, identity_key: bytes) -> None:
         """Remember a connected peer's identity key (from its channel handshake)."""
@@ -431,9 +583,14 @@ class GroupProtocol:
         the class may just have become complete, and a run should start at once rather
         than at the next retry."""
         self._peer_position[peer] = position
-        ready = self.phase is Phase.READY and self._position is not None and not self._passive
-        if ready and (self._initiate_at is None or self._initiate_at > self._now):
-            self._initiate_at = self._now
+        state = self._state
+        if (
+            isinstance(state, _Ready)
+            and self._position is not None
+            and not self._passive
+            and (state.initiate_at is None or state.initiate_at > self._now)
+        ):
+            state.initiate_at = self._now
 
     def peer_position(self, peer: NodeId) -> Position | None:
         """The latest exact-rounds position ``peer`` announced, if any."""
@@ -448,7 +605,7 @@ class GroupProtocol:
         """Change the position of the current contribution (a node's count of the nodes
         taking part changed while it waits at step 0). Only a READY node moves: one
         forming, pending or running keeps its group. Returns whether it moved."""
-        if self.phase is not Phase.READY or self._formation is not None:
+        if not isinstance(self._state, _Ready):
             return False
         self._position = position
         return True
@@ -457,57 +614,37 @@ class GroupProtocol:
         """The plan of an exact round of ``nodes`` nodes (:func:`round_plan`). Without
         sitting out (pure averaging: a model that sits out would drop its weight), a count
         that would need it has no plan: its rounds use random groups."""
-        plan = round_plan(nodes, group_min=self.config.group_min, group_max=self.config.group_max)
-        if plan.sitting_out and not self.sit_out:
-            return RoundPlan(nodes, 0, ())
-        return plan
+        return exact_plan(nodes, self.config, sit_out=self.sit_out)
 
     def class_of(self, peers: Sequence[NodeId]) -> list[NodeId]:
         """This node and those of ``peers`` in its exact-rounds class, sorted by id: peers
         at the same position, and those that were there and have moved on this round."""
-        position = self._position
-        if position is None:
-            return []
-        same = [
-            p for p in peers if (q := self._peer_position.get(p)) is not None and q.within(position)
-        ]
-        return sorted({*same, self.node_id})
+        return class_members(self.node_id, self._position, peers, self._peer_position)
 
     def grid_mates(self, peers: Sequence[NodeId], round: int) -> list[NodeId]:
         """Those of ``peers`` in this node's grid group of ``round`` (sorted by id)."""
-        grid = self.grid
-        if grid is None:
+        if not isinstance(self._grouping, GridGrouping):
             return []
-        return sorted(
-            p for p in peers if p in self._peer_grid and grid.is_mate(self._peer_grid[p], round)
-        )
+        return self._grouping.mates(peers, round)
 
     def busy_with(self) -> set[NodeId]:
         """The peers of the group this node is forming, pending for or running."""
-        peers: set[NodeId] = set()
-        if self._formation is not None:
-            peers |= self._formation.invited | set(self._formation.accepted)
-        if self._pending is not None:
-            peers.add(self._pending.initiator)
-        if self._run is not None:
-            peers.update(self._run.members)
-        return peers
+        state = self._state
+        if isinstance(state, _Initiating):
+            return state.invited | set(state.accepted)
+        if isinstance(state, _Pending):
+            return {state.initiator}
+        if isinstance(state, _Running):
+            return set(state.members)
+        return set()
 
-    def _grid_grouping(self, now: float) -> bool:
-        """Whether the current contribution is still grouped on the grid (not fallen back)."""
-        return self.grid is not None and now < self._grid_until
+    def _offer(self, contribution: _Contribution) -> Offer:
+        return Offer(contribution.round, self._position, self._grid_until)
 
-    def _exact_grouping(self, now: float) -> bool:
-        """Whether the current contribution is still grouped by its exact-rounds class: not
-        fallen back, and its count of nodes has a plan (a count without one, say while
-        peers are still connecting, groups by the random rules until it changes)."""
-        position = self._position
-        return (
-            self.exact
-            and position is not None
-            and now < self._grid_until
-            and bool(self.exact_plan(position.size).sizes)
-        )
+    def _structured(self, contribution: _Contribution, now: float) -> bool:
+        """Whether ``contribution`` is still grouped by the structured rule (grid or exact
+        rounds), not fallen back to random grouping."""
+        return self._grouping.structured(self._offer(contribution), now)
 
     # -- local decisions -----------------------------------------------------------------
 
@@ -553,44 +690,36 @@ class GroupProtocol:
                 f"a carried sum is {self.model_size + 1} {self.params.dtype} words ending "
                 f"with its weight, at most max_weight = {self.params.max_weight}"
             )
-        self._contribution = _Contribution(vector, int(weight), round, carried)
+        contribution = _Contribution(vector, int(weight), round, carried)
         self._position = position if self.exact else None
-        # a grid group must form within the formation bound, else random grouping takes
-        # over for this contribution (mates that lag or crashed must not stall the node);
-        # at step 0 of an exact round the class includes peers still training
-        wait = self.config.invite_timeout + self.config.start_timeout
-        if self._position is not None and self._position.step == 0:
-            wait = max(wait, self.config.class_timeout)
-        self._grid_until = now + wait
-        if self.phase is Phase.IDLE:
-            self.phase = Phase.READY
+        self._grid_until = self._grouping.structured_until(self._position, now)
+        state = self._state
+        if isinstance(state, _Idle):
+            self._transition(GroupEvent.CONTRIBUTE, _Ready(contribution))
             # a random delay spreads contending initiators; a run of an exact round has
             # one initiator and nothing to contend with
             spread = 0.0 if self._position is not None else self.config.initiate_delay
             self._schedule_initiate(now, spread)
+        else:
+            # a group in progress goes on; the new contribution is the one a retry offers
+            state.contribution = contribution
+            self._transition(GroupEvent.CONTRIBUTE, state)
 
     def withdraw(self) -> list[Action]:
         """Stop offering a contribution (shutdown, or out of privacy budget)."""
         actions = self._abort_current("withdrawn by the node")
-        self._contribution = None
         self._position = None
-        self.phase = Phase.IDLE
-        self._initiate_at = None
+        self._transition(GroupEvent.WITHDRAW, _Idle())
         return actions
 
     def next_deadline(self) -> float | None:
         """When :meth:`poll` next has something to do (``None``: only a message can help)."""
-        times = [
-            t
-            for t in (
-                self._initiate_at if self.phase is Phase.READY else None,
-                self._formation.deadline if self._formation else None,
-                self._pending.deadline if self._pending else None,
-                self._run.deadline if self._run else None,
-            )
-            if t is not None
-        ]
-        return min(times) if times else None
+        state = self._state
+        if isinstance(state, _Ready):
+            return state.initiate_at
+        if isinstance(state, _Idle):
+            return None
+        return state.deadline
 
     def poll(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
         """Handle expired deadlines, and initiate a group when it is time.
@@ -599,36 +728,47 @@ class GroupProtocol:
         """
         self._now = now
         actions: list[Action] = []
-        if self._formation and now >= self._formation.deadline:
-            actions += self._finish_formation(now)
-        if self._pending and now >= self._pending.deadline:
-            self._pending = None
-            self.phase = Phase.READY
+        # each check reads the state afresh: one expiry may lead to the next (a cancelled
+        # formation schedules a new initiation, which may already be due)
+        state = self._state
+        if isinstance(state, _Initiating) and now >= state.deadline:
+            actions += self._finish_formation(state, now)
+        state = self._state
+        if isinstance(state, _Pending) and now >= state.deadline:
+            self._transition(GroupEvent.START_TIMEOUT, _Ready(state.contribution))
             self._schedule_initiate(now, self.config.retry_backoff)
-        if self._run and now >= self._run.deadline:
-            run = self._run
-            missing = self._missing(run)
+        state = self._state
+        if isinstance(state, _Running) and now >= state.deadline:
+            missing = self._missing(state)
             actions += self._abort_run(
                 f"all-reduce timed out waiting for {', '.join(m.short for m in missing)}",
                 blame=missing,
                 notify=True,
             )
-        if self.phase is Phase.READY and self._initiate_at is not None and now >= self._initiate_at:
-            actions += self._initiate(now, connected)
+        state = self._state
+        if isinstance(state, _Ready) and state.initiate_at is not None and now >= state.initiate_at:
+            actions += self._initiate(state, now, connected)
         return actions
 
-    def peer_lost(self, peer: NodeId, now: float) -> list[Action]:
-        """A channel closed: a group that needs ``peer`` cannot finish."""
+    def peer_lost(self, peer: NodeId, now: float, *, silent: bool = False) -> list[Action]:
+        """A channel closed: a group that needs ``peer`` cannot finish.
+
+        ``silent``: the channel is open but nothing has arrived from ``peer`` for the
+        liveness deadline (spec/transport.md, section 6): the group gives up on it the
+        same way, but its exact-rounds position is kept (it is back, position and all,
+        as soon as anything arrives from it again)."""
         self._now = now
-        self._peer_position.pop(peer, None)
-        if self._run and peer in self._run.members:
-            return self._abort_run(f"member {peer.short} disconnected", blame=[peer], notify=True)
-        if self._formation:
-            self._formation.invited.discard(peer)
-            self._formation.accepted.pop(peer, None)
-        if self._pending and self._pending.initiator == peer:
-            self._pending = None
-            self.phase = Phase.READY
+        if not silent:
+            self._peer_position.pop(peer, None)
+        state = self._state
+        if isinstance(state, _Running) and peer in state.members:
+            how = "went silent" if silent else "disconnected"
+            return self._abort_run(f"member {peer.short} {how}", blame=[peer], notify=True)
+        if isinstance(state, _Initiating):
+            state.invited.discard(peer)
+            state.accepted.pop(peer, None)
+        if isinstance(state, _Pending) and state.initiator == peer:
+            self._transition(GroupEvent.INITIATOR_LOST, _Ready(state.contribution))
             self._schedule_initiate(now, self.config.retry_backoff)
         return []
 
@@ -647,17 +787,19 @@ class GroupProtocol:
             return []  # stale: about a group we are no longer in
         if isinstance(message, GroupAbort):
             return self._on_abort(peer, message, now)
-        if self._pending is not None:  # a Shard or ReducedShard that overtook the start
+        state = self._state
+        if isinstance(state, _Pending):  # a Shard or ReducedShard that overtook the start
             if (
-                message.group_id == self._pending.group_id  # type: ignore[attr-defined]
-                and len(self._pending.early) < 2 * self.config.group_max
+                message.group_id == state.group_id  # type: ignore[attr-defined]
+                and len(state.early) < 2 * self.config.group_max
             ):
-                self._pending.early.append((peer, message))
+                state.early.append((peer, message))
             return []
-        if isinstance(message, Shard):
-            return self._on_shard(peer, message)
-        if isinstance(message, ReducedShard):
-            return self._on_reduced(peer, message)
+        if isinstance(state, _Running):
+            if isinstance(message, Shard):
+                return self._on_shard(state, peer, message)
+            if isinstance(message, ReducedShard):
+                return self._on_reduced(state, peer, message)
         return []
 
     # -- formation -----------------------------------------------------------------------
@@ -667,89 +809,47 @@ class GroupProtocol:
         self._schedule_initiate(now, max(self.config.retry_backoff, 0.1) * 2)
 
     def _schedule_initiate(self, now: float, spread: float) -> None:
-        if self._passive:
-            self._initiate_at = None
-            return
-        self._initiate_at = now + self._rng.uniform(0.0, spread)
+        at = None if self._passive else now + self._rng.uniform(0.0, spread)
+        state = self._state
+        if isinstance(state, _Ready):
+            state.initiate_at = at
 
-    def _initiate(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
-        self._initiate_at = None
-        if self._grid_grouping(now):
-            return self._initiate_grid(now, connected)
-        if self._exact_grouping(now):
-            return self._initiate_exact(now, connected)
-        candidates = sorted(p for p in connected if p != self.node_id)
-        if len(candidates) < self.config.group_min - 1:
-            # not enough peers yet: try again later rather than spin
+    def _initiate(self, ready: _Ready, now: float, connected: Sequence[NodeId]) -> list[Action]:
+        """Carry out what the grouping rule decides (random grouping once it fell back)."""
+        ready.initiate_at = None
+        offer = self._offer(ready.contribution)
+        policy = self._grouping if self._grouping.structured(offer, now) else self._random
+        peers = [p for p in connected if p != self.node_id]
+        decision = policy.initiate(offer, peers, now, self._rng)
+        if isinstance(decision, Invite):
+            return self._invite(ready, now, decision.peers, full=decision.full)
+        if isinstance(decision, LookAgain):
             self._look_again(now)
-            return []
-        chosen = self._rng.sample(candidates, min(len(candidates), self.config.group_max - 1))
-        return self._invite(now, chosen, full=False)
-
-    def _initiate_grid(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
-        """Invite the whole grid line if this node is its initiator and all mates are here.
-
-        The initiator is the mate with the lowest node id, so lines never contend for
-        members. A node that is not the initiator waits for its invite: it looks again
-        only when random grouping takes over (or after an abort reschedules it).
-        """
-        grid, contribution = self.grid, self._contribution
-        assert grid is not None and contribution is not None
-        mates = self.grid_mates([p for p in connected if p != self.node_id], contribution.round)
-        if mates and mates[0] < self.node_id:
-            self._initiate_at = self._grid_until
-            return []
-        if len(mates) < grid.side - 1:
-            # not every mate is connected (or announced) yet: look again shortly
-            self._look_again(now)
-            return []
-        return self._invite(now, mates[: self.config.group_max - 1], full=True)
-
-    def _initiate_exact(self, now: float, connected: Sequence[NodeId]) -> list[Action]:
-        """Invite this node's run of its class, if it is the run's first node and the
-        whole class is here (spec/group.md, "Exact rounds")."""
-        position = self._position
-        assert position is not None
-        plan = self.exact_plan(position.size)
-        sizes = plan.sizes
-        members = self.class_of([p for p in connected if p != self.node_id])
-        if position.step >= len(sizes):  # a step the plan does not have: random grouping
+        elif isinstance(decision, WaitUntil):
+            ready.initiate_at = decision.at
+        elif isinstance(decision, AwaitInvite):
+            self._schedule_initiate(now, decision.spread)
+        elif isinstance(decision, SitOutRound):
+            # this node sits the round out and adopts its average afterwards
+            return [SitOut(decision.round, decision.participants, decision.nodes)]
+        elif isinstance(decision, FallBack):
             self._grid_until = now
-            return self._initiate(now, connected)
-        expected = position.size if position.step == 0 else plan.participants
-        if len(members) < position.expected_class_size(expected, sizes):
-            # part of the class has not arrived (still training, or not yet announced)
-            self._look_again(now)
-            return []
-        if position.step == 0 and plan.sitting_out:
-            out = sitting_out(position.round, [m.raw for m in members], plan.sitting_out)
-            if self.node_id.raw in out:
-                # this node sits the round out and adopts its average afterwards
-                self._initiate_at = None
-                return [SitOut(position.round, plan.participants, plan.nodes)]
-            members = [m for m in members if m.raw not in out]
-        run = next(c for c in class_chunks(members, sizes[position.step]) if self.node_id in c)
-        if run[0] != self.node_id:
-            # the run's first node invites; look again if no invite comes
-            self._schedule_initiate(now, self.config.invite_timeout * 2)
-            return []
-        if len(run) < self.config.group_min:
-            self._grid_until = now  # a class that cannot fill a group: random grouping
-            return self._initiate(now, connected)
-        return self._invite(now, run[1:], full=True)
+            return self._initiate(ready, now, connected)
+        return []
 
-    def _invite(self, now: float, chosen: Sequence[NodeId], *, full: bool) -> list[Action]:
-        contribution = self._contribution
-        assert contribution is not None
-        formation = _Formation(
+    def _invite(
+        self, ready: _Ready, now: float, chosen: Sequence[NodeId], *, full: bool
+    ) -> list[Action]:
+        contribution = ready.contribution
+        formation = _Initiating(
+            contribution=contribution,
             group_id=self._randbytes(GROUP_ID_BYTES),
             priority=self._rng.getrandbits(64),
             deadline=now + self.config.invite_timeout,
             invited=set(chosen),
             required=len(chosen) if full else 0,
         )
-        self._formation = formation
-        self.phase = Phase.INITIATING
+        self._transition(GroupEvent.INITIATE, formation)
         invite = GroupInvite(
             group_id=formation.group_id,
             priority=formation.priority,
@@ -776,48 +876,35 @@ class GroupProtocol:
         if self._excluded(peer, now):
             return self._decline(peer, invite.group_id, "excluded: it failed a recent group")
         contribution = self._contribution
-        if (
-            contribution is not None
-            and self._grid_grouping(now)
-            and not (invite.round == contribution.round and self.grid_mates([peer], invite.round))
-        ):
-            return self._decline(
-                peer,
-                invite.group_id,
-                f"not in this node's grid group of round {contribution.round}",
-            )
-        if (
-            contribution is not None
-            and self._exact_grouping(now)
-            and (
-                invite.round != contribution.round
-                or self._peer_position.get(peer) != self._position
-            )
-        ):
-            return self._decline(peer, invite.group_id, "not in this node's class of its round")
+        if contribution is not None:
+            offer = self._offer(contribution)
+            reason = self._grouping.decline(offer, peer, invite.round, now)
+            if reason is not None:
+                return self._decline(peer, invite.group_id, reason)
         actions: list[Action] = []
-        if self.phase is Phase.INITIATING:
-            assert self._formation is not None
-            if invite.priority <= self._formation.priority:
+        state = self._state
+        if isinstance(state, _Initiating):
+            if invite.priority <= state.priority:
                 return self._decline(peer, invite.group_id, "busy: initiating a group")
-            actions += self._cancel_formation("preempted by a higher-priority group")
-        elif self.phase is Phase.PENDING:
+            actions += self._cancel_formation(state, "preempted by a higher-priority group")
+        elif isinstance(state, _Pending):
             # never withdraw from a group already accepted: its initiator may have sent
             # the start, and the whole group would abort (spec/group.md, rule 3)
             return self._decline(peer, invite.group_id, "busy: joining another group")
-        if self.phase is not Phase.READY:
-            return actions + self._decline(peer, invite.group_id, f"busy: {self.phase.value}")
+        state = self._state
+        if not isinstance(state, _Ready):
+            return actions + self._decline(peer, invite.group_id, f"busy: {state.phase.value}")
         mask_private, mask_public = generate_mask_keypair(self._randbytes)
         signature = self.identity.sign(mask_key_signature_input(invite.group_id, mask_public))
-        self._pending = _Pending(
+        pending = _Pending(
+            contribution=state.contribution,
             group_id=invite.group_id,
             priority=invite.priority,
             initiator=peer,
             deadline=now + self.config.invite_timeout + self.config.start_timeout,
             mask_private=mask_private,
         )
-        self.phase = Phase.PENDING
-        self._initiate_at = None
+        self._transition(GroupEvent.ACCEPT, pending)
         reply = GroupReply(
             group_id=invite.group_id,
             accept=True,
@@ -829,8 +916,8 @@ class GroupProtocol:
         return [*actions, Send(peer, reply)]
 
     def _on_reply(self, peer: NodeId, reply: GroupReply, now: float) -> list[Action]:
-        formation = self._formation
-        if formation is None or reply.group_id != formation.group_id:
+        formation = self._state
+        if not isinstance(formation, _Initiating) or reply.group_id != formation.group_id:
             # an acceptance that arrived after we cancelled (or started without it): the
             # invitee is pending for a group that will never start; let it go now
             if reply.accept:
@@ -843,38 +930,34 @@ class GroupProtocol:
         if reply.accept:
             formation.accepted[peer] = reply
         if not formation.invited or (formation.required and not reply.accept):
-            return self._finish_formation(now)  # a grid line with a decline cannot start
+            return self._finish_formation(formation, now)  # a full group with a decline fails
         return []
 
-    def _cancel_formation(self, reason: str) -> list[Action]:
-        formation = self._formation
-        assert formation is not None
-        self._formation = None
-        self.phase = Phase.READY
+    def _cancel_formation(self, formation: _Initiating, reason: str) -> list[Action]:
+        self._transition(GroupEvent.CANCEL, _Ready(formation.contribution))
         # only those whose acceptance arrived: an acceptance still on its way is answered
         # with GroupAbort when it arrives (_on_reply), and a decline needs nothing
         abort = GroupAbort(group_id=formation.group_id, reason=reason)
         return [Send(peer, abort) for peer in sorted(formation.accepted)]
 
-    def _finish_formation(self, now: float) -> list[Action]:
-        formation = self._formation
-        assert formation is not None and self._contribution is not None
+    def _finish_formation(self, formation: _Initiating, now: float) -> list[Action]:
         if formation.required and len(formation.accepted) < formation.required:
             # a grid line or exact run is all or nothing: a partial one loses the exact mean
             cancel = self._cancel_formation(
+                formation,
                 f"group incomplete ({len(formation.accepted) + 1} of "
-                f"{formation.required + 1} members)"
+                f"{formation.required + 1} members)",
             )
             self._schedule_initiate(now, self.config.retry_backoff)
             return cancel
         if len(formation.accepted) + 1 < self.config.group_min:
             cancel = self._cancel_formation(
+                formation,
                 f"too few members accepted ({len(formation.accepted) + 1} of at least "
-                f"{self.config.group_min})"
+                f"{self.config.group_min})",
             )
             self._schedule_initiate(now, self.config.retry_backoff)
             return cancel
-        self._formation = None
         mask_private, mask_public = generate_mask_keypair(self._randbytes)
         own = GroupMemberInfo(
             identity_key=self.identity.public_key,
@@ -900,13 +983,15 @@ class GroupProtocol:
         members = sorted(infos)
         start = GroupStart(
             group_id=formation.group_id,
-            round=self._contribution.round,
+            round=formation.contribution.round,
             nonce=self._randbytes(32),
             members=[infos[m] for m in members],
         )
         actions: list[Action] = [Send(peer, start) for peer in members if peer != self.node_id]
         try:
-            actions += self._begin_run(start, mask_private, now)
+            actions += self._begin_run(
+                GroupEvent.START, formation.contribution, start, mask_private, now
+            )
         except SecureAggregationError as exc:
             actions += self._abort_run(f"cannot start: {exc}", blame=[], notify=True, start=start)
         return actions
@@ -914,42 +999,50 @@ class GroupProtocol:
     # -- all-reduce ----------------------------------------------------------------------
 
     def _on_start(self, peer: NodeId, start: GroupStart, now: float) -> list[Action]:
-        pending = self._pending
-        if pending is None or pending.group_id != start.group_id:
+        pending = self._state
+        if not isinstance(pending, _Pending) or pending.group_id != start.group_id:
             # we are not (or no longer: our wait timed out) pending for this group: tell
             # its members so they abort now instead of at their all-reduce deadline
             return self._refuse_start(start, "not a pending member of this group")
         if peer != pending.initiator:
             return []
-        self._pending = None
         listed = (NodeId.from_public_key(m.identity_key) for m in start.members)
         excluded = sorted(m for m in listed if m != self.node_id and self._excluded(m, now))
         if excluded:
             # exclusion holds for groups a node joins, not only those it initiates
-            self.phase = Phase.READY
+            self._transition(GroupEvent.REFUSE, _Ready(pending.contribution))
             self._schedule_initiate(now, self.config.retry_backoff)
             names = ", ".join(m.short for m in excluded)
             return self._refuse_start(start, f"the group lists excluded nodes: {names}")
         try:
-            actions = self._begin_run(start, pending.mask_private, now)
+            actions = self._begin_run(
+                GroupEvent.JOIN, pending.contribution, start, pending.mask_private, now
+            )
         except SecureAggregationError as exc:
-            self.phase = Phase.READY
+            self._transition(GroupEvent.REFUSE, _Ready(pending.contribution))
             self._schedule_initiate(now, self.config.retry_backoff)
             return self._refuse_start(start, f"invalid group start: {exc}")
         for sender, early in pending.early:
-            if self._run is None:
+            if not isinstance(self._state, _Running):
                 break
             actions += self.receive(sender, early, now)
         return actions
 
     def _refuse_start(self, start: GroupStart, reason: str) -> list[Action]:
-        abort = GroupAbort(group_id=start.group_id, reason=reason)
+        # a reason naming many listed members can exceed the 256-byte limit
+        text = reason.encode("utf-8")[:256].decode("utf-8", "ignore")
+        abort = GroupAbort(group_id=start.group_id, reason=text)
         members = [NodeId.from_public_key(m.identity_key) for m in start.members]
         return [Send(m, abort) for m in members if m != self.node_id]
 
-    def _begin_run(self, start: GroupStart, mask_private: bytes, now: float) -> list[Action]:
-        contribution = self._contribution
-        assert contribution is not None
+    def _begin_run(
+        self,
+        event: GroupEvent,
+        contribution: _Contribution,
+        start: GroupStart,
+        mask_private: bytes,
+        now: float,
+    ) -> list[Action]:
         ids = [NodeId.from_public_key(m.identity_key) for m in start.members]
         if ids != sorted(set(ids)):
             raise SecureAggregationError("members are not sorted by node id, or repeat")
@@ -988,7 +1081,8 @@ class GroupProtocol:
             )
         index = ids.index(self.node_id)
         bounds = shard_bounds(len(masked), len(ids))
-        run = _Run(
+        run = _Running(
+            contribution=contribution,
             group_id=start.group_id,
             round=start.round,
             members=tuple(ids),
@@ -996,11 +1090,9 @@ class GroupProtocol:
             bounds=bounds,
             deadline=now + self.config.allreduce_timeout,
             masked=masked,
-            structured=self._grid_grouping(now) or self._exact_grouping(now),
+            structured=self._structured(contribution, now),
         )
-        self._run = run
-        self.phase = Phase.RUNNING
-        self._initiate_at = None
+        self._transition(event, run)
         actions: list[Action] = [GroupStarted(start.group_id, start.round, tuple(ids))]
         # a version-1 initiator may send a host name: ignored, as if it were empty
         addresses = {
@@ -1016,9 +1108,9 @@ class GroupProtocol:
             data = masked[a:b].data.cast("B")
             shard = Shard(group_id=start.group_id, index=j, data=data)
             actions.append(Send(member, shard, addresses.get(member)))
-        return actions + self._progress()
+        return actions + self._progress(run)
 
-    def _sender_index(self, run: _Run, peer: NodeId) -> int | None:
+    def _sender_index(self, run: _Running, peer: NodeId) -> int | None:
         try:
             return run.members.index(peer)
         except ValueError:
@@ -1030,9 +1122,7 @@ class GroupProtocol:
             return None
         return np.frombuffer(data, dtype=dtype)
 
-    def _on_shard(self, peer: NodeId, shard: Shard) -> list[Action]:
-        run = self._run
-        assert run is not None
+    def _on_shard(self, run: _Running, peer: NodeId, shard: Shard) -> list[Action]:
         sender = self._sender_index(run, peer)
         if shard.group_id != run.group_id or sender is None:
             return []
@@ -1043,11 +1133,9 @@ class GroupProtocol:
                 f"member {peer.short} sent a malformed shard", blame=[peer], notify=True
             )
         run.shards[sender] = words
-        return self._progress()
+        return self._progress(run)
 
-    def _on_reduced(self, peer: NodeId, reduced: ReducedShard) -> list[Action]:
-        run = self._run
-        assert run is not None
+    def _on_reduced(self, run: _Running, peer: NodeId, reduced: ReducedShard) -> list[Action]:
         sender = self._sender_index(run, peer)
         if reduced.group_id != run.group_id or sender is None:
             return []
@@ -1058,11 +1146,9 @@ class GroupProtocol:
                 f"member {peer.short} sent a malformed reduced shard", blame=[peer], notify=True
             )
         run.reduced[sender] = words
-        return self._progress()
+        return self._progress(run)
 
-    def _progress(self) -> list[Action]:
-        run = self._run
-        assert run is not None
+    def _progress(self, run: _Running) -> list[Action]:
         actions: list[Action] = []
         k = len(run.members)
         if run.index not in run.reduced and len(run.shards) == k:
@@ -1076,20 +1162,16 @@ class GroupProtocol:
             actions += [Send(m, message) for m in run.members if m != self.node_id]
         if len(run.reduced) == k:
             full = np.concatenate([run.reduced[j] for j in range(k)])
-            contribution = self._contribution
-            assert contribution is not None
             try:
                 if not full.any():
                     # every member contributed weight 0: there is no mean to adopt
-                    mean, total_weight = contribution.vector, 0
+                    mean, total_weight = run.contribution.vector, 0
                 else:
                     mean, total_weight = decode_group_sum(full, self.params)
             except InvalidGroupSumError as exc:
                 return actions + self._abort_run(str(exc), blame=[], notify=True)
-            self._run = None
-            self._contribution = None
             self._position = None
-            self.phase = Phase.IDLE
+            self._transition(GroupEvent.COMPLETE, _Idle())
             actions.append(
                 GroupCompleted(
                     group_id=run.group_id,
@@ -1103,27 +1185,31 @@ class GroupProtocol:
             )
         return actions
 
-    def _missing(self, run: _Run) -> list[NodeId]:
+    def _missing(self, run: _Running) -> list[NodeId]:
         if run.index not in run.reduced:
             return [m for j, m in enumerate(run.members) if j not in run.shards]
         return [m for j, m in enumerate(run.members) if j not in run.reduced]
 
     def _on_abort(self, peer: NodeId, abort: GroupAbort, now: float) -> list[Action]:
-        if self._formation and abort.group_id == self._formation.group_id:
+        state = self._state
+        if isinstance(state, _Initiating) and abort.group_id == state.group_id:
             # an invitee withdrew before the start
-            self._formation.accepted.pop(peer, None)
-            self._formation.invited.discard(peer)
-            if not self._formation.invited or self._formation.required:
-                return self._finish_formation(now)
+            state.accepted.pop(peer, None)
+            state.invited.discard(peer)
+            if not state.invited or state.required:
+                return self._finish_formation(state, now)
             return []
-        if self._pending and abort.group_id == self._pending.group_id:
+        if isinstance(state, _Pending) and abort.group_id == state.group_id:
             # from the initiator (cancelled) or from a member that refused the start: the
             # group cannot complete either way, so stop waiting for it
-            self._pending = None
-            self.phase = Phase.READY
+            self._transition(GroupEvent.GROUP_ABORT, _Ready(state.contribution))
             self._schedule_initiate(now, self.config.retry_backoff)
             return []
-        if self._run and abort.group_id == self._run.group_id and peer in self._run.members:
+        if (
+            isinstance(state, _Running)
+            and abort.group_id == state.group_id
+            and peer in state.members
+        ):
             # pass it on: the sender may not have told everyone (a withdrawn invitee only
             # knows the initiator); each member does this at most once per group
             reason = f"aborted by {peer.short}: {abort.reason}"
@@ -1131,14 +1217,13 @@ class GroupProtocol:
         return []
 
     def _abort_current(self, reason: str) -> list[Action]:
-        if self._formation:
-            return self._cancel_formation(reason)
-        if self._pending:
-            abort = GroupAbort(group_id=self._pending.group_id, reason=reason)
-            initiator = self._pending.initiator
-            self._pending = None
-            return [Send(initiator, abort)]
-        if self._run:
+        state = self._state
+        if isinstance(state, _Initiating):
+            return self._cancel_formation(state, reason)
+        if isinstance(state, _Pending):
+            # withdraw() takes the node from PENDING to IDLE itself
+            return [Send(state.initiator, GroupAbort(group_id=state.group_id, reason=reason))]
+        if isinstance(state, _Running):
             return self._abort_run(reason, blame=[], notify=True)
         return []
 
@@ -1150,21 +1235,24 @@ class GroupProtocol:
         notify: bool,
         start: GroupStart | None = None,
     ) -> list[Action]:
-        """Drop the running group (nothing applied) and tell the other members."""
-        run = self._run
-        self._run = None
-        if run is not None:
-            group_id, members = run.group_id, run.members
-        else:
-            assert start is not None
-            group_id = start.group_id
+        """Drop the running group (nothing applied) and tell the other members; with
+        ``start``, the group the node initiated could not even start."""
+        state = self._state
+        if isinstance(state, _Running):
+            event, group_id, members = GroupEvent.ABORT, state.group_id, state.members
+        elif isinstance(state, _Initiating) and start is not None:
+            event, group_id = GroupEvent.START_FAILED, start.group_id
             members = tuple(NodeId.from_public_key(m.identity_key) for m in start.members)
+        else:
+            raise LocalProtocolError(f"no group to abort in phase {state.phase.value}")
         actions: list[Action] = []
         if notify:
-            abort = GroupAbort(group_id=group_id, reason=reason[:256])
+            # the limit is 256 bytes of UTF-8, and the reason may echo a peer's text
+            # (fuzz/README.md: 256 characters can be over 256 bytes)
+            text = reason.encode("utf-8")[:256].decode("utf-8", "ignore")
+            abort = GroupAbort(group_id=group_id, reason=text)
             actions += [Send(m, abort) for m in members if m != self.node_id]
-        self.phase = Phase.READY if self._contribution is not None else Phase.IDLE
-        if self.phase is Phase.READY:
-            self._schedule_initiate(self._now, self.config.retry_backoff)
+        self._transition(event, _Ready(state.contribution))
+        self._schedule_initiate(self._now, self.config.retry_backoff)
         actions.append(GroupAborted(group_id, reason, tuple(blame), formed=True))
         return actions

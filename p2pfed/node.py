@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import trio
 
-from p2pfed import dp, dp_sgd
+from p2pfed import dp, dp_sgd, skellam
 from p2pfed.atomicfile import atomic_write_bytes
 from p2pfed.channel import Role, StaticKey
 from p2pfed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -191,6 +191,9 @@ PEER_MAX_AGE = 600.0  # forget an unconnected peer not seen (announced, listed) 
 _id_bytes = operator.attrgetter("raw")
 _GROUP_MESSAGES = (GroupInvite, GroupReply, GroupStart, GroupAbort, Shard, ReducedShard)
 _POSITION_VERSION = 2  # GroupPosition exists from protocol version 2 on
+EVALUATION_WORDS = 3
+"""Words a contribution appends to the model with federation metrics on (spec/group.md,
+"Federation metrics"): correct count, loss sum and sample count, each over its weight."""
 
 
 class _CaughtUp:
@@ -235,6 +238,10 @@ class NodeOptions:
     grid: GridPosition | None = None
     """This node's place on a Moshpit grid (grid grouping, spec/group.md); announced to
     every peer. ``None``: random grouping."""
+    pace_timeout: float = 10.0
+    """Random rounds: how long a node that is a round ahead of a connected peer keeps
+    averaging without training, waiting for it (spec/group.md, "Random rounds", pace).
+    0: never wait (nodes of different speeds then drift rounds apart)."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,9 @@ class RoundReport:
     nodes: int = 0
     """Exact averaging: the number of nodes of the round (0 for random groups)."""
     train_loss: float | None = None
+    federation: dict[str, float] | None = None
+    """The federation's figures this round computed (:attr:`Node.federation_metrics`), or
+    None if it computed none."""
 
 
 @dataclass
@@ -366,11 +376,24 @@ class Node:
         self._sync: trio.MemorySendChannel[ModelState] | None = None
         self.group: GroupProtocol | None = None
         self.ledger: PrivacyLedger | None = None
+        # distributed DP: (released model, its noisy ring words) until the first group
+        self._distributed_release: tuple[np.ndarray, np.ndarray] | None = None
         self.budget_exhausted = False
         """Whether the node has stopped training because its privacy budget is spent."""
         self.last_metrics: dict[str, float] = {}
+        self.federation_metrics: dict[str, float] | None = None
+        """The latest federation-wide evaluation (spec/group.md, "Federation metrics"):
+        "accuracy" and "loss" over every sample the members' evaluations saw, "round" (the
+        round whose model they evaluated) and, when the round was exact, "samples"; None
+        until a round has carried evaluation sums (or always, with the feature off)."""
+        self._evaluated: tuple[int, dict[str, float], int] | None = None  # round, metrics, n
+        self._words_scaled = False  # warned that the evaluation words were scaled down
         self._round_position: Position | None = None  # exact rounds: the current step's class
         self._behind = False  # exact rounds: every peer is at a later round (catch up)
+        self._peer_round: dict[NodeId, int] = {}  # random rounds: each peer's latest round
+        self._pace_round: int | None = None  # random rounds: the round announced to peers
+        self._pace_changed = trio.Event()
+        self._pace_gave_up: dict[NodeId, int] = {}  # peer -> the round it made us time out at
         self.server_optimizer: ServerOptimizer | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -451,7 +474,7 @@ class Node:
             self.group_config,
             self.fixed_point,
             fingerprint=self.fingerprint,
-            model_size=len(self.model) if self.model is not None else 0,
+            model_size=self._vector_size(),
             listen_port=self.listen_port,
             address_of=self._address_of,
             excluded=self.peers.is_excluded,
@@ -645,6 +668,10 @@ class Node:
             if finished:
                 released = start
             else:
+                if not self.exact and data is not None and self.options.training:
+                    # pacing keeps training in step; pure averaging has nothing to pace
+                    await self._keep_pace()
+                    start = self.model
                 released, result, train_seconds = await self._contribution(
                     torch_model, data, start, generator, noise_rng
                 )
@@ -677,7 +704,10 @@ class Node:
             if data is not None and every and self.round % every == 0:
                 metrics = await self._offload(self._evaluate, torch_model, data)
                 self.last_metrics = metrics
+                self._evaluated = (self.round, metrics, data.num_test)
             train_loss = result.loss if result is not None else None
+            figure = self.federation_metrics
+            fresh = figure is not None and figure["round"] == self.round - 1
             report = RoundReport(
                 round=self.round,
                 group_size=len(outcome.members),
@@ -691,6 +721,7 @@ class Node:
                 coverage=coverage,
                 nodes=nodes,
                 train_loss=train_loss,
+                federation=dict(figure) if figure is not None and fresh else None,
             )
             self._log_round(report)
             if self._on_round is not None:
@@ -719,15 +750,21 @@ class Node:
 
         Sets ``self.model`` and ``self.weight`` to the result and returns the last group,
         the number of steps, the coverage and the number of nodes (None: stopping;
-        ``_CAUGHT_UP``: the node adopted a peer's average instead).
+        ``_CAUGHT_UP``: the node adopted a peer's average instead). With federation
+        metrics on, the averaged vector is ``released`` followed by this node's evaluation
+        words; their average becomes :attr:`federation_metrics`.
         """
         assert self.group is not None
+        released = self._with_evaluation_words(released, weight)
         if not self.exact:
             return await self._random_steps(released, weight, initiate=initiate)
         position = Position(self.round, 0, (), self._class_count())
         model, coverage, steps = released, 1, 0
         carried: np.ndarray | None = None
+        sums_carried = True  # every step after the first sent the previous integer sum on
         while True:
+            if steps and carried is None:
+                sums_carried = False
             outcome = await self._one_group(
                 model, weight, initiate=initiate, position=position, carried=carried
             )
@@ -763,9 +800,118 @@ class Node:
                 break
             index = member_indices(outcome.group_id, [m.raw for m in outcome.members])
             position = current.next(index[self.node_id.raw])
-        self.model, self.weight = model, weight
+        # the last group's integer sum is every node's step-0 words summed only if it
+        # covered the round and no step in between re-encoded a float32 mean
+        whole = coverage == plan.nodes and sums_carried and outcome.structured
+        self.model = self._adopt(model, outcome.ring_sum if whole else None)
+        self.weight = weight
         self._log_coverage(plan, coverage)
         return outcome, steps, coverage, plan.nodes
+
+    def _saw_round(self, peer: NodeId, round_: int) -> None:
+        """Remember the round a peer is at (its GroupPosition, or the round of its invite)."""
+        self._peer_round[peer] = round_
+        self._pace_changed.set()
+
+    def _round_message(self, round_: int) -> GroupPosition:
+        """A random-rounds node's position: its round only (no classes or steps)."""
+        return GroupPosition(round=round_, step=0, key=(), size=1 + len(self._connected()))
+
+    def _announce_round(self) -> None:
+        """Random rounds: tell every connected peer the round this node now works on, so
+        that a node ahead of it waits (:meth:`_keep_pace`)."""
+        if self._pace_round == self.round:
+            return
+        self._pace_round = self.round
+        message = self._round_message(self.round)
+        for peer in self._connected():
+            links = self._links.get(peer)
+            if links and links[0].channel.version >= _POSITION_VERSION:
+                self._send(peer, message)
+
+    def _laggards(self) -> list[NodeId]:
+        """Connected peers still at the round before this node's: they finish the round this
+        node just finished. (A peer further behind, one that restarted from an old
+        checkpoint or joined late, is not waited for: it would hold every round up; nor
+        is a peer that already made this node wait out ``pace_timeout`` at that round.)"""
+        behind = self.round - 1
+        return [
+            peer
+            for peer in self._connected()
+            if self._peer_round.get(peer) == behind and self._pace_gave_up.get(peer) != behind
+        ]
+
+    async def _keep_pace(self) -> None:
+        """Random rounds: before training round ``r``, wait while a connected peer has
+        announced round ``r - 1``, for at most ``pace_timeout`` seconds, answering the
+        groups such peers invite it to with the current model (pure averaging conserves the
+        weighted sum; spec/group.md, "Random rounds", pace).
+
+        Without it nodes drift apart by their speed (a node with 50 records trains ten
+        times as fast as one with 500): a fast node's round ``r`` then averages mostly
+        models of much earlier rounds, and each node's accuracy per round trails FedAvg's.
+        It waits passively (answering invites, never initiating) so that waiting nodes do
+        not spend the slow node's CPU and bandwidth averaging among themselves.
+        """
+        self._announce_round()
+        timeout = self.options.pace_timeout
+        if timeout <= 0 or not self._laggards():
+            return
+        waited, mixed = trio.current_time(), 0
+        with trio.move_on_after(timeout) as scope:
+            while self._laggards() and not self._stop.is_set():
+                outcome = await self._answer_laggards()
+                if outcome is None:
+                    break
+                mixed += 1
+                self.model = self._adopt(outcome.mean, None)
+                if outcome.total_weight:
+                    self.weight = outcome.share(self.node_id)
+        if scope.cancelled_caught:
+            assert self.group is not None
+            self._act(self.group.withdraw())
+            for peer in self._laggards():
+                # stuck (e.g. short of a group on its side): not waited for again until it
+                # moves on, or every round would wait the whole timeout for it
+                self._pace_gave_up[peer] = self.round - 1
+            log.info(
+                "pace: %d peer(s) still at round %d after %.1f s; training anyway",
+                len(self._laggards()),
+                self.round - 1,
+                trio.current_time() - waited,
+            )
+        elif mixed:
+            log.debug(
+                "pace: waited %.2f s (%d groups) for peers to reach round %d",
+                trio.current_time() - waited,
+                mixed,
+                self.round,
+            )
+
+    async def _answer_laggards(self) -> GroupCompleted | None:
+        """Offer the current model passively until a group completes (returned) or no
+        connected peer is behind any more while no group is forming (None)."""
+        assert self.group is not None and self.model is not None
+        group = self.group
+        outcome: GroupCompleted | SitOut | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                while True:
+                    self._pace_changed = trio.Event()
+                    idle = group.phase is Phase.READY
+                    if idle and (not self._laggards() or self._stop.is_set()):
+                        self._act(group.withdraw())
+                        nursery.cancel_scope.cancel()
+                        return
+                    with trio.move_on_after(0.25):  # the phase moves without an event
+                        await self._pace_changed.wait()
+
+            nursery.start_soon(watch)
+            offered = self._with_evaluation_words(self.model, self.weight)
+            outcome = await self._one_group(offered, self.weight, initiate=False)
+            nursery.cancel_scope.cancel()
+        return outcome if isinstance(outcome, GroupCompleted) else None
 
     def random_steps(self) -> int:
         """How many random groups this node joins per round (spec/group.md, "Random
@@ -795,8 +941,83 @@ class Node:
             model = outcome.mean
             weight = outcome.share(self.node_id) if outcome.total_weight else weight
         assert outcome is not None
-        self.model, self.weight = model, weight
+        self.model, self.weight = self._adopt(model, None), weight
         return outcome, steps, 0, 0
+
+    def _vector_size(self) -> int:
+        """The length of the averaged vector: the model, and the evaluation words if on."""
+        size = len(self.model) if self.model is not None else 0
+        return size + (EVALUATION_WORDS if self.federation.params.federation_metrics_active else 0)
+
+    def _with_evaluation_words(self, released: np.ndarray, weight: int) -> np.ndarray:
+        """``released`` followed by this node's evaluation words, if the federation shares
+        them (spec/group.md, "Federation metrics"): ``correct / w``, ``loss_sum / w`` and
+        ``n / w`` for the ``n`` test samples of its evaluation of the model it holds, ``w``
+        its contribution weight, so that the group's weighted mean of each word is the
+        members' sum over their total weight. Zeros with weight 0, or without an
+        evaluation of this round's start model (``evaluate_every``, a model just adopted
+        from a peer): the figures then describe one model, of one round."""
+        if not self.federation.params.federation_metrics_active:
+            return released
+        words = np.zeros(EVALUATION_WORDS, np.float64)
+        evaluated = self._evaluated
+        if weight > 0 and evaluated is not None and evaluated[0] == self.round:
+            _, metrics, count = evaluated
+            accuracy, loss = metrics.get("accuracy"), metrics.get("loss")
+            if (
+                count > 0
+                and accuracy is not None
+                and loss is not None
+                and math.isfinite(accuracy)
+                and math.isfinite(loss)
+            ):
+                ratio = count / weight
+                words[:] = (accuracy * ratio, loss * ratio, ratio)
+        peak = float(np.abs(words).max())
+        # a word beyond the clip would be clipped alone and skew its ratio: scale all three
+        # (this node's evaluation then counts as fewer samples, its figures unchanged)
+        limit = self.fixed_point.clip * (1 - 2**-20)  # float32 rounding stays inside
+        if peak > limit:
+            words *= limit / peak
+            if not self._words_scaled:
+                self._words_scaled = True
+                log.warning(
+                    "the evaluation words (test samples per unit of weight %.4g, loss %.4g) "
+                    "exceed the federation's clip %g: this node's evaluation counts as %.3g "
+                    "of its samples in the federation's figures",
+                    words[2] * peak / limit,
+                    words[1] / words[2] if words[2] else math.nan,
+                    self.fixed_point.clip,
+                    limit / peak,
+                )
+        return np.concatenate([released.astype(np.float32, copy=False), words.astype(np.float32)])
+
+    def _adopt(self, vector: np.ndarray, ring_sum: np.ndarray | None) -> np.ndarray:
+        """The model part of an averaged vector; its evaluation words, if any, set
+        :attr:`federation_metrics`. ``ring_sum``: the round's whole integer sum (an exact
+        round with every step's sum carried), from which the figures are exact and the
+        number of samples follows; else they come from the float32 mean."""
+        if not self.federation.params.federation_metrics_active:
+            return vector
+        model, words = vector[:-EVALUATION_WORDS], vector[-EVALUATION_WORDS:]
+        figure: dict[str, float] | None = None
+        if ring_sum is not None and len(ring_sum) == len(vector) + 1:
+            signed = ring_sum[-EVALUATION_WORDS - 1 : -1].view(self.fixed_point.signed_dtype)
+            correct, loss_sum, count = (int(v) for v in signed)
+            if count > 0:
+                figure = {
+                    "accuracy": correct / count,
+                    "loss": loss_sum / count,
+                    "samples": float(round(count / self.fixed_point.scale)),
+                }
+        else:
+            correct_mean, loss_mean, count_mean = (float(v) for v in words)
+            if count_mean > 0:
+                figure = {"accuracy": correct_mean / count_mean, "loss": loss_mean / count_mean}
+        if figure is not None:
+            figure["round"] = float(self.round)
+            self.federation_metrics = figure
+        return model
 
     def _log_coverage(self, plan: RoundPlan, coverage: int) -> None:
         if plan.sizes and coverage == plan.participants < plan.nodes:
@@ -849,6 +1070,13 @@ class Node:
         carried: np.ndarray | None = None,
     ) -> GroupCompleted | SitOut | None:
         assert self.group is not None
+        if carried is None and self._distributed_release is not None:
+            # the first group after a distributed-DP release gets its noisy ring words
+            released, words = self._distributed_release
+            self._distributed_release = None
+            if model is released and weight == int(words[-1]):
+                carried = words
+                log.debug("distributed DP: contributing the noisy ring words of this release")
         self.contribution_weight = weight
         self.contribution = model
         self._round_position = position
@@ -867,8 +1095,9 @@ class Node:
 
     def _log_round(self, report: RoundReport) -> None:
         metrics = report.metrics
+        figure = report.federation
         log.info(
-            "round %d done: %s, %.2fs (training %.2fs%s)%s",
+            "round %d done: %s, %.2fs (training %.2fs%s)%s%s",
             report.round,
             f"{report.steps} steps, exact over {report.nodes} nodes"
             if report.nodes and report.coverage == report.nodes
@@ -881,6 +1110,7 @@ class Node:
             report.train_seconds,
             f", loss {report.train_loss:.4f}" if report.train_loss is not None else "",
             "".join(f", {k} {v:.4f}" for k, v in sorted(metrics.items())),
+            _federation_text(figure),
             extra={
                 "event": "round",
                 "round": report.round,
@@ -903,6 +1133,11 @@ class Node:
                     else {}
                 ),
                 **{k: round(v, 6) for k, v in metrics.items()},
+                **(
+                    {f"federation_{k}": round(v, 6) for k, v in figure.items()}
+                    if figure is not None
+                    else {}
+                ),
             },
         )
 
@@ -1021,7 +1256,9 @@ class Node:
         if (
             self.ledger is not None
             and cost is not None
-            and self.ledger.would_exceed(cost.noise_multiplier, cost.sampling_rate, cost.steps)
+            and self.ledger.would_exceed(
+                cost.noise_multiplier, cost.sampling_rate, cost.steps, cost.local_noise_multiplier
+            )
         ):
             # out of privacy budget: keep averaging, but never train on the data again
             if not self.budget_exhausted:
@@ -1047,8 +1284,20 @@ class Node:
         train_seconds = trio.current_time() - began
         if cost is None:
             return trained, result, train_seconds
+        words: np.ndarray | None = None
         if record_level:
             released = trained  # DP-SGD's output is the release: no further noise
+        elif params.dp_level == "distributed":
+            # a Skellam share of the noise, added in the ring: the words go to the group as
+            # they are (spec/privacy.md 2B); `released` is what they decode to
+            shares = skellam.DistributedDP(
+                clip_norm=params.dp_clip_norm,
+                noise_multiplier=sigma,
+                group_min=params.group_min,
+                model_size=start.shape[0],
+                fixed_point=self.fixed_point,
+            )
+            words, released = shares.encode_release(start, trained - start, noise_rng)
         else:
             noisy = dp.clip_and_noise(trained - start, params.dp_clip_norm, sigma, noise_rng)
             released = (start + noisy).astype(np.float32)
@@ -1064,8 +1313,10 @@ class Node:
                 noise_multiplier=cost.noise_multiplier,
                 sampling_rate=cost.sampling_rate,
                 steps=cost.steps,
+                local_noise_multiplier=cost.local_noise_multiplier,
             )
         )
+        self._distributed_release = None if words is None else (released, words)
         return released, result, train_seconds
 
     def _train(
@@ -1143,6 +1394,7 @@ class Node:
             "node_id": str(self.node_id),
             "round": self.round,
             "metrics": self.last_metrics,
+            "federation_metrics": self.federation_metrics,
             "epsilon_spent": self.ledger.spent() if self.ledger else None,
             "groups_completed": self.groups_completed,
             "groups_aborted": self.groups_aborted,
@@ -1295,16 +1547,38 @@ class Node:
         assert self.group is not None
         while True:
             deadline = self.group.next_deadline()
-            self._loop_deadline = math.inf if deadline is None else deadline
+            self._loop_deadline = min(
+                math.inf if deadline is None else deadline, self._give_up_silent_members()
+            )
             with trio.move_on_at(self._loop_deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
+            self._give_up_silent_members()
             # a count that changed while the node was forming a group is announced now
             self._refresh_position()
             eligible = [p for p in self._connected() if not self.peers.is_excluded(p, now)]
             # the loop recomputes its deadline itself: no need to wake itself up again
             self._act(self.group.poll(now, eligible), wake=False)
+
+    def _give_up_silent_members(self) -> float:
+        """Give up on each peer of this node's current group (forming, pending or running)
+        from which nothing has arrived for LIVENESS_DEADLINE, as if its channel had closed
+        (spec/transport.md, section 6): a member cut off silently would otherwise hold the
+        group until the all-reduce timeout. Returns when the next of them would go silent."""
+        assert self.group is not None
+        now = trio.current_time()
+        next_silent = math.inf
+        for peer in sorted(self.group.busy_with(), key=_id_bytes):
+            links = self._links.get(peer)
+            if not links:
+                continue  # no channel (its loss was handled when it closed)
+            silent_at = max(link.channel.last_received for link in links) + LIVENESS_DEADLINE
+            if silent_at <= now:
+                self._act(self.group.peer_lost(peer, now, silent=True), wake=False)
+            else:
+                next_silent = min(next_silent, silent_at)
+        return next_silent
 
     def _act(self, actions: list[Action], *, wake: bool = True) -> None:
         """Carry out the group protocol's actions; ``wake`` the group loop, whose next
@@ -1668,6 +1942,8 @@ class Node:
         send.send_nowait(NodeAnnounce(listen_port=self.listen_port, grid=grid))
         if self._round_position is not None and channel.version >= _POSITION_VERSION:
             send.send_nowait(_position_message(self._round_position))
+        elif self._pace_round is not None and channel.version >= _POSITION_VERSION:
+            send.send_nowait(self._round_message(self._pace_round))
         for message in self._queued.pop(peer, []):
             send.send_nowait(message)
         # ask for more peers only while short of them (spec/discovery.md: a node SHOULD ask
@@ -1728,8 +2004,11 @@ class Node:
         now = trio.current_time()
         self._last_active[peer] = now
         if isinstance(message, _GROUP_MESSAGES):
+            if isinstance(message, GroupInvite):
+                self._saw_round(peer, message.round)
             self._act(self.group.receive(peer, message, now))
         elif isinstance(message, GroupPosition):
+            self._saw_round(peer, message.round)
             position = Position(message.round, message.step, message.key, message.size)
             self.group.set_peer_position(peer, position)
             self._refresh_position()
@@ -1855,6 +2134,18 @@ class Node:
         for links in list(self._links.values()):
             for link in list(links):
                 await link.channel.aclose(CloseCode.SHUTTING_DOWN, "node stopping")
+
+
+def _federation_text(figure: dict[str, float] | None) -> str:
+    """The per-round log line's federation part (empty without a figure this round)."""
+    if figure is None:
+        return ""
+    samples = figure.get("samples")
+    over = f", over {samples:.0f} samples" if samples is not None else ""
+    return (
+        f"; federation accuracy {figure['accuracy']:.4f}, loss {figure['loss']:.4f} "
+        f"(model of round {figure['round']:.0f}{over})"
+    )
 
 
 def _position_message(position: Position) -> GroupPosition:

@@ -6,18 +6,24 @@ module concatenates them in reading order, numbering them as parts and demoting 
 headings one level, with a table of contents. ``tests/test_spec_document.py`` checks that
 the file on disk is what this module makes, so the two never drift apart.
 
+Some sections hold tables generated from the code that implements them (the group
+protocol's transition table, say): between ``<!-- generated: NAME -->`` and
+``<!-- end generated: NAME -->`` a section file holds what :data:`GENERATED` renders for
+``NAME``, rewritten in place, so the table in the spec is the table the code checks.
+
 Usage (from the repository root)::
 
-    python -m p2pfed.spec_document          # rewrites spec/p2pfed.md
+    python -m p2pfed.spec_document          # rewrites spec/p2pfed.md and generated tables
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PARTS", "SPEC", "render"]
+__all__ = ["GENERATED", "PARTS", "SPEC", "fill_generated", "render", "update_generated"]
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 
@@ -37,6 +43,50 @@ PARTS: tuple[tuple[str, str], ...] = (
 )
 
 _HEADING = re.compile(r"^(#{1,5}) ", re.MULTILINE)
+
+
+def _group_transitions() -> str:
+    from p2pfed.group import GROUP_EVENT_MEANING, GROUP_TRANSITIONS
+
+    rows = [
+        f"| {before.name} | {event.value} | {after.name} | {GROUP_EVENT_MEANING[event]} |"
+        for (before, event), after in GROUP_TRANSITIONS.items()
+    ]
+    header = "| phase | event | next phase | when |\n| --- | --- | --- | --- |"
+    return header + "\n" + "\n".join(rows)
+
+
+#: Generated tables: ``(section file, NAME) -> renderer`` of the text between the markers.
+GENERATED: dict[tuple[str, str], Callable[[], str]] = {
+    ("group.md", "group-transitions"): _group_transitions,
+}
+
+
+def fill_generated(name: str, text: str) -> str:
+    """``text`` (section file ``name``) with each generated table it marks rendered anew."""
+    for (file, key), renderer in GENERATED.items():
+        if file != name:
+            continue
+        begin, end = f"<!-- generated: {key} -->", f"<!-- end generated: {key} -->"
+        head, found, rest = text.partition(begin)
+        _, found_end, tail = rest.partition(end)
+        if not (found and found_end):
+            raise ValueError(f"spec/{name} lacks the markers of the generated table {key}")
+        text = f"{head}{begin}\n{renderer()}\n{end}{tail}"
+    return text
+
+
+def update_generated(spec_dir: Path = SPEC) -> list[Path]:
+    """Rewrite the generated tables of the section files; returns the files changed."""
+    changed = []
+    for name in sorted({file for file, _ in GENERATED}):
+        path = spec_dir / name
+        text = path.read_text(encoding="utf-8")
+        filled = fill_generated(name, text)
+        if filled != text:
+            path.write_text(filled, encoding="utf-8")
+            changed.append(path)
+    return changed
 
 
 def _slug(title: str) -> str:
@@ -70,6 +120,8 @@ def render(spec_dir: Path = SPEC) -> str:
 
 
 if __name__ == "__main__":
+    for path in update_generated():
+        print(f"wrote {path}", file=sys.stderr)
     target = SPEC / "p2pfed.md"
     target.write_text(render(), encoding="utf-8")
     print(f"wrote {target}", file=sys.stderr)

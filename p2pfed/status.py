@@ -33,6 +33,15 @@ The document (``schema`` 1), keys in this order; unknown values are ``null``::
     round           current training round (int)
     accuracy        test accuracy 0..1 of the current model
     loss            test loss of the current model
+    federation      the federation's figures, from every member's evaluation sums
+                    (spec/group.md, "Federation metrics"): {"accuracy": 0..1, "loss":
+                    float, "round": the round whose model the members evaluated (int),
+                    "samples": test samples they evaluated on (int), or null when the
+                    round that carried them was not exact}, or null (none yet, or off)
+    federation_metrics  whether the node shares evaluation sums: "on", "off" (the
+                    federation's ``federation_metrics = false``), "off-dp" (off because
+                    differential privacy is on), or null (both absent in files written
+                    before they existed)
     epsilon_spent   differential-privacy epsilon spent
     epsilon_budget  configured epsilon budget
     dp_enabled      whether updates are noised (bool)
@@ -76,6 +85,7 @@ from p2pfed.metrics import GROUP_OUTCOMES
 __all__ = [
     "BOOTSTRAP_STATES",
     "DEFAULT_MIN_INTERVAL",
+    "FEDERATION_METRICS_MODES",
     "GROUP_HISTORY",
     "NODE_STATES",
     "STATUS_FILE_NAME",
@@ -86,6 +96,7 @@ __all__ = [
     "StatusWriter",
     "add_status_parser",
     "cmd_status",
+    "federation_metrics_mode",
     "format_status",
     "iso_utc",
     "pid_alive",
@@ -109,6 +120,8 @@ _GROUP_ID_HEX_CHARS = 12
 _MAX_ERROR_CHARS = 300  # a bootstrap error may quote a peer: keep the file small
 BOOTSTRAP_STATES = ("connected", "connecting", "failing", "not connected")
 """The states of a bootstrap address (:class:`p2pfed.peers.BootstrapEntry`)."""
+FEDERATION_METRICS_MODES = ("on", "off", "off-dp")
+"""Values of ``federation_metrics`` (see :func:`federation_metrics_mode`)."""
 
 
 class PeerStatus(TypedDict):
@@ -223,6 +236,44 @@ def _check_bootstrap(value: object) -> list[BootstrapStatus]:
     return entries
 
 
+def _check_federation(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not {"accuracy", "loss", "round"} <= set(value):
+        raise ValueError(
+            f"status field 'federation' must be None or a mapping with accuracy, loss, round "
+            f"(and samples); got {value!r}"
+        )
+    samples = _number_or_none("samples", value.get("samples"))
+    round_ = _number_or_none("round", value["round"])
+    return {
+        "accuracy": _number_or_none("accuracy", value["accuracy"]),
+        "loss": _number_or_none("loss", value["loss"]),
+        "samples": None if samples is None else int(samples),
+        "round": None if round_ is None else int(round_),
+    }
+
+
+def _check_mode(value: object) -> str | None:
+    if value is None or value in FEDERATION_METRICS_MODES:
+        return value
+    raise ValueError(
+        f"status field 'federation_metrics' must be one of {FEDERATION_METRICS_MODES} or "
+        f"None; got {value!r}"
+    )
+
+
+def federation_metrics_mode(federation_metrics: bool, dp_enabled: bool) -> str:
+    """The ``federation_metrics`` status value for a federation's parameters.
+
+    >>> federation_metrics_mode(True, True), federation_metrics_mode(True, False)
+    ('off-dp', 'on')
+    """
+    if not federation_metrics:
+        return "off"
+    return "off-dp" if dp_enabled else "on"
+
+
 def _short_group_id(group_id: bytes | str) -> str:
     if isinstance(group_id, bytes | bytearray):
         return bytes(group_id).hex()[:_GROUP_ID_HEX_CHARS]
@@ -240,6 +291,8 @@ _VALIDATORS: dict[str, Callable[[object], object]] = {
     "round": lambda v: None if v is None else _check_int("round", v),
     "accuracy": lambda v: _number_or_none("accuracy", v),
     "loss": lambda v: _number_or_none("loss", v),
+    "federation": _check_federation,
+    "federation_metrics": _check_mode,
     "epsilon_spent": lambda v: _number_or_none("epsilon_spent", v),
     "epsilon_budget": lambda v: _number_or_none("epsilon_budget", v),
     "dp_enabled": lambda v: None if v is None else bool(v),
@@ -297,6 +350,8 @@ class StatusWriter:
             "round": None,
             "accuracy": None,
             "loss": None,
+            "federation": None,
+            "federation_metrics": None,
             "epsilon_spent": None,
             "epsilon_budget": None,
             "dp_enabled": None,
@@ -567,6 +622,9 @@ def format_status(
         f"  model:      accuracy {acc + ' %' if acc else 'not measured yet'}, "
         f"loss {loss or 'not measured yet'}"
     )
+    federation = _federation_line(status.get("federation"), status.get("federation_metrics"))
+    if federation is not None:
+        lines.append(f"  federation: {federation}")
     dp = status.get("dp_enabled")
     spent = _num(status.get("epsilon_spent"), 3)
     budget = _num(status.get("epsilon_budget"), 3)
@@ -631,6 +689,31 @@ def format_status(
     else:
         lines.append("no groups yet")
     return "\n".join(lines) + "\n"
+
+
+def _federation_line(figure: object, mode: object) -> str | None:
+    """The ``federation:`` line: the federation's figures beside the node's own, or why
+    there are none (None: a file from before the feature, nothing to say)."""
+    if mode == "off":
+        return "not shared (the federation sets federation_metrics = false)"
+    if mode == "off-dp":
+        return (
+            "not shared (differential privacy is on: evaluation sums would leave the node "
+            "without noise)"
+        )
+    if not isinstance(figure, Mapping):
+        return "not measured yet" if mode == "on" else None
+    accuracy = _num(figure.get("accuracy"), 4)
+    acc = _num(float(accuracy) * 100, 2) if accuracy is not None else None
+    loss = _num(figure.get("loss"), 4)
+    round_ = figure.get("round")
+    samples = figure.get("samples")
+    where = f"model of round {_clean(round_)}" if round_ is not None else "an earlier model"
+    if isinstance(samples, int) and not isinstance(samples, bool):
+        where += f", over {samples} test samples of all members"
+    else:
+        where += ", over all members' test samples"
+    return f"accuracy {acc + ' %' if acc else '-'}, loss {loss or '-'} ({where})"
 
 
 def _ago(text: object, now: float | None) -> str:

@@ -66,8 +66,8 @@ class ChannelConfig:
 
     max_message_size: int = 256 * 1024 * 1024
     handshake_timeout: float = 10.0
-    keepalive_interval: float = 15.0
-    idle_timeout: float = 60.0
+    keepalive_interval: float = 1.0
+    idle_timeout: float = 15.0
     send_timeout: float = 60.0
     read_size: int = 256 * 1024
 

@@ -24,7 +24,8 @@ All pure functions and small accumulators over numpy arrays; usable from tests a
   sum whose masks did not cancel, or a mixed-up vector, lands far outside.
 * **Run verdicts** (:func:`run_checks`): the pass/fail lines ``p2pfed simnet run`` prints
   (round goal, finite and uncorrupted models, conservation, progress and consensus after
-  the last heal), with thresholds from the scenario's ``[checks]`` table.
+  the last heal; where asked for, the pace kept during a fault, how fast it was detected,
+  and groups across a healed cut), with thresholds from the scenario's ``[checks]`` table.
 
 Example::
 
@@ -57,6 +58,7 @@ __all__ = [
     "conservation_tolerance",
     "distance_to",
     "grid_rounds_to_exact_mean",
+    "pace_rate",
     "range_excess",
     "run_checks",
     "spread",
@@ -98,6 +100,22 @@ def spread(values: Sequence[float]) -> dict[str, float | None]:
         return {name: None for name, _ in QUANTILES}
     array = np.asarray(values, dtype=np.float64)
     return {name: float(np.quantile(array, q)) for name, q in QUANTILES}
+
+
+def pace_rate(
+    round_times: Mapping[int, Sequence[float]], nodes: Sequence[int], start: float, end: float
+) -> float | None:
+    """Rounds per simulated second per node: the rounds ``nodes`` completed in
+    ``[start, end)``, over ``len(nodes) * (end - start)`` (``None``: no node or an empty
+    window).
+
+    >>> pace_rate({0: [1.0, 2.0, 3.0], 1: [2.5]}, [0, 1], 1.0, 3.0)
+    0.75
+    """
+    if not nodes or end <= start:
+        return None
+    count = sum(1 for i in nodes for t in round_times.get(i, ()) if start <= t < end)
+    return count / (len(nodes) * (end - start))
 
 
 def distance_to(models: Sequence[np.ndarray], target: np.ndarray) -> float:
@@ -331,7 +349,12 @@ def run_checks(
     ``consensus_max``. With a partition that healed before the end: at least
     ``rounds_after_heal`` global rounds (and some groups) completed after the heal, and
     (training off) ``final_consensus_max`` is below its value in the last row before the
-    heal (or, if there is none, the first row after it).
+    heal (or, if there is none, the first row after it). Where ``[checks]`` asks for them,
+    from ``summary["faults"]`` (each vanish and partition): ``pace`` (each side of at least
+    ``group_min`` nodes kept ``pace`` of its rounds per node and second, its slowest node
+    half that), ``failure detected`` (every node stopped counting the cut-off peers as
+    responsive within ``detect_within`` seconds) and ``merged`` (``merged`` groups across
+    the sides after a heal, and the sides' mean models closer at the end than at it).
     """
     spec = scenario.checks
     checks: list[Check] = []
@@ -427,6 +450,85 @@ def run_checks(
                     f"{final:.3g} at the end: {'falling' if final < before else 'NOT falling'}",
                 )
             )
+    checks += _fault_checks(scenario, summary.get("faults") or [])
+    return checks
+
+
+def _fault_checks(scenario: Scenario, faults: Sequence[Mapping[str, Any]]) -> list[Check]:
+    """``pace``, ``failure detected`` and ``merged`` (each where ``[checks]`` asks)."""
+    spec = scenario.checks
+    checks: list[Check] = []
+    if spec.pace > 0:
+        passed, parts = bool(faults), []
+        for fault in faults:
+            b0, b1 = fault["before"]
+            d0, d1 = fault["during"]
+            for number, side in enumerate(fault["sides"]):
+                name = f"{fault['fault']}, side {number + 1} ({side['live']} nodes)"
+                if side["live"] < scenario.protocol.group_min:
+                    parts.append(f"{name}: fewer than group_min, not judged")
+                    continue
+                before, during = side["rate_before"], side["rate_during"]
+                if before is None or during is None or before <= 0:
+                    passed = False
+                    parts.append(
+                        f"{name}: nothing to compare (no rounds in t={b0:g}..{b1:g}s, or no "
+                        f"time in t={d0:g}..{d1:g}s: schedule the fault later, or end it later)"
+                    )
+                    continue
+                kept = during / before
+                # the slowest node too, against half the bar (random grouping spreads the
+                # nodes' rates): a side's mean hides a node stuck in a group that waits for
+                # a cut-off member
+                slowest = float(side["slowest_rate_during"] or 0.0) / before
+                passed = passed and kept >= spec.pace and slowest >= spec.pace / 2
+                parts.append(
+                    f"{name}: {before:.3g} rounds/s per node in t={b0:g}..{b1:g}s, "
+                    f"{during:.3g} in t={d0:g}..{d1:g}s ({kept:.0%}, need {spec.pace:.0%}); "
+                    f"slowest node {side['slowest_node']} {slowest:.0%} "
+                    f"(need {spec.pace / 2:.0%})"
+                )
+        checks.append(Check("pace", passed, "; ".join(parts) or "no vanish or partition ran"))
+    if spec.detect_within > 0:
+        passed, parts = bool(faults), []
+        for fault in faults:
+            after = fault["detected_after"]
+            if after is None:
+                passed = False
+                stuck = fault["undetected"]
+                parts.append(
+                    f"{fault['fault']}: {_nodes(stuck)} still counted a cut-off peer as "
+                    f"responsive at t={fault['end']:g}s"
+                )
+                continue
+            passed = passed and after <= spec.detect_within
+            parts.append(
+                f"{fault['fault']}: every node stopped counting the cut-off peers as "
+                f"responsive within {after:.3g}s (need {spec.detect_within:g}s)"
+            )
+        checks.append(
+            Check("failure detected", passed, "; ".join(parts) or "no vanish or partition ran")
+        )
+    if spec.merged > 0:
+        healed = [f for f in faults if f["healed"]]
+        passed, parts = bool(healed), []
+        for fault in healed:
+            cross = int(fault["cross_groups_after_heal"])
+            gap_heal, gap_end = fault["side_gap_at_heal"], fault["side_gap_at_end"]
+            # the sides' mean models must also have come closer (unless already equal)
+            closer = gap_heal is None or gap_end is None or gap_heal == 0 or gap_end < gap_heal
+            passed = passed and cross >= spec.merged and closer
+            detail = (
+                f"{fault['fault']}, healed at t={fault['end']:g}s: {cross} groups spanning "
+                f"the sides completed since (need {spec.merged})"
+            )
+            if gap_heal is not None and gap_end is not None:
+                detail += (
+                    f"; distance between the sides' mean models {gap_heal:.3g} at the heal, "
+                    f"{gap_end:.3g} at the end" + ("" if closer else " (NOT closer)")
+                )
+            parts.append(detail)
+        checks.append(Check("merged", passed, "; ".join(parts) or "no partition healed"))
     return checks
 
 
@@ -620,6 +722,23 @@ def why_failed(
                 f"({summary['groups_completed']} groups completed)"
             )
         return f"conservation: {first.detail}"
+    if first.name == "pace":
+        return (
+            f"pace: a side of a fault completed rounds more slowly than before it: "
+            f"{first.detail} (a node near 0%: stuck in a group that waits for a member gone "
+            "silent, until the all-reduce timeout or the heal; a low mean: nodes keep "
+            "inviting silent peers, or the side is too small for the groups it formed)"
+        )
+    if first.name == "failure detected":
+        return (
+            f"failure detected: {first.detail} (a node hears a silent peer as gone only "
+            "once its liveness deadline passes without a keepalive)"
+        )
+    if first.name == "merged":
+        return (
+            f"merged: {first.detail} (after a heal the sides meet again only through "
+            "channels across the cut: peer exchange and exploration dials)"
+        )
     if first.name in ("consensus", "consensus after heal"):
         return (
             f"{first.name}: the models did not mix enough: "

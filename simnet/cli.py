@@ -18,11 +18,15 @@ Example::
 (one line per global round, wrapped here; ``acc MEAN [MIN..MAX]`` too where the task
 reports accuracy). The exit status is 1 if a check (:func:`simnet.checks.run_checks`)
 fails, after one ``simnet: why: ...`` line (:func:`simnet.checks.why_failed`).
+
+``p2pfed simnet sweep SWEEP.toml [--local | --address ADDR] [--jobs N]`` runs a base
+scenario over lists of parameter values and seeds in parallel (:mod:`simnet.sweep`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import tempfile
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_simnet_parser", "cmd_simnet", "progress_line"]
+__all__ = ["add_simnet_parser", "cmd_simnet", "cmd_sweep", "progress_line"]
 
 
 def add_simnet_parser(subparsers: Any) -> None:
@@ -69,6 +73,91 @@ def add_simnet_parser(subparsers: Any) -> None:
         help="log level of the simulated nodes (default error: their logs are many)",
     )
     run.set_defaults(handler=cmd_simnet)
+    _add_sweep_parser(actions)
+
+
+def _add_sweep_parser(actions: Any) -> None:
+    """``p2pfed simnet sweep SWEEP.toml [--out DIR] [--local] [--jobs N] [--address ADDR]``."""
+    sweep = actions.add_parser(
+        "sweep",
+        help="run a scenario over lists of parameter values and seeds, in parallel",
+        description=(
+            "Expand a base scenario over the lists of a sweep file (format: simnet/README.md) "
+            "and run every combination in parallel: on Ray when it is installed (a local "
+            "instance, or --address), otherwise in local processes. Writes each run's "
+            "folder, sweep.csv, sweep.json and comparison plots."
+        ),
+    )
+    sweep.add_argument("sweep", type=Path, metavar="SWEEP.toml")
+    sweep.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: ./simnet-out/NAME)",
+    )
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument(
+        "--local", action="store_true", help="run in local processes even if Ray is installed"
+    )
+    where.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="the Ray cluster to run on (as ray.init(address=...) takes it; needs Ray)",
+    )
+    sweep.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs at once on this machine (default: the number of cores)",
+    )
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    sweep.add_argument(
+        "--log-level",
+        default="error",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of the simulated nodes (default error)",
+    )
+    sweep.set_defaults(handler=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a sweep file; exit status 1 if a run did not pass (after one summary line)."""
+    from p2pfed.errors import ConfigError
+    from simnet.sweep import LocalRunner, RayRunner, load_sweep, run_sweep
+
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs} (omit it for all cores)")
+    sweep = load_sweep(args.sweep)
+    runner: LocalRunner | RayRunner
+    if args.address is not None:
+        runner = RayRunner(args.address, args.jobs)
+    elif args.local or importlib.util.find_spec("ray") is None:
+        runner = LocalRunner(args.jobs)
+    else:
+        runner = RayRunner(None, args.jobs)
+    out_dir: Path = args.out or Path("simnet-out") / sweep.name
+    if not args.quiet:
+        print(
+            f"simnet: sweep {sweep.name}: {len(sweep.runs)} runs of {sweep.base} on "
+            f"{runner.describe()}",
+            file=sys.stderr,
+        )
+
+    def say(line: str) -> None:
+        print(f"simnet: {line}", file=sys.stderr, flush=True)
+
+    rows = run_sweep(
+        sweep, out_dir, runner, log_level=args.log_level, progress=None if args.quiet else say
+    )
+    statuses = ("PASS", "FAIL", "ERROR", "DIED")
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in statuses}
+    print(f"wrote {out_dir / 'sweep.csv'}, {out_dir / 'sweep.json'} and {out_dir / 'runs'}/")
+    verdict = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    print(f"simnet: sweep {sweep.name}: {len(rows)} runs: {verdict}", file=sys.stderr)
+    return 0 if counts["PASS"] == len(rows) else 1
 
 
 def progress_line(row: dict[str, Any], total: int | None, wall: float) -> str:

@@ -35,7 +35,16 @@ Rules of this file (the link model):
   :meth:`VirtualNetwork.heal`, connects across the cut time out. Existing streams across
   the cut either *stall* (``mode="stall"``, the default: chunks sent meanwhile are held
   and delivered after the heal, as TCP retransmissions would be; the node's own keepalive
-  and idle timeouts decide whether to give up) or are *reset* at once (``mode="reset"``).
+  and idle timeouts decide whether to give up), are *reset* at once (``mode="reset"``),
+  or go *silent for good* (``mode="drop"``: whatever is sent on them is lost, also after
+  the heal, and no end hears a reset, as when a router that kept the connections' state,
+  a NAT or a stateful firewall, restarts; new connections work after the heal).
+* **Vanishing.** :meth:`VirtualNetwork.vanish` takes a host off the network silently (a
+  power cut, a pulled cable): its streams are not reset but go silent (what its peers
+  send is lost, nothing more arrives from it, and its end's closing, as its node is
+  cancelled, reaches nobody), connects to it time out instead of being refused, and its
+  mDNS announcement expires like a crashed host's. :meth:`VirtualNetwork.restore`
+  brings it back; its old streams are reset then (a rebooted host answers them so).
 * **Crashes.** :meth:`VirtualNetwork.crash` takes a host down abruptly: every stream of the
   host is reset, its listeners vanish (connects are refused), and its mDNS announcement
   is withdrawn only when it expires (``mdns_ttl`` later), as no goodbye is sent. The
@@ -162,6 +171,7 @@ class _Host:
     segment: str | None
     uplink: float
     up: bool = True
+    silent: bool = False  # vanished: connects time out instead of being refused
     busy_until: float = 0.0
     listeners: dict[int, VirtualListener] = field(default_factory=dict)
     connections: dict[int, _Connection] = field(default_factory=dict)
@@ -218,6 +228,8 @@ class _Connection:
         self.server = server
         self.link = link
         self.broken = False
+        # black-holed (a vanished host, a "drop" partition): chunks are lost, no reset
+        self.silent = False
         self.up = _Pipe()  # client to server
         self.down = _Pipe()  # server to client
 
@@ -263,7 +275,7 @@ class VirtualStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("this stream end is closed for sending")
         if self._connection.broken:
             raise trio.BrokenResourceError("connection reset")
-        if self._out.reader_closed:
+        if self._out.reader_closed and not self._connection.silent:
             # the peer closed its end: TCP answers further data with a reset
             self._connection.reset()
             raise trio.BrokenResourceError("connection reset by peer")
@@ -565,8 +577,8 @@ class VirtualNetwork:
         Hosts in no group form one more group together. See the module rules for
         ``mode``. A new partition replaces the current one.
         """
-        if mode not in ("stall", "reset"):
-            raise ValueError(f'partition mode must be "stall" or "reset", got {mode!r}')
+        if mode not in ("stall", "reset", "drop"):
+            raise ValueError(f'partition mode must be "stall", "reset" or "drop", got {mode!r}')
         assignment: dict[str, int] = {}
         for index, group in enumerate(groups):
             for host in group:
@@ -577,10 +589,13 @@ class VirtualNetwork:
                 assignment[host] = index
         self._groups = {host: assignment.get(host, len(groups)) for host in self._hosts}
         self._partition_mode = mode
-        if mode == "reset":
+        if mode in ("reset", "drop"):
             for connection in self._all_connections():
                 if connection.crosses(self._groups):
-                    connection.reset()
+                    if mode == "reset":
+                        connection.reset()
+                    else:
+                        connection.silent = True
 
     def heal(self) -> None:
         """End the partition; stalled chunks leave now and arrive a link latency later."""
@@ -609,6 +624,21 @@ class VirtualNetwork:
             if announcement.host == host and not announcement.withdrawn:
                 self._expire_later(announcement)
 
+    def vanish(self, host: str) -> None:
+        """Take ``host`` off the network silently (see the module rules); cancel its node
+        yourself: nothing of its shutdown reaches the network."""
+        record = self._hosts[host]
+        record.up = False
+        record.silent = True
+        for connection in record.connections.values():
+            connection.silent = True
+        for listener in list(record.listeners.values()):
+            listener.closed = True
+        record.listeners.clear()
+        for announcement in self._announcements.get(record.segment, []):
+            if announcement.host == host and not announcement.withdrawn:
+                self._expire_later(announcement)
+
     def halt(self) -> None:
         """Reset every connection at once: the quick end of a run cut short (a benchmark's
         wall-clock limit), where closing tens of thousands of channels in order would cost
@@ -617,8 +647,14 @@ class VirtualNetwork:
             connection.reset()
 
     def restore(self, host: str) -> None:
-        """Bring a crashed host back up (its node is started again by the caller)."""
-        self._hosts[host].up = True
+        """Bring a crashed or vanished host back up (its node is started again by the
+        caller). A vanished host's old streams are reset: it no longer knows them."""
+        record = self._hosts[host]
+        record.up = True
+        if record.silent:
+            record.silent = False
+            for connection in list(record.connections.values()):
+                connection.reset()
 
     def reachable(self, a: str, b: str) -> bool:
         """Whether ``a`` can connect to ``b`` now (topology and partition)."""
@@ -709,11 +745,15 @@ class VirtualNetwork:
         lost = (
             link is not None and link.connect_failure and self.rng.random() < link.connect_failure
         )
-        if link is None or lost or self._separated(source, host):
+        silent = host in self._hosts and self._hosts[host].silent
+        if link is None or lost or silent or self._separated(source, host):
             await trio.sleep(self.connect_timeout)
             raise OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out")
         await trio.sleep(link.rtt)
         target = self._hosts[host]
+        if target.silent:  # vanished while the SYN was on its way
+            await trio.sleep(max(0.0, self.connect_timeout - link.rtt))
+            raise OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out")
         listener = target.listeners.get(port)
         if not target.up or listener is None or listener.closed:
             raise OSError(errno.ECONNREFUSED, f"connection to {host}:{port} refused")
@@ -736,7 +776,7 @@ class VirtualNetwork:
         """Queue ``data`` on ``pipe``; return when the sender may go on: when at most
         ``send_buffer`` bytes are left to serialise (None: the connection was reset)."""
         link = connection.link
-        if link.reset and self.rng.random() < link.reset:
+        if not connection.silent and link.reset and self.rng.random() < link.reset:
             connection.reset()
             return None
         now = trio.current_time()
@@ -749,9 +789,14 @@ class VirtualNetwork:
             host.busy_until = end
         self.stats.chunks += 1
         self.stats.bytes += len(data)
-        pipe.buffered += len(data)
-        if self._groups is not None and connection.crosses(self._groups):
-            pipe.held.append(data)
+        pipe.buffered += len(data)  # a silent pipe's: never acknowledged, they fill the window
+        if connection.silent:
+            pass  # lost
+        elif self._groups is not None and connection.crosses(self._groups):
+            if self._partition_mode == "drop":
+                connection.silent = True
+            else:
+                pipe.held.append(data)
         else:
             self._deliver(connection, pipe, data, end)
         if rate < math.inf and self.send_buffer:
@@ -775,6 +820,8 @@ class VirtualNetwork:
 
     def _send_eof(self, connection: _Connection, pipe: _Pipe) -> None:
         pipe.eof_sent = True
+        if connection.silent:
+            return
         if self._groups is not None and connection.crosses(self._groups):
             pipe.held.append(None)
         else:

@@ -34,8 +34,8 @@ __all__ = [
 
 PLOTS = (
     ("consensus.png", ("consensus_max", "consensus_mean", "target_distance_max"), True),
-    ("loss.png", ("loss_mean",), False),
-    ("accuracy.png", ("accuracy_mean",), False),
+    ("loss.png", ("loss_mean", "federation_loss"), False),
+    ("accuracy.png", ("accuracy_mean", "federation_accuracy"), False),
     ("groups.png", ("groups_completed", "groups_aborted"), False),
     ("bytes.png", ("bytes",), False),
     ("epsilon.png", ("epsilon_max",), False),
@@ -55,6 +55,10 @@ Y_LABELS = {
 BANDS = {"consensus.png": "consensus", "loss.png": "loss", "accuracy.png": "accuracy"}
 """Plots that shade the spread over the nodes of a metric: its ``_min``..``_max`` columns
 lightly, ``_p10``..``_p90`` darker (the mean alone hides a node left behind)."""
+
+LAGGED = frozenset({"federation_accuracy", "federation_loss"})
+"""Columns that describe the previous round's model (the federation figures are shared
+while averaging the next round): plotted at the round of the model they describe."""
 
 
 def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -133,7 +137,8 @@ def write_plots(result: SimulationResult, out_dir: Path) -> tuple[list[Path], st
             continue
         figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
         for column, values in series.items():
-            points = [(r, v) for r, v in zip(rounds, values, strict=True) if v is not None]
+            lag = 1 if column in LAGGED else 0
+            points = [(r - lag, v) for r, v in zip(rounds, values, strict=True) if v is not None]
             if log_scale:
                 points = [(r, v) for r, v in points if v > 0]
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=column)

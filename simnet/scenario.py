@@ -51,8 +51,8 @@ are simulated seconds. The format, with the defaults::
     retry_backoff = 0.3
     exclusion = 30.0
     sync_timeout = 3.0
-    keepalive_interval = 15.0
-    idle_timeout = 60.0
+    keepalive_interval = 1.0
+    idle_timeout = 15.0
     send_timeout = 60.0
     handshake_timeout = 10.0
     grouping = "random"        # "random" | "exact" (exact rounds, derived positions)
@@ -85,17 +85,30 @@ are simulated seconds. The format, with the defaults::
     consensus_drop = 1.0       # training off: final consensus_max must be this many times
                                # below that of the initial models (0: off)
     consensus_max = inf        # training off: final consensus_max must be at most this
+    pace = 0.0                 # each side of a fault (vanish, partition) with group_min
+                               # nodes keeps this share of its rounds/s (0: off)
+    pace_window = 10.0         # pace: seconds before the fault measured as the reference
+    pace_grace = 5.0           # pace: seconds after the fault not measured (detection)
+    detect_within = 0.0        # every node stops counting the cut-off peers as responsive
+                               # within this many seconds of the fault (0: off)
+    merged = 0                 # groups spanning the sides of a healed partition that
+                               # must complete after the heal (0: off)
 
     [[events]]                 # scheduled faults
     at = 30.0
     action = "crash"           # "crash" | "restart" | "stop" (clean) | "join" (late start)
+                               # | "vanish" (silent: no reset, no refusal, data dropped)
+    in_group = false           # crash/vanish: wait from `at` until each node is in an
+                               # all-reduce (the worst moment for its group's members)
     nodes = [3, 4]             # or: fraction = 0.1 (drawn from the live nodes)
 
     [[partitions]]
     start = 20.0
     end = 60.0                 # heal time (omit: never heals)
     groups = [[0, 1, 2]]       # or: split = 0.5 (a random half); the rest is one more group
-    mode = "stall"             # "stall" | "reset" (existing streams across the cut)
+                               # or: cut = [[3, 4]] (topology edges: the sides are what
+                               # stays connected without them, e.g. a router's link)
+    mode = "stall"             # "stall" | "reset" | "drop" (existing streams across the cut)
 
 Nodes named in a ``join`` event start only then (the others start at time 0).
 ``model = "per-round"`` churn crashes ``per_round`` of the churn-subject nodes (drawn
@@ -237,6 +250,7 @@ class EventSpec:
     action: str
     nodes: tuple[int, ...] = ()
     fraction: float | None = None
+    in_group: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,6 +260,7 @@ class PartitionSpec:
     groups: tuple[tuple[int, ...], ...] = ()
     split: float | None = None
     mode: str = "stall"
+    cut: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,6 +268,12 @@ class ChecksSpec:
     rounds_after_heal: int = 1
     consensus_drop: float = 1.0
     consensus_max: float = math.inf
+    # the fault checks are off by default: existing scenarios' verdicts stay as they were
+    pace: float = 0.0
+    pace_window: float = 10.0
+    pace_grace: float = 5.0
+    detect_within: float = 0.0
+    merged: int = 0
 
 
 @dataclass(frozen=True)
@@ -433,10 +454,22 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
         protocol=protocol,
         dp=dp,
         churn=churn,
-        checks=_fill(ChecksSpec, _table(data, "checks"), "checks"),
+        checks=_checks(_table(data, "checks")),
         events=events,
         partitions=partitions,
     )
+
+
+def _checks(table: dict[str, Any]) -> ChecksSpec:
+    checks: ChecksSpec = _fill(ChecksSpec, table, "checks")
+    if checks.pace > 1:
+        raise ValueError(
+            f"[checks] pace is the share of the rounds per second kept during a fault: "
+            f"between 0 (off) and 1, got {checks.pace}"
+        )
+    if checks.pace_window <= 0:
+        raise ValueError(f"[checks] pace_window must be > 0 seconds, got {checks.pace_window}")
+    return checks
 
 
 def _check_grid(protocol: ProtocolSpec, count: int) -> None:
@@ -478,30 +511,41 @@ def _node_list(where: str, value: Any) -> tuple[int, ...]:
 
 def _event(index: int, table: dict[str, Any]) -> EventSpec:
     where = f"[[events]] #{index + 1}"
-    unknown = set(table) - {"at", "action", "nodes", "fraction"}
+    unknown = set(table) - {"at", "action", "nodes", "fraction", "in_group"}
     if unknown:
         raise ValueError(
-            f"{where}: unknown keys {sorted(unknown)} (known: at, action, nodes, fraction)"
+            f"{where}: unknown keys {sorted(unknown)} (known: at, action, nodes, fraction, "
+            "in_group)"
         )
     if "at" not in table or "action" not in table:
         raise ValueError(f"{where}: needs at = TIME and action = NAME")
     action = table["action"]
-    if action not in ("crash", "restart", "stop", "join"):
-        raise ValueError(f'{where}: action must be "crash", "restart", "stop" or "join"')
+    if action not in ("crash", "restart", "stop", "join", "vanish"):
+        raise ValueError(f'{where}: action must be "crash", "restart", "stop", "join" or "vanish"')
     fraction = table.get("fraction")
     if fraction is not None and not 0 < _number(f"{where} fraction", fraction) <= 1:
         raise ValueError(f"{where}: fraction must be in (0, 1]")
     nodes = _node_list(f"{where} nodes", table.get("nodes", []))
     if not nodes and fraction is None:
         raise ValueError(f"{where}: name the nodes (nodes = [..]) or a fraction")
-    return EventSpec(_number(f"{where} at", table["at"]), action, nodes, fraction)
+    in_group = table.get("in_group", False)
+    if not isinstance(in_group, bool):
+        raise ValueError(f"{where}: in_group must be true or false, got {in_group!r}")
+    if in_group and (action not in ("crash", "vanish") or fraction is not None):
+        raise ValueError(
+            f'{where}: in_group = true needs action = "crash" or "vanish" and nodes = [..] '
+            "(not a fraction)"
+        )
+    return EventSpec(_number(f"{where} at", table["at"]), action, nodes, fraction, in_group)
 
 
 def _partition(index: int, table: dict[str, Any]) -> PartitionSpec:
     where = f"[[partitions]] #{index + 1}"
-    unknown = set(table) - {"start", "end", "groups", "split", "mode"}
+    unknown = set(table) - {"start", "end", "groups", "split", "mode", "cut"}
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        raise ValueError(
+            f"{where}: unknown keys {sorted(unknown)} (known: start, end, groups, split, cut, mode)"
+        )
     if "start" not in table:
         raise ValueError(f"{where}: needs start = TIME")
     start = _number(f"{where} start", table["start"])
@@ -515,9 +559,31 @@ def _partition(index: int, table: dict[str, Any]) -> PartitionSpec:
     split = table.get("split")
     if split is not None and not 0 < _number(f"{where} split", split) < 1:
         raise ValueError(f"{where}: split must be in (0, 1)")
-    if not groups and split is None:
-        raise ValueError(f"{where}: give groups = [[..], ..] or split = FRACTION")
+    cut = _cut(where, table.get("cut", []))
+    if cut and (groups or split is not None):
+        raise ValueError(f"{where}: give one of groups, split or cut (the sides), not several")
+    if not groups and split is None and not cut:
+        raise ValueError(
+            f"{where}: give groups = [[..], ..], split = FRACTION or cut = [[A, B], ..]"
+        )
     mode = table.get("mode", "stall")
-    if mode not in ("stall", "reset"):
-        raise ValueError(f'{where}: mode must be "stall" or "reset"')
-    return PartitionSpec(start, None if end is None else float(end), groups, split, mode)
+    if mode not in ("stall", "reset", "drop"):
+        raise ValueError(f'{where}: mode must be "stall", "reset" or "drop", got {mode!r}')
+    return PartitionSpec(start, None if end is None else float(end), groups, split, mode, cut)
+
+
+def _cut(where: str, value: Any) -> tuple[tuple[int, int], ...]:
+    """``cut = [[A, B], ..]``: topology edges (checked against the topology at the start)."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: cut must be a list of edges [A, B], got {value!r}")
+    edges = []
+    for edge in value:
+        if not isinstance(edge, list) or len(edge) != 2:
+            raise ValueError(
+                f"{where}: each edge of cut is a pair of node indices [A, B], got {edge!r}"
+            )
+        a, b = _node_list(f"{where} cut", edge)
+        if a == b:
+            raise ValueError(f"{where}: cut edge [{a}, {b}] names one node twice")
+        edges.append((a, b))
+    return tuple(edges)

@@ -19,12 +19,20 @@ Rules of this file:
   ``scenario.rounds`` is complete and no join is pending, or at ``scenario.duration``.
 * **Crash** (scheduled or churn): the host goes down in the network (its streams reset)
   and the node's tasks are cancelled at once; nothing of its shutdown code reaches the
-  network. **Restart**: a new ``Node`` on the same identity and directory (checkpoint and
-  privacy ledger resume), with fresh random streams. **Stop**: ``request_stop()``, a
+  network. **Vanish** (scheduled): the same, but silently (:meth:`VirtualNetwork.vanish`:
+  no reset, connects time out); it counts as a crash. **Restart**: a new ``Node`` on the
+  same identity and directory (checkpoint and privacy ledger resume), with fresh random
+  streams. **Stop**: ``request_stop()``, a
   clean leave.
 * The conservation audit (:class:`simnet.checks.GroupAudit`) runs when training is off:
   it records what each member offered (``node.contribution`` with
   ``node.contribution_weight``).
+* **Fault watches** (only when ``[checks]`` asks for ``pace``, ``detect_within`` or
+  ``merged``): for each vanish event and each partition the run records every node's
+  round times, when each other node stopped counting the cut-off peers as responsive
+  (``Node.connected_peers``, looked at every ``TICK``), and the groups that span the
+  sides after a heal; ``summary["faults"]`` holds what :func:`simnet.checks.run_checks`
+  judges.
 * **Per-round churn** (``[churn] model = "per-round"``): each time the median round of the
   live nodes advances, ``per_round`` of the churn-subject nodes (drawn from the live ones)
   crash; each restarts ``downtime_rounds`` median rounds later (0: after an exponential
@@ -39,7 +47,7 @@ import logging
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,8 +59,8 @@ import trio.testing
 from p2pfed.config import DEFAULT_PORT, NodeConfig
 from p2pfed.federation import Federation, ProtocolParams
 from p2pfed.fixedpoint import FixedPointParams
-from p2pfed.group import GridPosition, GroupAborted, GroupCompleted, GroupConfig
-from p2pfed.identity import NodeIdentity
+from p2pfed.group import GridPosition, GroupAborted, GroupCompleted, GroupConfig, Phase
+from p2pfed.identity import NodeId, NodeIdentity
 from p2pfed.model_vector import model_to_vector
 from p2pfed.node import Node, NodeOptions, RoundReport
 from p2pfed.task import Task, load_task
@@ -65,6 +73,7 @@ from simnet.checks import (
     consensus_distances,
     conservation_tolerance,
     distance_to,
+    pace_rate,
     range_excess,
     run_checks,
     spread,
@@ -116,10 +125,16 @@ ROW_FIELDS = (
     # appended later (older files end at "restarts"): the spread over the live nodes
     *(f"{metric}_{name}" for metric in ("loss", "accuracy") for name, _ in QUANTILES),
     *(f"consensus_{name}" for name, _ in QUANTILES if name != "max"),
+    # appended later still: the federation-wide figures (spec/group.md, "Federation metrics")
+    "federation_accuracy",
+    "federation_loss",
 )
 """Columns of a metrics row (``None``/empty where not applicable). ``loss_p10`` etc.: the
 :data:`~simnet.checks.QUANTILES` over the live nodes' last evaluation; ``consensus_p10``
-etc.: of their distances to the mean model (``consensus_max`` is the largest)."""
+etc.: of their distances to the mean model (``consensus_max`` is the largest).
+``federation_accuracy`` and ``federation_loss``: the federation's figures of the previous
+round's model, as the live nodes learnt them under secure aggregation
+(``Node.federation_metrics``; their mean over the nodes)."""
 
 
 TICK = 0.25
@@ -163,6 +178,29 @@ class _Slot:
     live: bool = False
     restarting: bool = False
     incarnation: int = 0
+
+
+@dataclass
+class _FaultWatch:
+    """One vanish or partition the fault checks judge (see the module rules)."""
+
+    label: str
+    kind: str  # "vanish" | "partition"
+    start: float
+    sides: list[tuple[int, ...]]
+    """The nodes that stay on the network, by side (a vanish: one side, the others)."""
+    gone: tuple[int, ...] = ()
+    """Vanished nodes (not on any side)."""
+    lost: dict[int, frozenset[NodeId]] = field(default_factory=dict)
+    """Each observing node: the peers it can no longer hear from."""
+    detected: dict[int, float] = field(default_factory=dict)
+    end: float | None = None
+    """When the fault ended (heal, restart); ``None``: it lasted to the end of the run."""
+    side_of: dict[NodeId, int] = field(default_factory=dict)
+    cross_groups: set[bytes] = field(default_factory=set)
+    """Groups spanning two sides that completed after the heal."""
+    gap_at_heal: float | None = None
+    """The largest distance between two sides' mean models as the partition healed."""
 
 
 @dataclass
@@ -268,10 +306,60 @@ class Simulation:
         self.fewest_live: tuple[float, int] | None = None
         self.last_group_time: float | None = None
         self.observed = Observed(live_rounds={}, open_channels={})
+        checks = scenario.checks
+        # fault checks: only when asked for (nothing of this touches an rng or the network)
+        self.watching = bool(checks.pace or checks.detect_within or checks.merged)
+        self.watches: list[_FaultWatch] = []
+        self.round_times: dict[int, list[float]] = {}
+        self.cut_sides = [
+            self._cut_sides(number, p.cut) if p.cut else None
+            for number, p in enumerate(scenario.partitions)
+        ]
         self.ending = False
         self.done = trio.Event()
 
     # -- construction ----------------------------------------------------------------------
+
+    def _cut_sides(self, number: int, cut: tuple[tuple[int, int], ...]) -> list[list[int]]:
+        """The sides a partition's ``cut`` leaves: the topology's connected components
+        without the cut edges."""
+        where = f"[[partitions]] #{number + 1}"
+        edges = self.topology.edges
+        if edges is None:
+            raise ValueError(
+                f'{where}: cut needs a topology with edges (kind = "file" or a graph '
+                "family); the complete topology has no edge whose loss separates anything"
+            )
+        present = {frozenset(e) for e in edges}
+        for a, b in cut:
+            if frozenset((a, b)) not in present:
+                raise ValueError(f"{where}: cut names edge [{a}, {b}], not in the topology")
+        removed = {frozenset(e) for e in cut}
+        adjacency: list[list[int]] = [[] for _ in range(self.n)]
+        for a, b in edges:
+            if frozenset((a, b)) not in removed:
+                adjacency[a].append(b)
+                adjacency[b].append(a)
+        component = [-1] * self.n
+        sides: list[list[int]] = []
+        for root in range(self.n):
+            if component[root] >= 0:
+                continue
+            component[root] = len(sides)
+            side, stack = [root], [root]
+            while stack:
+                for there in adjacency[stack.pop()]:
+                    if component[there] < 0:
+                        component[there] = len(sides)
+                        side.append(there)
+                        stack.append(there)
+            sides.append(sorted(side))
+        if len(sides) < 2:
+            raise ValueError(
+                f"{where}: without the cut edges the topology is still connected: "
+                "nothing is cut (cut every link between the sides)"
+            )
+        return sides
 
     def _grid(self, index: int) -> GridPosition | None:
         protocol = self.scenario.protocol
@@ -412,6 +500,8 @@ class Simulation:
         while True:
             await trio.sleep(TICK)
             self.collections.check()
+            if self.watching:
+                self._watch_detection()
             self._check_progress()
             if self.churn_pool:
                 self._round_churn()
@@ -449,10 +539,13 @@ class Simulation:
             slot.exited.set()
             self._check_progress()
 
-    def _crash(self, slot: _Slot) -> None:
+    def _crash(self, slot: _Slot, *, silent: bool = False) -> None:
         if not slot.live or slot.scope is None or self.done.is_set() or self.ending:
             return
-        self.network.crash(slot.host)
+        if silent:
+            self.network.vanish(slot.host)
+        else:
+            self.network.crash(slot.host)
         slot.scope.cancel()
         slot.live = False
         self.crashes += 1
@@ -473,6 +566,9 @@ class Simulation:
         slot.incarnation += 1
         self.restarts += 1
         crashed_at = slot.node.round if slot.node is not None else 0
+        for watch in self.watches:
+            if slot.index in watch.gone and watch.end is None:
+                watch.end = trio.current_time()  # the vanished node is back
         await self._start(slot)
         assert slot.node is not None
         self.restarted.append(
@@ -497,7 +593,7 @@ class Simulation:
         await trio.sleep_until(event.at)
         targets = list(event.nodes)
         if event.fraction is not None:
-            if event.action in ("crash", "stop"):
+            if event.action in ("crash", "stop", "vanish"):
                 pool = [s.index for s in self.slots if s.live]
             else:
                 pool = [s.index for s in self.slots if not s.live]
@@ -506,8 +602,12 @@ class Simulation:
             if not 0 <= index < self.n:
                 raise ValueError(f"event at {event.at}: there is no node {index} (n = {self.n})")
             slot = self.slots[index]
+            if event.in_group:
+                await self._until_running(slot)
             if event.action == "crash":
                 self._crash(slot)
+            elif event.action == "vanish":
+                self._crash(slot, silent=True)
             elif event.action == "stop":
                 if slot.live and slot.node is not None:
                     slot.node.request_stop()
@@ -516,14 +616,33 @@ class Simulation:
                     await self._start(slot)
                 else:
                     await self._restart(slot)
+        if event.action == "vanish" and self.watching:
+            gone = tuple(sorted(set(targets)))
+            self._watch(
+                f"vanish of {_node_list(gone)} at t={round(trio.current_time(), 2):g}s",
+                "vanish",
+                [tuple(s.index for s in self._live() if s.index not in gone)],
+                gone,
+            )
         self.scheduled -= 1
         self._check_progress()
+
+    async def _until_running(self, slot: _Slot) -> None:
+        """Wait until the node is in an all-reduce (``in_group``; checked every 10 ms)."""
+        while slot.live and slot.node is not None and not self.ending:
+            group = slot.node.group
+            if group is not None and group.phase is Phase.RUNNING:
+                return
+            await trio.sleep(0.01)
 
     async def _partition(self, number: int, spec: PartitionSpec) -> None:
         await trio.sleep_until(spec.start)
         sides = [list(group) for group in spec.groups]
         if spec.split is not None:
             sides.append(sorted(self.rng.sample(range(self.n), round(spec.split * self.n))))
+        cut_sides = self.cut_sides[number]
+        if cut_sides is not None:
+            sides = cut_sides[:-1]  # the last component is "the rest"
         groups = [[host_address(i) for i in side] for side in sides]
         self.network.partition(groups, mode=spec.mode)  # type: ignore[arg-type]
         named = {i for side in sides for i in side}
@@ -534,9 +653,19 @@ class Simulation:
             tuple(tuple(side) for side in sides) + ((rest,) if rest else ()),
         )
         log.info("partition %d at %.1fs", number, trio.current_time())
+        watch = None
+        if self.watching:
+            everyone = [tuple(side) for side in self.partition_now[2]]
+            watch = self._watch(
+                f"partition {number + 1} at t={spec.start:g}s", "partition", everyone, ()
+            )
         if spec.end is not None:
             await trio.sleep_until(spec.end)
             self.network.heal()
+            if watch is not None:
+                watch.end = trio.current_time()
+                live = [(s.index, s.node.model) for s in self._live() if s.node is not None]
+                watch.gap_at_heal = _side_gap(watch.sides, live)
             self.partition_now = None
             log.info("partition %d healed at %.1fs", number, trio.current_time())
         self.scheduled -= 1
@@ -616,6 +745,8 @@ class Simulation:
         return weighted_mean(models, weights)
 
     def _on_round(self, slot: _Slot, report: RoundReport) -> None:
+        if self.watching:
+            self.round_times.setdefault(slot.index, []).append(trio.current_time())
         # the slowest live node's round (what a row and the end wait for) moves only when
         # the last node at it advances: counting those down instead of scanning every
         # node on every report keeps this linear, not quadratic, in the node count (any
@@ -633,9 +764,103 @@ class Simulation:
             return
         self.completed_groups.add(outcome.group_id)
         self.last_group_time = trio.current_time()
+        for watch in self.watches:
+            if watch.kind == "partition" and watch.end is not None:
+                sides = {watch.side_of.get(member, -1) for member in outcome.members}
+                if len(sides) > 1:
+                    watch.cross_groups.add(outcome.group_id)
         node = slot.node
         if not self.scenario.task.training and node is not None and node.contribution is not None:
             self.audit.record(node.node_id, outcome, node.contribution, node.contribution_weight)
+
+    # -- fault watches (pace, detection, merging) -------------------------------------------
+
+    def _watch(
+        self, label: str, kind: str, sides: list[tuple[int, ...]], gone: tuple[int, ...]
+    ) -> _FaultWatch:
+        watch = _FaultWatch(label, kind, trio.current_time(), sides, gone)
+        ids = [slot.identity.node_id for slot in self.slots]
+        for number, side in enumerate(sides):
+            for index in side:
+                watch.side_of[ids[index]] = number
+        live = {s.index for s in self._live()}
+        for number, side in enumerate(sides):
+            others = frozenset(ids[i] for i in gone) | frozenset(
+                ids[i] for k, other in enumerate(sides) if k != number for i in other
+            )
+            for index in side:
+                if index in live:
+                    watch.lost[index] = others
+        self.watches.append(watch)
+        self._watch_detection()
+        return watch
+
+    def _watch_detection(self) -> None:
+        """Note when each observer stopped counting its lost peers as responsive."""
+        now = trio.current_time()
+        for watch in self.watches:
+            if watch.end is not None or len(watch.detected) == len(watch.lost):
+                continue
+            for index, lost in watch.lost.items():
+                if index in watch.detected:
+                    continue
+                node = self.slots[index].node
+                if node is None or not self.slots[index].live:
+                    continue
+                if lost.isdisjoint(node.connected_peers()):
+                    watch.detected[index] = now
+
+    def _fault_summary(self) -> list[dict[str, Any]]:
+        """``summary["faults"]``: what the fault checks judge, one entry per watch."""
+        checks = self.scenario.checks
+        faults = []
+        for watch in self.watches:
+            end = self.ended_at if watch.end is None else min(watch.end, self.ended_at)
+            before = (max(0.0, watch.start - checks.pace_window), watch.start)
+            during = (watch.start + checks.pace_grace, end)
+            sides = []
+            for side in watch.sides:
+                nodes = [i for i in side if i in watch.lost]  # live at the fault
+                each = {i: pace_rate(self.round_times, [i], *during) for i in nodes}
+                slowest = min(nodes, key=lambda i: each[i] or 0.0, default=None)
+                sides.append(
+                    {
+                        "nodes": list(side),
+                        "live": len(nodes),
+                        "rate_before": pace_rate(self.round_times, nodes, *before),
+                        "rate_during": pace_rate(self.round_times, nodes, *during),
+                        "slowest_node": slowest,
+                        "slowest_rate_during": None if slowest is None else each[slowest],
+                    }
+                )
+            undetected = sorted(set(watch.lost) - set(watch.detected))
+            detected_after = (
+                round(max(watch.detected.values()) - watch.start, 6)
+                if watch.detected and not undetected
+                else None
+            )
+            faults.append(
+                {
+                    "fault": watch.label,
+                    "kind": watch.kind,
+                    "start": round(watch.start, 6),
+                    "end": round(end, 6),
+                    "healed": watch.kind == "partition" and watch.end is not None,
+                    "before": [round(t, 6) for t in before],
+                    "during": [round(t, 6) for t in during],
+                    "sides": sides,
+                    "detected_after": detected_after,
+                    "undetected": undetected,
+                    "cross_groups_after_heal": (
+                        len(watch.cross_groups) if watch.kind == "partition" else None
+                    ),
+                    "side_gap_at_heal": watch.gap_at_heal,
+                    "side_gap_at_end": (
+                        _side_gap(watch.sides, self.final_live) if watch.end is not None else None
+                    ),
+                }
+            )
+        return faults
 
     def _live(self) -> list[_Slot]:
         return [s for s in self.slots if s.live and s.node is not None]
@@ -668,6 +893,10 @@ class Simulation:
         losses = [n.last_metrics["loss"] for n in nodes if "loss" in n.last_metrics]
         accuracies = [n.last_metrics["accuracy"] for n in nodes if "accuracy" in n.last_metrics]
         epsilons = [n.ledger.spent() for n in nodes if n.ledger is not None]
+        # the figures of the previous round's model: what a node at this round has learnt
+        figures = [
+            f for n in nodes if (f := n.federation_metrics) is not None and f["round"] == round_ - 1
+        ]
         row: dict[str, Any] = {
             "round": round_,
             "time": round(trio.current_time(), 6),
@@ -692,6 +921,10 @@ class Simulation:
             **{f"loss_{k}": v for k, v in spread(losses).items()},
             **{f"accuracy_{k}": v for k, v in spread(accuracies).items()},
             **{f"consensus_{k}": v for k, v in distances.items() if k != "max"},
+            "federation_accuracy": (
+                float(np.mean([f["accuracy"] for f in figures])) if figures else None
+            ),
+            "federation_loss": float(np.mean([f["loss"] for f in figures])) if figures else None,
         }
         self.rows.append(row)
         if self.progress is not None:
@@ -784,6 +1017,8 @@ class Simulation:
             "restarts": self.restarts,
         }
         # appended later: the per-node spread of the live nodes' last metrics at the end
+        if self.watching:
+            summary["faults"] = self._fault_summary()
         final_distances = spread(consensus_distances(models))
         for metric in ("loss", "accuracy"):
             values = [m[metric] for m in self.final_metrics if metric in m]
@@ -798,6 +1033,26 @@ class Simulation:
         return SimulationResult(
             self.rows, summary, nodes, stats, self.audit, self.restarted, wall, checks
         )
+
+
+def _side_gap(
+    sides: list[tuple[int, ...]], models: Sequence[tuple[int, np.ndarray | None]]
+) -> float | None:
+    """The largest L2 distance between two sides' mean models (``None``: fewer than two
+    sides with a live node)."""
+    side_of = {i: number for number, side in enumerate(sides) for i in side}
+    members: dict[int, list[np.ndarray]] = {}
+    for index, model in models:
+        if model is not None and index in side_of:
+            members.setdefault(side_of[index], []).append(np.asarray(model, np.float64))
+    means = [np.mean(np.stack(m), axis=0) for _, m in sorted(members.items())]
+    if len(means) < 2:
+        return None
+    return max(float(np.linalg.norm(a - b)) for k, a in enumerate(means) for b in means[k + 1 :])
+
+
+def _node_list(indices: tuple[int, ...]) -> str:
+    return ("node " if len(indices) == 1 else "nodes ") + ", ".join(map(str, indices))
 
 
 def _federation_seed(federation: Federation) -> int:

@@ -54,8 +54,8 @@ def test_defaults() -> None:
     assert c.bootstrap == () and c.mdns and c.mdns_interfaces == ()
     assert (c.handshake_timeout, c.keepalive_interval, c.idle_timeout, c.send_timeout) == (
         10.0,
+        1.0,
         15.0,
-        60.0,
         60.0,
     )
     assert c.max_message_size is None and c.max_connections == 64

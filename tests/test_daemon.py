@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support.node_logs import rounds_logged
 
 from p2pfed.demo import create_local_federation, free_ports
@@ -71,13 +73,24 @@ def test_mdns_discovery_metrics_status_and_clean_stop(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         values = {
-            line.split()[0]: float(line.split()[1])
-            for line in text.splitlines()
-            if line and not line.startswith("#")
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
         }
-        assert values["p2pfed_rounds_total"] >= 3
-        assert values['p2pfed_groups_total{outcome="completed"}'] >= 3
-        assert values["p2pfed_bytes_sent_total"] > 0
+        assert values[("p2pfed_rounds_total", ())] >= 3
+        assert values[("p2pfed_groups_total", (("outcome", "completed"),))] >= 3
+        assert values[("p2pfed_group_seconds_count", ())] >= 3
+        assert values[("p2pfed_bytes_sent_total", ())] > 0
+        assert values[("p2pfed_peers_connected", ())] == 2
+        assert values[("p2pfed_train_loss", ())] >= 0
+        assert values[("p2pfed_test_loss", ())] >= 0
+        assert not [name for name, _ in values if name.startswith("p2pfed_epsilon")]  # DP off
+        # every series has a value, but those that need an accuracy: the tiny task has none
+        unknown = {name for (name, _), v in values.items() if math.isnan(v)}
+        needs_accuracy = {"p2pfed_test_accuracy"} | {
+            name for name, _ in values if name.startswith("p2pfed_federation_")
+        }
+        assert unknown <= needs_accuracy, unknown
 
         # status.json is rewritten at most every 0.25 s and refreshed every second, so it
         # may lag the log by up to a second

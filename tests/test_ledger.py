@@ -198,8 +198,8 @@ def test_edited_count_with_stale_checksum_is_detected(path: Path) -> None:
 
 def test_wrong_version_is_refused(path: Path) -> None:
     data = _valid(path)
-    _rewrite_body(path, data, lambda b: b.update(version=3), fix_checksum=True)
-    with pytest.raises(LedgerError, match="version 3"):
+    _rewrite_body(path, data, lambda b: b.update(version=4), fix_checksum=True)
+    with pytest.raises(LedgerError, match="version 4"):
         PrivacyLedger.open(path)
 
 
@@ -255,16 +255,25 @@ def test_unwritable_directory_records_nothing(path: Path, tmp_path: Path) -> Non
     assert ledger.releases() == 0 and PrivacyLedger.open(path).releases() == 0
 
 
-_CHILD = """
+_FORKER = """
+import os
 import sys
-from p2pfed.ledger import PrivacyLedger
-ledger = PrivacyLedger.open(sys.argv[1])
-round_ = ledger.releases()
-while True:
-    ledger.record_release(round=round_, noise_multiplier=1000.0)
-    round_ += 1
-    print(ledger.releases(), flush=True)
+from p2pfed.ledger import PrivacyLedger  # imported once (it imports torch): children fork
+for _ in sys.stdin:  # one line per child
+    pid = os.fork()
+    if pid == 0:
+        ledger = PrivacyLedger.open(sys.argv[1])
+        round_ = ledger.releases()
+        print(f"pid {os.getpid()}", flush=True)
+        while True:
+            ledger.record_release(round=round_, noise_multiplier=1000.0)
+            round_ += 1
+            print(ledger.releases(), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(f"status {status}", flush=True)
 """
+"""Forks one ledger-writing child per line of input and reports how it ended: a fresh
+process per kill, without paying the interpreter's and torch's start-up each time."""
 
 
 def test_kill_9_never_forgets_a_recorded_release(path: Path) -> None:
@@ -275,31 +284,43 @@ def test_kill_9_never_forgets_a_recorded_release(path: Path) -> None:
     # record returned, and at random points inside the next write
     plan = [(1, 0.0), (3, 0.001), (10, 0.0), (5, 0.003), (20, 0.0005), (2, 0.01), (7, 0.0)]
     plan += [(int(rng.integers(1, 30)), float(rng.uniform(0, 0.005))) for _ in range(8)]
-    for lines, sleep in plan:
-        child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(path)],
+    errors = path.parent / "forker.err"
+    with errors.open("w") as stderr:
+        forker = subprocess.Popen(
+            [sys.executable, "-c", _FORKER, str(path)],
             env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
-        last = None
-        try:
-            assert child.stdout is not None
-            for _ in range(lines):
-                line = child.stdout.readline()
-                assert line, f"child died early: {child.stderr.read() if child.stderr else ''}"
+    assert forker.stdin is not None and forker.stdout is not None
+    try:
+        for lines, sleep in plan:
+            forker.stdin.write("fork\n")
+            forker.stdin.flush()
+            first = forker.stdout.readline()
+            assert first.startswith("pid "), f"no child: {first!r} {errors.read_text()}"
+            child = int(first.split()[1])
+            last = None
+            try:
+                for _ in range(lines):
+                    line = forker.stdout.readline()
+                    assert not line.startswith("status"), f"child died early: {errors.read_text()}"
+                    last = int(line)
+                time.sleep(sleep * float(rng.uniform(0.5, 1.5)))
+            finally:
+                os.kill(child, signal.SIGKILL)
+            # read what the child printed before dying: those records had returned
+            while not (line := forker.stdout.readline()).startswith("status"):
+                assert line, f"the forker died: {errors.read_text()}"
                 last = int(line)
-            time.sleep(sleep * float(rng.uniform(0.5, 1.5)))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-        assert child.returncode == -signal.SIGKILL
-        # read what the child printed before dying: those records had returned
-        assert child.stdout is not None
-        for line in child.stdout.read().split():
-            last = int(line)
-        assert last is not None
-        reopened = PrivacyLedger.open(path)
-        # at most one record (written, killed before printing) more than the child reported
-        assert last <= reopened.releases() <= last + 1
+            status = int(line.split()[1])
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            assert last is not None
+            reopened = PrivacyLedger.open(path)
+            # at most one record (written, killed before printing) more than the child reported
+            assert last <= reopened.releases() <= last + 1
+    finally:
+        forker.kill()
+        forker.wait()

@@ -18,10 +18,16 @@ from simnet.topology import build_topology, load_topology_file, parse_edge_list
 SCENARIOS = Path(__file__).resolve().parent.parent / "simnet" / "scenarios"
 
 
-@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in SCENARIOS.glob("*.toml") if not p.name.endswith(".sweep.toml")),
+    ids=lambda p: p.stem,
+)
 def test_example_scenarios_parse(path: Path) -> None:
     scenario = load_scenario(path)
-    assert scenario.name and scenario.rounds
+    # a scenario that measures the pace during a fault has no round goal: it runs for its
+    # duration (nodes past the goal would stop initiating groups and slow the pace)
+    assert scenario.name and (scenario.rounds or scenario.checks.pace)
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,8 @@ def test_rows_and_summary_hold_each_nodes_spread(tmp_path: Path) -> None:
         *(f"loss_{q}" for q in ("min", "p10", "p50", "p90", "max")),
         *(f"accuracy_{q}" for q in ("min", "p10", "p50", "p90", "max")),
         *(f"consensus_{q}" for q in ("min", "p10", "p50", "p90")),
+        "federation_accuracy",
+        "federation_loss",
     ]
     table = list(csv.DictReader(io.StringIO(metrics_csv(result.rows))))
     assert len(table) == len(result.rows) >= 4

@@ -160,4 +160,5 @@ def verify(vectors: dict) -> None:
         "server_momentum": 0.9,
         "server_beta2": 0.99,
         "server_tau": 0.001,
+        "federation_metrics": True,
     }
