@@ -32,8 +32,8 @@ draws it from ``(seed, client, round)``), so their curves differ only by how the
   sample-weighted FedAvg and the FedAvgM / FedAdam server optimisers of Reddi et al. 2021
   with the same hyper-parameters as the p2pfed variants; plus a **centralized** model
   trained on the union of the clients' data for as many epochs; and the **chaos floor**:
-  the FedAvg reference again with one coordinate of its model moved by one float32 ulp
-  after round 10 (``differences_points.reference_fedavg_nudged_one_ulp``). Training is
+  each reference again with one coordinate of its model moved by one float32 ulp after
+  round 10 (``differences_points.reference_<optimizer>_nudged_one_ulp``). Training is
   chaotic: any implementation whose sums differ from the reference's in the last bit
   (Flower's float32 sums, p2pfed's fixed point on coordinates below ``2**-14``) drifts
   from it by about this much, however exact its averaging.
@@ -204,10 +204,10 @@ def run_references(
         histories["fedavg-client-lr-x2"] = replay(
             dataclasses.replace(setup, task_settings=doubled), OPTIMIZERS["fedavg"]
         )
-    if "fedavg" in optimizers and extra:
-        log(f"[reference fedavg, one ulp nudged after round {NUDGE_ROUND}] {setup.rounds} rounds")
-        histories["fedavg-nudged"] = replay(
-            setup, OPTIMIZERS["fedavg"], datasets=datasets, nudge_round=NUDGE_ROUND
+    for name in optimizers if extra else ():
+        log(f"[reference {name}, one ulp nudged after round {NUDGE_ROUND}] {setup.rounds} rounds")
+        histories[f"{name}-nudged"] = replay(
+            setup, OPTIMIZERS[name], datasets=datasets, nudge_round=NUDGE_ROUND
         )
     log(f"[centralized] {setup.rounds} epochs")
     histories["centralized"] = centralized(setup)
@@ -682,13 +682,14 @@ def build_result(
         met[f"{variant}_within_{tolerance:g}pt_of_reference"] = (
             complete and gap["max_abs"] <= tolerance
         )
-    nudged = references.get("fedavg-nudged")
-    if nudged is not None and "fedavg" in references:
-        # the chaos floor: the reference against itself with one coordinate one ulp off
-        # (any other float summation, Flower's included, differs by at least that much)
-        result["differences_points"]["reference_fedavg_nudged_one_ulp"] = gap_points(
-            nudged.accuracy, references["fedavg"].accuracy, marks
-        )
+    for name in OPTIMIZERS:
+        nudged, plain = references.get(f"{name}-nudged"), references.get(name)
+        if nudged is not None and plain is not None:
+            # the chaos floor: the reference against itself with one coordinate one ulp
+            # off (any other float arithmetic, Flower's included, drifts about as much)
+            result["differences_points"][f"reference_{name}_nudged_one_ulp"] = gap_points(
+                nudged.accuracy, plain.accuracy, marks
+            )
     if flower is not None:
         curve = flower.pop("curve")
         curves["flower-fedavg"] = curve

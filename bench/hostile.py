@@ -17,10 +17,18 @@ ModelRequest (so the node did serve it). Attacks:
   channels and on each sends a frame header announcing the largest message the node
   accepts, plus one body byte, and holds them; the node's RSS growth is measured.
 
+Then a **silent vanish**: four ``p2pfed node`` processes (tiny task) average in groups of
+three; after ``--window`` seconds one of them is frozen with SIGSTOP, so its sockets stay
+open and the kernel still accepts their bytes but nothing comes back (a frozen host, or a
+cut cable as the others see it); the other three's completed rounds per second during the
+next ``--window`` seconds are compared with the window before.
+
 The last line is one JSON object: join times in seconds (median of ``--joins``) without
-attack and under each attack, the largest of them, and the node's RSS growth in MB under
-the frame attack. Targets (issue 15): joins under attack within 2 s of the join without,
-RSS growth at most 64 MB.
+attack and under each attack, the largest of them, the node's RSS growth in MB under the
+frame attack, and the survivors' rounds per second before and during the vanish. Targets
+(issue 15): joins under attack within 2 s of the join without, RSS growth at most 64 MB,
+and during the vanish the survivors keep at least 80% of their rounds per second (the
+slowest of the three counts).
 """
 
 from __future__ import annotations
@@ -206,6 +214,80 @@ def _stop(process: subprocess.Popen[str]) -> None:
     process.wait()
 
 
+def _round_times(log: Path) -> list[float]:
+    """Wall-clock times of the rounds a node logged (``--log-json``)."""
+    import datetime
+
+    times = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"event": "round"' not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError):
+            record = json.loads(line)
+            times.append(datetime.datetime.fromisoformat(record["ts"]).timestamp())
+    return times
+
+
+def vanish_pace(work: Path, window: float) -> dict[str, object]:
+    """Four nodes; freeze one (SIGSTOP) and compare the others' rounds per second."""
+    import signal
+
+    params = ProtocolParams(dp_enabled=False, group_min=3, group_max=3, min_nodes=4)
+    federation = dataclasses.replace(Federation.new("vanish-bench"), params=params)
+    dirs = create_local_federation(
+        work / "vanish", federation, 4, mdns=False, task="support.tiny_task:task"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "p2pfed", "node", str(d), "--log-json"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(d / "node.log", "w"),  # noqa: SIM115
+            env=env,
+        )
+        for d in dirs
+    ]
+    frozen = nodes[3]
+    try:
+        deadline = time.monotonic() + 120
+        while min(len(_round_times(d / "node.log")) for d in dirs) < 5:
+            if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
+                raise RuntimeError("the four vanish-bench nodes did not start their rounds")
+            time.sleep(0.2)
+        start = time.time()
+        time.sleep(window)
+        cut = time.time()
+        os.kill(frozen.pid, signal.SIGSTOP)
+        time.sleep(window)
+        end = time.time()
+        os.kill(frozen.pid, signal.SIGCONT)
+        alive = all(n.poll() is None for n in nodes[:3])
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.pid, signal.SIGCONT)
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+    before, during = [], []
+    for d in dirs[:3]:
+        times = _round_times(d / "node.log")
+        before.append(sum(start <= t < cut for t in times) / (cut - start))
+        during.append(sum(cut <= t < end for t in times) / (end - cut))
+    kept = min(b and d / b for b, d in zip(before, during, strict=True))
+    return {
+        "vanish_window_s": window,
+        "vanish_rounds_per_s_before": [round(v, 2) for v in before],
+        "vanish_rounds_per_s_during": [round(v, 2) for v in during],
+        "vanish_kept_fraction": round(kept, 3),
+        "vanish_survivors_alive": alive,
+        "vanish_target_met": alive and kept >= 0.8,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="p2pfed-hostile-"))
     params = ProtocolParams(dp_enabled=False, group_min=3, group_max=3)
@@ -270,6 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "join_target_met": worst - baseline <= 2.0,
             "rss_target_met": rss_after - rss_before <= 64e6,
         }
+        result.update(vanish_pace(work, args.window))
     finally:
         node.terminate()
         try:
@@ -285,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storm-rate", type=float, default=200.0, help="connects a second")
     parser.add_argument("--frames", type=int, default=64, help="channels of the frame attack")
     parser.add_argument("--joins", type=int, default=5, help="joins timed per phase (median)")
+    parser.add_argument(
+        "--window", type=float, default=20.0, help="seconds before and during the vanish (20)"
+    )
     parser.add_argument("--attack", choices=("idle", "storm", "frames"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fed", help=argparse.SUPPRESS)

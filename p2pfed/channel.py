@@ -97,6 +97,9 @@ MAX_TRANSPORT_PLAINTEXT = MAX_NOISE_MESSAGE - 16  # ChaChaPoly tag
 MAX_HANDSHAKE_MESSAGE = 1024
 MAX_CLOSE_REASON = 256
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+MIN_MAX_MESSAGE_SIZE = 1024
+"""The smallest ``max_message_size`` a node may announce (spec/transport.md, section 3):
+below it no control message could be sent to it, and every send would fail locally."""
 FRAME_HEADER = 4
 LAZY_FRAME_SIZE = 64 * 1024
 """Frame bodies above this size are not allocated from the header: their memory is
@@ -369,8 +372,10 @@ class ChannelConnection:
     ) -> None:
         if len(psk) != 32:
             raise LocalProtocolError(f"the federation secret must be 32 bytes, got {len(psk)}")
-        if not 1 <= max_message_size <= 0xFFFF_FFFF:
-            raise LocalProtocolError("max_message_size must be between 1 and 2**32 - 1 bytes")
+        if not MIN_MAX_MESSAGE_SIZE <= max_message_size <= 0xFFFF_FFFF:
+            raise LocalProtocolError(
+                f"max_message_size must be between {MIN_MAX_MESSAGE_SIZE} and 2**32 - 1 bytes"
+            )
         if not versions or list(versions) != sorted(set(versions)):
             raise LocalProtocolError("versions must be a non-empty strictly ascending list")
         self.role = role
@@ -651,6 +656,14 @@ class ChannelConnection:
             )
         if peer.identity_key == self._identity.public_key:
             self._fail(HandshakeError("the peer presents our own identity (connected to self?)"))
+        if peer.max_message_size < MIN_MAX_MESSAGE_SIZE:
+            self._fail(
+                HandshakeError(
+                    f"handshake message {step}: the peer accepts messages of at most "
+                    f"{peer.max_message_size} bytes, below the protocol's minimum "
+                    f"{MIN_MAX_MESSAGE_SIZE}"
+                )
+            )
         self._peer_payload = peer
         self.peer_identity_key = peer.identity_key
         self.peer_id = NodeId.from_public_key(peer.identity_key)
@@ -700,13 +713,16 @@ class ChannelConnection:
         chunks = _chunks(parts, MAX_TRANSPORT_PLAINTEXT)
         slot = MAX_NOISE_MESSAGE + 2
         count = -(-total // MAX_TRANSPORT_PLAINTEXT)
-        buffer = memoryview(bytearray(min(max(1, batch_size // slot), count) * slot))
+        # only as large as the wire bytes need: a small message (a keepalive) must not pay
+        # for zeroing a whole 64 KiB slot, the largest cost of sending it
+        size = min(max(1, batch_size // slot) * slot, total + count * (2 + 16))
+        buffer = memoryview(bytearray(size))
         filled = 0
         for chunk in chunks:
-            if filled + slot > len(buffer):
+            length = len(chunk) + 16
+            if filled + 2 + length > len(buffer):
                 yield buffer[:filled]
                 filled = 0
-            length = len(chunk) + 16
             buffer[filled : filled + 2] = length.to_bytes(2, "big")
             encrypt_into(b"", chunk, buffer[filled + 2 : filled + 2 + length])
             filled += 2 + length
@@ -819,6 +835,14 @@ class ChannelConnection:
                         f"the peer chose protocol version {message.version}, which we did not "
                         "offer",
                         CloseCode.UNSUPPORTED_VERSION,
+                    )
+                )
+            if message.max_message_size < MIN_MAX_MESSAGE_SIZE:
+                self._fail(
+                    RemoteProtocolError(
+                        f"the peer's Welcome announces max_message_size "
+                        f"{message.max_message_size}, below the protocol's minimum "
+                        f"{MIN_MAX_MESSAGE_SIZE}"
                     )
                 )
             self.version = message.version

@@ -32,16 +32,16 @@ Example::
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from p2pfed.errors import ConfigError
 from p2pfed.federation import ProtocolParams
+from p2pfed.schema import FieldError, check_fields, rules_of, setting, unknown_keys_message
 from p2pfed.tomlfile import toml_value
 
 if TYPE_CHECKING:
@@ -108,212 +108,229 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-# One explanation per key, used for default_config_text(); the order is the file order.
-_DOCS: dict[str, str] = {
-    "listen_host": "Address to accept connections on (0.0.0.0 = all IPv4 interfaces).",
-    "listen_port": "TCP port to accept connections on (0 = any free port).",
-    "federation_file": "Federation file, relative to this directory unless absolute.",
-    "bootstrap": 'Peers to connect to at start, as "host:port" (or "[ipv6]:port").',
-    "mdns": "Find peers on the local network with mDNS / DNS-SD.",
-    "mdns_interfaces": 'IP addresses of the interfaces mDNS uses, e.g. ["192.168.1.10"]; '
-    "empty = all.",
-    "handshake_timeout": "Seconds a connection may take to complete its Noise handshake.",
-    "keepalive_interval": "Seconds of silence after which a keepalive is sent (the node sends\n"
-    "one after at most 1 s, so that a vanished peer is noticed within 3 s).",
-    "idle_timeout": "Seconds without hearing from a peer before the connection is dropped\n"
-    "(a peer that is up sends a keepalive every second; a channel silent this long is\n"
-    "dead, and a peer reachable again is dialled anew).",
-    "send_timeout": "Seconds a single message may take to send before the peer is dropped.",
-    "max_message_size": "Largest message accepted, in bytes: at most the federation's\n"
-    "max_message_size (unset = the federation's).",
-    "max_connections": "Most simultaneous peer connections.",
-    "log_format": 'Log output: "text" for humans, "json" for one JSON object per line.',
-    "metrics": "Serve Prometheus metrics over HTTP.",
-    "metrics_port": "TCP port of the metrics endpoint.",
-    "metrics_host": "Address of the metrics endpoint (127.0.0.1 = this machine only).",
-    "torch_threads": "Threads torch may use for training and evaluation (0 = torch's default,\n"
-    "one per core). 1 by default: nodes are often co-located on one machine, and several\n"
-    "processes that each start a thread per core slow each other down.",
-    "device": 'Where the task should train: "cpu", "cuda", "cuda:1", "mps". The node checks\n'
-    'that torch can use it and passes it to the task as config["device"]; the task moves\n'
-    "its model and batches there (the built-in tasks do).",
-    "grid_side": "Grid grouping (Moshpit, spec/group.md): the side of the federation's grid;\n"
-    "every node of the federation then sets the same side and its own grid_coordinate\n"
-    "(unset = random grouping).",
-    "grid_coordinate": "This node's cell on the grid, one integer in 0..grid_side-1 per\n"
-    "dimension, e.g. [0, 4, 2] on a 9x9x9 grid; a round averages along one dimension.",
-}
-# Example values written (commented out) for keys whose default is "unset".
-_EXAMPLES: dict[str, Any] = {
-    "max_message_size": 64 * 1024 * 1024,
-    "grid_side": 9,
-    "grid_coordinate": [0, 4, 2],
-}
-
-
-class _KeyError(ValueError):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-def _check_float(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _KeyError(key, f"must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise _KeyError(key, f"must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_int(key: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _KeyError(key, f"must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise _KeyError(key, f"must be between {low} and {high}, got {value}")
-    return value
-
-
-def _check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _KeyError(key, f"must be true or false, got {value!r}")
-    return value
-
-
-def _check_host(key: str, value: Any) -> str:
+def _host(value: Any) -> Any:
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
-        raise _KeyError(key, f"must be a host name or IP address, got {value!r}")
+        raise ValueError(f"must be a host name or IP address, got {value!r}")
     return value
 
 
-def _check_str_list(key: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list | tuple):
-        raise _KeyError(key, f"must be a list of strings, got {value!r}")
-    for item in value:
-        if not isinstance(item, str):
-            raise _KeyError(key, f"must be a list of strings, but contains {item!r}")
-    return tuple(value)
+def _bootstrap_entries(value: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in value:
+        parse_host_port(entry)
+    return value
+
+
+def _interface_addresses(value: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in value:
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is not an IP address; give the interface's address "
+                "(e.g. 192.168.1.10), not its name"
+            ) from None
+    return value
+
+
+def _grid_side(value: int) -> int:
+    # p2pfed.group imports numpy and the protocol: load it only when a grid is configured
+    from p2pfed.group import MAX_GRID_SIDE
+
+    if not 2 <= value <= MAX_GRID_SIDE:
+        raise ValueError(f"must be between 2 and {MAX_GRID_SIDE}, got {value}")
+    return value
+
+
+def _task_name(value: Any) -> Any:
+    if not isinstance(value, str) or not _TASK_RE.fullmatch(value):
+        raise ValueError(
+            f'must be "package.module:object" (e.g. "mytasks.mnist:task"), got {value!r}'
+        )
+    return value
+
+
+def _device(value: Any) -> Any:
+    if not isinstance(value, str) or not _DEVICE_RE.fullmatch(value):
+        raise ValueError(f'must be a torch device such as "cpu" or "cuda:0", got {value!r}')
+    return value
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """A node's settings (``config.toml``), validated at construction.
 
-    Invalid values raise :class:`~p2pfed.errors.ConfigError` naming the key. Lists are
-    stored as tuples so the object stays immutable and hashable.
+    Each field declares its key once (:func:`p2pfed.schema.setting`): type, range, default
+    and the help text :func:`default_config_text` writes above it; the field order is the
+    file order. Invalid values raise :class:`~p2pfed.errors.ConfigError` naming the key.
+    Lists are stored as tuples so the object stays immutable and hashable.
     """
 
-    listen_host: str = "0.0.0.0"
-    listen_port: int = DEFAULT_PORT
-    federation_file: Path = Path(FEDERATION_FILE_NAME)
-    bootstrap: tuple[str, ...] = ()
-    mdns: bool = True
-    mdns_interfaces: tuple[str, ...] = ()
-    handshake_timeout: float = 10.0
-    keepalive_interval: float = 1.0
-    idle_timeout: float = 15.0
-    send_timeout: float = 60.0
-    max_message_size: int | None = None
-    max_connections: int = 64
-    log_format: Literal["text", "json"] = "text"
-    metrics: bool = False
-    metrics_port: int = 9464
-    metrics_host: str = "127.0.0.1"
-    grid_side: int | None = None
-    grid_coordinate: tuple[int, ...] | None = None
-    torch_threads: int = 1
-    device: str = "cpu"
-    task: str | None = field(default=None)
-    task_settings: dict[str, Any] = field(default_factory=dict, hash=False)
+    listen_host: str = setting(
+        "0.0.0.0",
+        check=_host,
+        help="Address to accept connections on (0.0.0.0 = all IPv4 interfaces).",
+    )
+    listen_port: int = setting(
+        DEFAULT_PORT,
+        "int",
+        low=0,
+        high=65535,
+        help="TCP port to accept connections on (0 = any free port).",
+    )
+    # setting() is a dataclasses.field() with the key's rule: not a shared mutable default
+    federation_file: Path = setting(  # noqa: RUF009
+        Path(FEDERATION_FILE_NAME),
+        "path",
+        help="Federation file, relative to this directory unless absolute.",
+    )
+    bootstrap: tuple[str, ...] = setting(
+        (),
+        "strs",
+        check=_bootstrap_entries,
+        help='Peers to connect to at start, as "host:port" (or "[ipv6]:port").',
+    )
+    mdns: bool = setting(True, "bool", help="Find peers on the local network with mDNS / DNS-SD.")
+    mdns_interfaces: tuple[str, ...] = setting(
+        (),
+        "strs",
+        check=_interface_addresses,
+        help='IP addresses of the interfaces mDNS uses, e.g. ["192.168.1.10"]; empty = all.',
+    )
+    handshake_timeout: float = setting(
+        10.0,
+        "float",
+        low=0,
+        low_open=True,
+        unit="seconds",
+        help="Seconds a connection may take to complete its Noise handshake.",
+    )
+    keepalive_interval: float = setting(
+        1.0,
+        "float",
+        low=0,
+        low_open=True,
+        unit="seconds",
+        help="Seconds of silence after which a keepalive is sent (the node sends\n"
+        "one after at most 1 s, so that a vanished peer is noticed within 3 s).",
+    )
+    idle_timeout: float = setting(
+        15.0,
+        "float",
+        low=0,
+        low_open=True,
+        unit="seconds",
+        help="Seconds without hearing from a peer before the connection is dropped\n"
+        "(a peer that is up sends a keepalive every second; a channel silent this long is\n"
+        "dead, and a peer reachable again is dialled anew).",
+    )
+    send_timeout: float = setting(
+        60.0,
+        "float",
+        low=0,
+        low_open=True,
+        unit="seconds",
+        help="Seconds a single message may take to send before the peer is dropped.",
+    )
+    max_message_size: int | None = setting(
+        None,
+        "int",
+        optional=True,
+        low=65535,
+        high=2**32 - 1,
+        example=64 * 1024 * 1024,
+        help="Largest message accepted, in bytes: at most the federation's\n"
+        "max_message_size (unset = the federation's).",
+    )
+    max_connections: int = setting(
+        64, "int", low=1, high=65535, help="Most simultaneous peer connections."
+    )
+    log_format: Literal["text", "json"] = setting(
+        "text",
+        "str",
+        choices=("text", "json"),
+        help='Log output: "text" for humans, "json" for one JSON object per line.',
+    )
+    metrics: bool = setting(False, "bool", help="Serve Prometheus metrics over HTTP.")
+    metrics_port: int = setting(
+        9464, "int", low=0, high=65535, help="TCP port of the metrics endpoint."
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        check=_host,
+        help="Address of the metrics endpoint (127.0.0.1 = this machine only).",
+    )
+    grid_side: int | None = setting(
+        None,
+        "int",
+        optional=True,
+        check=_grid_side,
+        example=9,
+        help="Grid grouping (Moshpit, spec/group.md): the side of the federation's grid;\n"
+        "every node of the federation then sets the same side and its own grid_coordinate\n"
+        "(unset = random grouping).",
+    )
+    grid_coordinate: tuple[int, ...] | None = setting(
+        None,
+        "ints",
+        optional=True,
+        example=[0, 4, 2],
+        help="This node's cell on the grid, one integer in 0..grid_side-1 per\n"
+        "dimension, e.g. [0, 4, 2] on a 9x9x9 grid; a round averages along one dimension.",
+    )
+    torch_threads: int = setting(
+        1,
+        "int",
+        low=0,
+        high=1024,
+        help="Threads torch may use for training and evaluation (0 = torch's default,\n"
+        "one per core). 1 by default: nodes are often co-located on one machine, and several\n"
+        "processes that each start a thread per core slow each other down.",
+    )
+    device: str = setting(
+        "cpu",
+        check=_device,
+        help='Where the task should train: "cpu", "cuda", "cuda:1", "mps". The node checks\n'
+        'that torch can use it and passes it to the task as config["device"]; the task moves\n'
+        "its model and batches there (the built-in tasks do).",
+    )
+    task: str | None = setting(
+        None,
+        optional=True,
+        check=_task_name,
+        help='The training task, as "package.module:object" (or a [task] table).',
+    )
+    task_settings: dict[str, Any] = setting(  # noqa: RUF009
+        default_factory=dict,
+        kind="table",
+        hash=False,
+        help="The [task] table without its name: the task's settings.",
+    )
     """The ``[task]`` table without its ``name``: the task's settings."""
 
     def __post_init__(self) -> None:
         try:
-            self._validate()
-        except _KeyError as exc:
+            check_fields(self)
+            self._check_together()
+        except FieldError as exc:
             raise ConfigError(str(exc)) from None
 
-    def _set(self, key: str, value: Any) -> None:
-        object.__setattr__(self, key, value)
-
-    def _validate(self) -> None:
-        self._set("listen_host", _check_host("listen_host", self.listen_host))
-        self._set("listen_port", _check_int("listen_port", self.listen_port, 0, 65535))
-        if not isinstance(self.federation_file, str | os.PathLike) or not str(self.federation_file):
-            raise _KeyError("federation_file", f"must be a path, got {self.federation_file!r}")
-        self._set("federation_file", Path(self.federation_file))
-        bootstrap = _check_str_list("bootstrap", self.bootstrap)
-        for entry in bootstrap:
-            try:
-                parse_host_port(entry)
-            except ValueError as exc:
-                raise _KeyError("bootstrap", str(exc)) from None
-        self._set("bootstrap", bootstrap)
-        self._set("mdns", _check_bool("mdns", self.mdns))
-        interfaces = _check_str_list("mdns_interfaces", self.mdns_interfaces)
-        for entry in interfaces:
-            try:
-                ipaddress.ip_address(entry)
-            except ValueError:
-                raise _KeyError(
-                    "mdns_interfaces",
-                    f"{entry!r} is not an IP address; give the interface's address "
-                    "(e.g. 192.168.1.10), not its name",
-                ) from None
-        self._set("mdns_interfaces", interfaces)
-        for key in ("handshake_timeout", "keepalive_interval", "idle_timeout", "send_timeout"):
-            self._set(key, _check_float(key, getattr(self, key)))
+    def _check_together(self) -> None:
         if self.keepalive_interval >= self.idle_timeout:
-            raise _KeyError(
+            raise FieldError(
                 "keepalive_interval",
                 f"must be less than idle_timeout ({self.idle_timeout}), or idle peers would be "
                 f"dropped before a keepalive is sent; got {self.keepalive_interval}",
             )
-        if self.max_message_size is not None:
-            _check_int("max_message_size", self.max_message_size, 65535, 2**32 - 1)
-        self._set("max_connections", _check_int("max_connections", self.max_connections, 1, 65535))
-        if self.log_format not in ("text", "json"):
-            raise _KeyError("log_format", f'must be "text" or "json", got {self.log_format!r}')
-        self._set("metrics", _check_bool("metrics", self.metrics))
-        self._set("metrics_port", _check_int("metrics_port", self.metrics_port, 0, 65535))
-        self._set("metrics_host", _check_host("metrics_host", self.metrics_host))
-        if self.task is not None and (
-            not isinstance(self.task, str) or not _TASK_RE.fullmatch(self.task)
-        ):
-            raise _KeyError(
-                "task",
-                f'must be "package.module:object" (e.g. "mytasks.mnist:task"), got {self.task!r}',
-            )
-        if not isinstance(self.task_settings, dict) or not all(
-            isinstance(k, str) for k in self.task_settings
-        ):
-            raise _KeyError("task", f"settings must be a table, got {self.task_settings!r}")
-        self._set("task_settings", dict(self.task_settings))
-        self._set("torch_threads", _check_int("torch_threads", self.torch_threads, 0, 1024))
-        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
-            raise _KeyError(
-                "device", f'must be a torch device such as "cpu" or "cuda:0", got {self.device!r}'
-            )
-        if self.grid_coordinate is not None:
-            if not isinstance(self.grid_coordinate, list | tuple) or not all(
-                isinstance(c, int) and not isinstance(c, bool) for c in self.grid_coordinate
-            ):
-                raise _KeyError(
-                    "grid_coordinate", f"must be a list of integers, got {self.grid_coordinate!r}"
-                )
-            self._set("grid_coordinate", tuple(self.grid_coordinate))
         if self.grid_side is None:
             if self.grid_coordinate is not None:
-                raise _KeyError("grid_coordinate", "is set but grid_side is not; set both")
+                raise FieldError("grid_coordinate", "is set but grid_side is not; set both")
         else:
-            from p2pfed.group import MAX_GRID_SIDE
-
-            _check_int("grid_side", self.grid_side, 2, MAX_GRID_SIDE)
             if self.grid_coordinate is None:
-                raise _KeyError("grid_side", "is set but grid_coordinate is not; set both")
+                raise FieldError("grid_side", "is set but grid_coordinate is not; set both")
             try:
                 self.grid_position()
             except (TypeError, ValueError) as exc:
-                raise _KeyError("grid_coordinate", str(exc)) from None
+                raise FieldError("grid_coordinate", str(exc)) from None
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
@@ -408,15 +425,15 @@ def default_config_text() -> str:
         "# Unknown keys are errors. Durations are in seconds.",
         "",
     ]
-    for f in fields(NodeConfig):
-        if f.name in ("task", "task_settings"):
+    for name, rule in rules_of(NodeConfig).items():
+        if name in ("task", "task_settings"):
             continue  # written last: a [task] table must follow every top-level key
-        lines.extend(f"# {line}" for line in _DOCS[f.name].splitlines())
-        value = getattr(defaults, f.name)
+        lines.extend(f"# {line}" for line in rule.help.splitlines())
+        value = getattr(defaults, name)
         if value is None:
-            lines.append(f"# {f.name} = {toml_value(_EXAMPLES[f.name])}")
+            lines.append(f"# {name} = {toml_value(rule.example)}")
         else:
-            lines.append(f"{f.name} = {toml_value(value)}")
+            lines.append(f"{name} = {toml_value(value)}")
         lines.append("")
     lines.extend(_TASK_TEXT.splitlines())
     lines.append("")
@@ -435,17 +452,14 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
     allowed = NodeConfig.allowed_keys()
     unknown = sorted(set(doc) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; allowed keys are: {', '.join(allowed)}"
-        )
+        raise ConfigError(f"{source}: {unknown_keys_message(unknown, allowed)}")
     if isinstance(doc.get("task"), dict):
         settings = dict(doc.pop("task"))
         name = settings.pop(TASK_NAME_KEY, None)
-        if name is not None and not (isinstance(name, str) and _TASK_RE.fullmatch(name)):
-            raise ConfigError(
-                f'{source}: [task] {TASK_NAME_KEY}: must be "package.module:object" '
-                f'(e.g. "mytasks.mnist:task"), got {name!r}'
-            )
+        try:
+            rules_of(NodeConfig)["task"].convert(name)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [task] {TASK_NAME_KEY}: {exc}") from None
         doc["task"], doc["task_settings"] = name, settings
     try:
         return NodeConfig(**doc)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 import stat
@@ -36,6 +35,15 @@ from typing import Any, ClassVar
 
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.errors import ConfigError
+from p2pfed.schema import (
+    FieldError,
+    Rule,
+    Schema,
+    check_fields,
+    rules_of,
+    setting,
+    unknown_keys_message,
+)
 from p2pfed.tomlfile import toml_value
 
 __all__ = [
@@ -69,193 +77,215 @@ _MAX_MESSAGE_SIZE = 2**32 - 1
 _MAX_GROUP = 64
 
 
-class _ParamError(ValueError):
-    """Internal: a parameter is invalid; converted to ConfigError naming the file."""
+_AVERAGING_MODES = ("exact", "random")
+_DP_LEVELS = ("node", "record", "distributed")
 
 
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _ParamError(f"{name} must be an integer, got {value!r}")
+def _ring_bits(value: int) -> int:
+    if value not in (32, 64):
+        raise ValueError(f"must be 32 or 64, got {value}")
     return value
-
-
-def _float(name: str, value: Any) -> float:
-    # TOML writes 8 and 8.0 differently; both mean the same parameter.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _ParamError(f"{name} must be a number, got {value!r}")
-    result = float(value)
-    if not math.isfinite(result):
-        raise _ParamError(f"{name} must be a finite number, got {value!r}")
-    return result
 
 
 @dataclass(frozen=True)
 class ProtocolParams:
     """Protocol parameters every member of a federation must agree on.
 
-    Validated at construction; an invalid value raises :class:`~p2pfed.errors.ConfigError`
-    naming the parameter and the allowed range. ``[params]`` in the federation file.
+    ``[params]`` in the federation file. Each field declares its key once
+    (:func:`p2pfed.schema.setting`): type, range, default and the comment
+    :meth:`Federation.to_toml` writes above it. Validated at construction; an invalid value
+    raises :class:`~p2pfed.errors.ConfigError` naming the parameter and the allowed range.
     Whether ``fixed_point_bits``, ``clip`` and ``group_max`` leave enough fixed-point
-    resolution is checked by the fixed-point encoding, which owns the scale.
+    resolution is checked by the fixed-point encoding, which owns the scale; the ranges of
+    the server optimiser's settings are checked by :mod:`p2pfed.server_optimizer`.
     """
 
-    group_min: int = 3
+    group_min: int = setting(
+        3,
+        "int",
+        low=3,
+        why="a group of 2 reveals each member's model to the other",
+        help="smallest group that may aggregate (>= 3: a group of 2 reveals the other's model)",
+    )
     """Smallest group that may aggregate. At least 3: in a group of 2, the sum minus your own
     contribution is the other member's model."""
-    group_max: int = 8
+    group_max: int = setting(
+        8, "int", low=3, high=_MAX_GROUP, help="largest group (group_min .. 64)"
+    )
     """Largest group (group_min <= group_max <= 64)."""
-    max_message_size: int = 256 * 1024 * 1024
+    max_message_size: int = setting(
+        256 * 1024 * 1024,
+        "int",
+        low=_MIN_MESSAGE_SIZE,
+        high=_MAX_MESSAGE_SIZE,
+        unit="bytes",
+        help="largest protocol message in bytes (65535 .. 4294967295)",
+    )
     """Largest application message in bytes (65535 .. 2^32-1); bounds every allocation."""
-    fixed_point_bits: int = 64
+    fixed_point_bits: int = setting(
+        64, "int", check=_ring_bits, help="secure-aggregation ring size: 32 or 64"
+    )
     """Ring size of the secure-aggregation arithmetic: 32 or 64 bits."""
-    clip: float = 8.0
+    clip: float = setting(
+        8.0,
+        "float",
+        low=0,
+        low_open=True,
+        help="model values are clipped to [-clip, clip] before fixed-point encoding",
+    )
     """Model values are clipped to [-clip, clip] before fixed-point encoding (> 0)."""
-    dp_enabled: bool = True
+    dp_enabled: bool = setting(
+        True, "bool", help="local differential privacy: clip and noise every contribution"
+    )
     """Whether every contribution is clipped and noised (local differential privacy)."""
-    dp_clip_norm: float = 1.0
+    dp_clip_norm: float = setting(
+        1.0,
+        "float",
+        low=0,
+        low_open=True,
+        help="C: L2 norm to which a model update is clipped",
+    )
     """L2 norm C to which a model update is clipped (> 0)."""
-    dp_noise_multiplier: float = 12.76
+    dp_noise_multiplier: float = setting(
+        12.76, "float", help="sigma: Gaussian noise standard deviation is sigma * C"
+    )
     """sigma: the Gaussian noise added has standard deviation sigma * C (> 0 when enabled).
     The default is what ``p2pfed federation new --dp node`` calibrates for 100 rounds at
     epsilon 8, delta 1e-5 (:func:`p2pfed.dp.calibrate`)."""
-    dp_delta: float = 1e-5
+    dp_delta: float = setting(
+        1e-5,
+        "float",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+        help="delta of the (epsilon, delta) privacy guarantee",
+    )
     """delta of the (epsilon, delta) guarantee, 0 < delta < 1."""
-    dp_epsilon_budget: float = 8.0
+    dp_epsilon_budget: float = setting(
+        8.0,
+        "float",
+        low=0,
+        low_open=True,
+        help="total epsilon a node may spend before it stops contributing",
+    )
     """Total epsilon a node may spend; it stops contributing once reached (> 0)."""
-    dp_level: str = "node"
+    dp_level: str = setting(
+        "node",
+        "str",
+        choices=_DP_LEVELS,
+        help='DP unit: "node" (whole local dataset), "record" (one record: DP-SGD) or '
+        '"distributed" (whole dataset, noise shared by the group)',
+    )
     """What one neighbouring change is (spec/privacy.md): "node" (a node's whole dataset:
     its round update is clipped and noised), "record" (one record: DP-SGD in local
     training, with ``dp_sample_rate`` and ``dp_steps``) or "distributed" (a node's whole
     dataset, the noise shared out among the members of a group: spec/privacy.md 2B)."""
-    dp_sample_rate: float = 0.02
+    dp_sample_rate: float = setting(
+        0.02,
+        "float",
+        low=0,
+        high=1,
+        low_open=True,
+        help="record level: probability a record joins a DP-SGD step's batch",
+    )
     """Record level: probability that a record joins a DP-SGD step's batch, in (0, 1]."""
-    dp_steps: int = 50
+    dp_steps: int = setting(
+        50, "int", low=1, high=1_000_000, help="record level: DP-SGD steps per round"
+    )
     """Record level: DP-SGD steps per round (1 .. 1000000)."""
-    averaging: str = "exact"
+    averaging: str = setting(
+        "exact",
+        "str",
+        choices=_AVERAGING_MODES,
+        help='groups: "exact" (the exact average every round) or "random"',
+    )
     """How groups are chosen (spec/group.md): "exact" (every round ends with every node
     holding the exact weighted average of all nodes' models, in a few steps of small
     groups; falls back to random groups for a round it cannot complete) or "random"
     (random groups, ``random_steps`` of them per round: for very large or churning
     federations)."""
-    random_steps: int = 0
+    random_steps: int = setting(
+        0,
+        "int",
+        low=0,
+        high=16,
+        why="0: automatic",
+        help="random averaging: groups per round (0: enough for the federation's size)",
+    )
     """Random averaging: groups a node joins after each local training round (push-sum
     gossip: more steps, closer agreement). 0: enough for a federation of the size the node
     sees (``random_steps_for``); 1 .. 16: that many."""
-    min_nodes: int = 0
+    min_nodes: int = setting(
+        0,
+        "int",
+        low=0,
+        high=65536,
+        help="exact rounds: the first round waits for this many nodes (0: no minimum)",
+    )
     """Exact rounds: a fresh federation's first round starts only once a node sees at
     least this many nodes (itself included), like Flower's ``min_available_clients``
     (0: as soon as its peers stop changing)."""
-    server_optimizer: str = "fedavg"
+    server_optimizer: str = setting(
+        "fedavg",
+        "str",
+        help='applied to each round\'s average: "fedavg", "fedavgm" or "fedadam"',
+    )
     """What every node does with a round's average (spec/server-optimizer.md): "fedavg"
     (adopt it), "fedavgm" (server momentum) or "fedadam" (Reddi et al. 2021)."""
-    server_lr: float = 1.0
+    server_lr: float = setting(1.0, "float", help="server learning rate (fedavgm, fedadam)")
     """Server learning rate of fedavgm and fedadam (> 0)."""
-    server_momentum: float = 0.9
+    server_momentum: float = setting(
+        0.9, "float", help="fedavgm momentum / fedadam beta1, in [0, 1)"
+    )
     """fedavgm's momentum, fedadam's beta1, in [0, 1)."""
-    server_beta2: float = 0.99
+    server_beta2: float = setting(0.99, "float", help="fedadam beta2, in [0, 1)")
     """fedadam's beta2, in [0, 1)."""
-    server_tau: float = 1e-3
+    server_tau: float = setting(1e-3, "float", help="fedadam tau (> 0)")
     """fedadam's adaptivity tau (> 0)."""
-    federation_metrics: bool = True
+    federation_metrics: bool = setting(
+        True,
+        "bool",
+        help="share evaluation sums for federation-wide accuracy and loss (off while dp_enabled)",
+    )
     """Append each member's evaluation sums (correct count, loss sum, sample count, each
     divided by its weight) to the averaged vector, so that every node learns the
     federation's accuracy and loss (spec/group.md, "Federation metrics"). Never with DP
     on: see :attr:`federation_metrics_active`."""
 
-    AVERAGING_MODES: ClassVar[tuple[str, ...]] = ("exact", "random")
-    DP_LEVELS: ClassVar[tuple[str, ...]] = ("node", "record", "distributed")
-
-    FLOAT_FIELDS: ClassVar[tuple[str, ...]] = (
-        "clip",
-        "dp_clip_norm",
-        "dp_noise_multiplier",
-        "dp_delta",
-        "dp_epsilon_budget",
-        "dp_sample_rate",
-        "server_lr",
-        "server_momentum",
-        "server_beta2",
-        "server_tau",
-    )
+    AVERAGING_MODES: ClassVar[tuple[str, ...]] = _AVERAGING_MODES
+    DP_LEVELS: ClassVar[tuple[str, ...]] = _DP_LEVELS
 
     def __post_init__(self) -> None:
         try:
-            self._validate()
-        except _ParamError as exc:
-            raise ConfigError(f"invalid protocol parameter: {exc}") from None
+            check_fields(self)
+            self._check_together()
+        except FieldError as exc:
+            raise ConfigError(f"invalid protocol parameter: {exc.key} {exc.problem}") from None
+        self._check_server_optimizer()
 
-    def _validate(self) -> None:
-        for name in self.FLOAT_FIELDS:
-            object.__setattr__(self, name, _float(name, getattr(self, name)))
-        group_min = _int("group_min", self.group_min)
-        group_max = _int("group_max", self.group_max)
-        if group_min < 3:
-            raise _ParamError(
-                f"group_min must be at least 3 (a group of 2 reveals each member's model to "
-                f"the other), got {group_min}"
+    def _check_together(self) -> None:
+        if not self.group_min <= self.group_max:
+            raise FieldError(
+                "group_max",
+                f"must be between group_min ({self.group_min}) and {_MAX_GROUP}, "
+                f"got {self.group_max}",
             )
-        if not group_min <= group_max <= _MAX_GROUP:
-            raise _ParamError(
-                f"group_max must be between group_min ({group_min}) and {_MAX_GROUP}, "
-                f"got {group_max}"
-            )
-        size = _int("max_message_size", self.max_message_size)
-        if not _MIN_MESSAGE_SIZE <= size <= _MAX_MESSAGE_SIZE:
-            raise _ParamError(
-                f"max_message_size must be between {_MIN_MESSAGE_SIZE} and {_MAX_MESSAGE_SIZE} "
-                f"bytes, got {size}"
-            )
-        bits = _int("fixed_point_bits", self.fixed_point_bits)
-        if bits not in (32, 64):
-            raise _ParamError(f"fixed_point_bits must be 32 or 64, got {bits}")
-        if self.clip <= 0:
-            raise _ParamError(f"clip must be > 0, got {self.clip}")
-        if not isinstance(self.dp_enabled, bool):
-            raise _ParamError(f"dp_enabled must be true or false, got {self.dp_enabled!r}")
-        if not isinstance(self.federation_metrics, bool):
-            raise _ParamError(
-                f"federation_metrics must be true or false, got {self.federation_metrics!r}"
-            )
-        if self.dp_clip_norm <= 0:
-            raise _ParamError(f"dp_clip_norm must be > 0, got {self.dp_clip_norm}")
         if self.dp_noise_multiplier < 0 or (self.dp_enabled and self.dp_noise_multiplier == 0):
-            raise _ParamError(
-                f"dp_noise_multiplier must be > 0 when dp_enabled is true (0 would add no "
-                f"noise and give no privacy), got {self.dp_noise_multiplier}"
+            raise FieldError(
+                "dp_noise_multiplier",
+                "must be > 0 when dp_enabled is true (0 would add no noise and give no "
+                f"privacy), got {self.dp_noise_multiplier}",
             )
-        if not 0 < self.dp_delta < 1:
-            raise _ParamError(f"dp_delta must be strictly between 0 and 1, got {self.dp_delta}")
-        if self.dp_epsilon_budget <= 0:
-            raise _ParamError(f"dp_epsilon_budget must be > 0, got {self.dp_epsilon_budget}")
-        if self.dp_level not in self.DP_LEVELS:
-            raise _ParamError(
-                f'dp_level must be "node", "record" or "distributed", got {self.dp_level!r}'
-            )
-        if not 0 < self.dp_sample_rate <= 1:
-            raise _ParamError(f"dp_sample_rate must be in (0, 1], got {self.dp_sample_rate}")
-        dp_steps = _int("dp_steps", self.dp_steps)
-        if not 1 <= dp_steps <= 1_000_000:
-            raise _ParamError(f"dp_steps must be between 1 and 1000000, got {dp_steps}")
-        random_steps = _int("random_steps", self.random_steps)
-        if not 0 <= random_steps <= 16:
-            raise _ParamError(
-                f"random_steps must be between 0 (automatic) and 16, got {random_steps}"
-            )
-        min_nodes = _int("min_nodes", self.min_nodes)
-        if not 0 <= min_nodes <= 65536:
-            raise _ParamError(f"min_nodes must be between 0 and 65536, got {min_nodes}")
-        if self.averaging not in self.AVERAGING_MODES:
-            raise _ParamError(f'averaging must be "exact" or "random", got {self.averaging!r}')
-        self._validate_server_optimizer()
 
-    def _validate_server_optimizer(self) -> None:
+    def _check_server_optimizer(self) -> None:
         # the optimiser owns its settings' rules (p2pfed/server_optimizer.py)
         from p2pfed.server_optimizer import ServerOptimizerSettings
 
         try:
             ServerOptimizerSettings.from_params(self)
         except ConfigError as exc:
-            raise _ParamError(str(exc)) from None
+            raise ConfigError(f"invalid protocol parameter: {exc}") from None
 
     @property
     def federation_metrics_active(self) -> bool:
@@ -275,8 +305,7 @@ class ProtocolParams:
         unknown = sorted(set(values) - set(cls.allowed_keys()))
         if unknown:
             raise ConfigError(
-                f"unknown protocol parameter(s) {', '.join(unknown)}; allowed keys are: "
-                f"{', '.join(cls.allowed_keys())}"
+                unknown_keys_message(unknown, cls.allowed_keys(), "protocol parameter")
             )
         return cls(**values)
 
@@ -285,49 +314,34 @@ class ProtocolParams:
         return {name: getattr(self, name) for name in self.allowed_keys()}
 
 
-_PARAM_COMMENTS: dict[str, str] = {
-    "group_min": "smallest group that may aggregate (>= 3: a group of 2 reveals the other's model)",
-    "group_max": "largest group (group_min .. 64)",
-    "max_message_size": "largest protocol message in bytes (65535 .. 4294967295)",
-    "fixed_point_bits": "secure-aggregation ring size: 32 or 64",
-    "clip": "model values are clipped to [-clip, clip] before fixed-point encoding",
-    "dp_enabled": "local differential privacy: clip and noise every contribution",
-    "dp_clip_norm": "C: L2 norm to which a model update is clipped",
-    "dp_noise_multiplier": "sigma: Gaussian noise standard deviation is sigma * C",
-    "dp_delta": "delta of the (epsilon, delta) privacy guarantee",
-    "dp_epsilon_budget": "total epsilon a node may spend before it stops contributing",
-    "dp_level": 'DP unit: "node" (whole local dataset), "record" (one record: DP-SGD) or '
-    '"distributed" (whole dataset, noise shared by the group)',
-    "dp_sample_rate": "record level: probability a record joins a DP-SGD step's batch",
-    "dp_steps": "record level: DP-SGD steps per round",
-    "averaging": 'groups: "exact" (the exact average every round) or "random"',
-    "random_steps": "random averaging: groups per round (0: enough for the federation's size)",
-    "min_nodes": "exact rounds: the first round waits for this many nodes (0: no minimum)",
-    "server_optimizer": 'applied to each round\'s average: "fedavg", "fedavgm" or "fedadam"',
-    "server_lr": "server learning rate (fedavgm, fedadam)",
-    "server_momentum": "fedavgm momentum / fedadam beta1, in [0, 1)",
-    "server_beta2": "fedadam beta2, in [0, 1)",
-    "server_tau": "fedadam tau (> 0)",
-    "federation_metrics": "share evaluation sums for federation-wide accuracy and loss "
-    "(off while dp_enabled)",
-}
+def _hex(size: int) -> Callable[[Any], bytes]:
+    """A check turning a hex string of ``size`` bytes into bytes."""
+
+    def convert(value: Any) -> bytes:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a hex string, got {value!r}")
+        # bytes.fromhex would also accept spaces; the format allows only hex digits.
+        if not _HEX_RE.fullmatch(value):
+            raise ValueError(f"is not valid hex ({size * 2} hex digits expected)")
+        raw = bytes.fromhex(value)
+        if len(raw) != size:
+            raise ValueError(f"must be {size} bytes ({size * 2} hex digits), got {len(raw)} bytes")
+        return raw
+
+    return convert
 
 
-def _hex_field(source: str, key: str, value: Any, size: int) -> bytes:
-    if not isinstance(value, str):
-        raise ConfigError(f"{source}: federation.{key} must be a hex string, got {value!r}")
-    # bytes.fromhex would also accept spaces; the format allows only hex digits.
-    if not _HEX_RE.fullmatch(value):
-        raise ConfigError(
-            f"{source}: federation.{key} is not valid hex ({size * 2} hex digits expected)"
-        )
-    raw = bytes.fromhex(value)
-    if len(raw) != size:
-        raise ConfigError(
-            f"{source}: federation.{key} must be {size} bytes ({size * 2} hex digits), "
-            f"got {len(raw)} bytes"
-        )
-    return raw
+_FEDERATION_TABLE = Schema(
+    {
+        # the name's and version's rules belong to Federation (files and code alike)
+        "name": Rule("any", required=True),
+        "id": Rule("any", required=True, check=_hex(FEDERATION_ID_SIZE)),
+        "secret": Rule("any", required=True, check=_hex(FEDERATION_SECRET_SIZE)),
+        "protocol_version": Rule("int", required=True),
+        "model_fingerprint": Rule("any", optional=True, check=_hex(MODEL_FINGERPRINT_SIZE)),
+    }
+)
+"""The keys of a federation file's ``[federation]`` table."""
 
 
 @dataclass(frozen=True)
@@ -437,8 +451,9 @@ class Federation:
             "# Protocol parameters: every member must use the same values.",
             "[params]",
         ]
+        helps = rules_of(ProtocolParams)
         for name, value in self.params.as_dict().items():
-            lines.append(f"# {_PARAM_COMMENTS[name]}")
+            lines.append(f"# {helps[name].help}")
             lines.append(f"{name} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
@@ -458,48 +473,30 @@ class Federation:
         fed = doc.get("federation")
         if not isinstance(fed, dict):
             raise ConfigError(f"{source}: missing the [federation] table")
-        allowed = ["name", "id", "secret", "protocol_version", "model_fingerprint"]
-        unknown = sorted(set(fed) - set(allowed))
+        unknown = _FEDERATION_TABLE.unknown(fed)
         if unknown:
-            raise ConfigError(
-                f"{source}: unknown key(s) in [federation]: {', '.join(unknown)}; allowed keys "
-                f"are: {', '.join(allowed)}"
-            )
-        for key in ("name", "id", "secret", "protocol_version"):
-            if key not in fed:
-                raise ConfigError(f"{source}: [federation] is missing the key {key!r}")
+            message = unknown_keys_message(unknown, _FEDERATION_TABLE.keys())
+            raise ConfigError(f"{source}: {message.replace('(s)', '(s) in [federation]:', 1)}")
+        for key in _FEDERATION_TABLE.missing(fed):
+            raise ConfigError(f"{source}: [federation] is missing the key {key!r}")
         params_table = doc.get("params", {})
         if not isinstance(params_table, dict):
             raise ConfigError(f"{source}: params must be a table ([params])")
         try:
-            params = ProtocolParams.from_mapping(params_table)
-            protocol_version = fed["protocol_version"]
-            if isinstance(protocol_version, bool) or not isinstance(protocol_version, int):
-                raise ConfigError(
-                    f"federation.protocol_version must be an integer, got {protocol_version!r}"
-                )
+            values = {key: _FEDERATION_TABLE.convert(key, value) for key, value in fed.items()}
+        except FieldError as exc:
+            raise ConfigError(f"{source}: federation.{exc.key} {exc.problem}") from None
+        try:
             return cls(
-                name=fed["name"],
-                federation_id=_hex_field(source, "id", fed["id"], FEDERATION_ID_SIZE),
-                secret=_hex_field(source, "secret", fed["secret"], FEDERATION_SECRET_SIZE),
-                protocol_version=protocol_version,
-                params=params,
-                model_fingerprint=(
-                    _hex_field(
-                        source,
-                        "model_fingerprint",
-                        fed["model_fingerprint"],
-                        MODEL_FINGERPRINT_SIZE,
-                    )
-                    if "model_fingerprint" in fed
-                    else None
-                ),
+                name=values["name"],
+                federation_id=values["id"],
+                secret=values["secret"],
+                protocol_version=values["protocol_version"],
+                params=ProtocolParams.from_mapping(params_table),
+                model_fingerprint=values.get("model_fingerprint"),
             )
         except ConfigError as exc:
-            message = str(exc)
-            if message.startswith(f"{source}:"):
-                raise
-            raise ConfigError(f"{source}: {message}") from None
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 def task_model_fingerprint(

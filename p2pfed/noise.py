@@ -388,6 +388,13 @@ class NoiseProtocol:
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _protocol_named(name: str) -> NoiseProtocol:
+    """:meth:`NoiseProtocol.from_name`, parsed once per name: every handshake names its
+    protocol, and parsing it was a measurable share of a channel's set-up."""
+    return NoiseProtocol.from_name(name)
+
+
 # --------------------------------------------------------------------------------------
 # CipherState (spec 5.1)
 # --------------------------------------------------------------------------------------
@@ -712,9 +719,7 @@ class HandshakeState:
         psks: Sequence[bytes] = (),
         randbytes: RandBytes = os.urandom,
     ) -> None:
-        proto = (
-            protocol if isinstance(protocol, NoiseProtocol) else NoiseProtocol.from_name(protocol)
-        )
+        proto = protocol if isinstance(protocol, NoiseProtocol) else _protocol_named(protocol)
         self._protocol = proto
         self._initiator = initiator
         self._dhspec = _DH[proto.dh_name]

@@ -216,22 +216,37 @@ class RunOptions:
         """The federation's parameters: the runner's defaults, ``params``, then DP."""
         from p2pfed.dp import calibrate
         from p2pfed.federation import ProtocolParams
+        from p2pfed.skellam import required_clip
 
         # every node is there before the first round; DP only when asked for
         values: dict[str, Any] = {"min_nodes": self.nodes, "dp_enabled": False}
         values.update(self.params)
         if self.epsilon is not None:
             assert self.rounds is not None
+            defaults = ProtocolParams()
+            level = str(values.get("dp_level", defaults.dp_level))
+            sigma = calibrate(
+                level,
+                epsilon=self.epsilon,
+                delta=DELTA,
+                rounds=self.rounds,
+                sampling_rate=float(values.get("dp_sample_rate", defaults.dp_sample_rate)),
+                steps=int(values.get("dp_steps", defaults.dp_steps)),
+            )
+            clip_norm = float(values.get("dp_clip_norm", DEFAULT_DP_CLIP))
             values.update(
                 dp_enabled=True,
-                dp_clip_norm=values.get("dp_clip_norm", DEFAULT_DP_CLIP),
-                dp_noise_multiplier=calibrate(
-                    "node", epsilon=self.epsilon, delta=DELTA, rounds=self.rounds
-                ),
+                dp_clip_norm=clip_norm,
+                dp_noise_multiplier=sigma,
                 dp_delta=DELTA,
                 # a hair above the target so that float rounding never refuses the last round
                 dp_epsilon_budget=self.epsilon * 1.0001,
             )
+            if level == "distributed":
+                # the group sum's noise needs headroom in the fixed-point range
+                group_min = int(values.get("group_min", defaults.group_min))
+                needed = required_clip(clip_norm, sigma, group_min)
+                values["clip"] = max(float(values.get("clip", defaults.clip)), needed)
         allowed = {f.name for f in dataclasses.fields(ProtocolParams)}
         unknown = sorted(set(values) - allowed)
         if unknown:

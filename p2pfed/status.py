@@ -19,7 +19,9 @@ most once per ``min_interval`` seconds; changes in between are kept and written 
 call that is due, by :meth:`StatusWriter.poll` or by :meth:`StatusWriter.flush`. A change of
 ``state`` is written at once. Status is best effort: a failed write (disk full) is logged,
 never raised, so it cannot stop training. Readers treat the file as untrusted text
-(addresses come from peers): :func:`format_status` escapes control characters.
+(addresses come from peers): :func:`read_status` checks every key against
+:data:`STATUS_DOCUMENT`, the declaration the writer checks its fields against
+(:mod:`p2pfed.schema`), and :func:`format_status` escapes control characters.
 
 The document (``schema`` 1), keys in this order; unknown values are ``null``::
 
@@ -73,14 +75,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.config import HOME_ENV_VAR, default_node_dir
 from p2pfed.errors import StatusError
 from p2pfed.metrics import GROUP_OUTCOMES
+from p2pfed.schema import FieldError, Rule, Schema, unknown_keys_message
 
 __all__ = [
     "BOOTSTRAP_STATES",
@@ -88,6 +91,7 @@ __all__ = [
     "FEDERATION_METRICS_MODES",
     "GROUP_HISTORY",
     "NODE_STATES",
+    "STATUS_DOCUMENT",
     "STATUS_FILE_NAME",
     "STATUS_SCHEMA_VERSION",
     "BootstrapStatus",
@@ -164,103 +168,131 @@ def iso_utc(timestamp: float) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _number_or_none(name: str, value: object) -> float | None:
-    if value is None:
-        return None
+def _measured(value: object) -> float | None:
+    # JSON has no NaN: "not measured" is null
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"status field {name!r} must be a number or None; got {value!r}")
+        raise ValueError(f"must be a number or null, got {value!r}")
     v = float(value)
-    return v if math.isfinite(v) else None  # JSON has no NaN: "not measured" is null
+    return v if math.isfinite(v) else None
 
 
-def _check_int(name: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"status field {name!r} must be an int >= {minimum}; got {value!r}")
-    return value
+def _count(value: object) -> int:
+    # the node computes counts in floating point (sums divided by the fixed-point scale)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or value != int(value)
+    ):
+        raise ValueError(f"must be a whole number >= 0, got {value!r}")
+    return int(value)
 
 
-def _check_text(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"status field {name!r} must be a str or None; got {value!r}")
-    return value
+def _truncated(value: str) -> str:
+    return value[:_MAX_ERROR_CHARS]  # may quote a peer: keep the file small
 
 
-def _check_peers(value: object) -> list[PeerStatus]:
-    if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
-        raise ValueError(f"status field 'peers' must be a list of peer entries; got {value!r}")
-    peers: list[PeerStatus] = []
-    for entry in value:
-        if not isinstance(entry, Mapping) or set(entry) != {"id", "address", "connected"}:
-            raise ValueError(
-                f"a peer entry must be a mapping with keys id, address, connected; got {entry!r}"
-            )
-        peers.append(
-            PeerStatus(
-                id=str(entry["id"]),
-                address=str(entry["address"]),
-                connected=bool(entry["connected"]),
-            )
-        )
-    return peers
+def _entries(schema: Schema, what: str) -> Callable[[object], list[dict[str, Any]]]:
+    """A check of a list of mappings that each have exactly the keys of ``schema``."""
+    keys = schema.keys()
+
+    def check(value: object) -> list[dict[str, Any]]:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"must be a list of {what} entries, got {value!r}")
+        entries = []
+        for entry in value:
+            if not isinstance(entry, Mapping) or set(entry) != set(keys):
+                raise ValueError(
+                    f"must be a list of entries, but a {what} entry must be a mapping with "
+                    f"keys {', '.join(keys)}; got {entry!r}"
+                )
+            try:
+                entries.append({key: schema.convert(key, entry[key]) for key in keys})
+            except FieldError as exc:
+                raise ValueError(f"has an entry whose {exc.key!r} {exc.problem}") from None
+        return entries
+
+    return check
 
 
-def _check_bootstrap(value: object) -> list[BootstrapStatus]:
-    if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
-        raise ValueError(f"status field 'bootstrap' must be a list of entries; got {value!r}")
-    keys = set(BootstrapStatus.__annotations__)
-    entries: list[BootstrapStatus] = []
-    for entry in value:
-        if not isinstance(entry, Mapping) or set(entry) != keys:
-            raise ValueError(
-                f"a bootstrap entry must be a mapping with keys {', '.join(sorted(keys))}; "
-                f"got {entry!r}"
-            )
-        if entry["state"] not in BOOTSTRAP_STATES:
-            raise ValueError(
-                f"bootstrap state must be one of {BOOTSTRAP_STATES}; got {entry['state']!r}"
-            )
-        error = _check_text("error", entry["error"])
-        entries.append(
-            BootstrapStatus(
-                address=str(entry["address"]),
-                state=str(entry["state"]),
-                id=_check_text("id", entry["id"]),
-                failed_attempts=_check_int("failed_attempts", entry["failed_attempts"]),
-                failing_since=_check_text("failing_since", entry["failing_since"]),
-                next_attempt=_check_text("next_attempt", entry["next_attempt"]),
-                error=error[:_MAX_ERROR_CHARS] if error is not None else None,
-            )
-        )
-    return entries
-
-
-def _check_federation(value: object) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or not {"accuracy", "loss", "round"} <= set(value):
+def _figure(value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or set(value) - set(_FIGURE.keys()) or _FIGURE.missing(value):
         raise ValueError(
-            f"status field 'federation' must be None or a mapping with accuracy, loss, round "
-            f"(and samples); got {value!r}"
+            f"must be null or a mapping with accuracy, loss, round (and samples); got {value!r}"
         )
-    samples = _number_or_none("samples", value.get("samples"))
-    round_ = _number_or_none("round", value["round"])
-    return {
-        "accuracy": _number_or_none("accuracy", value["accuracy"]),
-        "loss": _number_or_none("loss", value["loss"]),
-        "samples": None if samples is None else int(samples),
-        "round": None if round_ is None else int(round_),
+    try:
+        return {key: _FIGURE.convert(key, value.get(key)) for key in _FIGURE.rules}
+    except FieldError as exc:
+        raise ValueError(f"has {exc.key!r} that {exc.problem}") from None
+
+
+_PEER = Schema(
+    {
+        "id": Rule("str"),
+        "address": Rule("str", optional=True),  # null: not known yet
+        "connected": Rule("bool"),
     }
+)
+_BOOTSTRAP = Schema(
+    {
+        "address": Rule("str"),
+        "state": Rule("str", choices=BOOTSTRAP_STATES),
+        "id": Rule("str", optional=True),
+        "failed_attempts": Rule("int", low=0),
+        "failing_since": Rule("str", optional=True),
+        "next_attempt": Rule("str", optional=True),
+        "error": Rule("str", optional=True, check=_truncated),
+    }
+)
+_FIGURE = Schema(
+    {
+        "accuracy": Rule("any", required=True, optional=True, check=_measured),
+        "loss": Rule("any", required=True, optional=True, check=_measured),
+        "samples": Rule("any", optional=True, check=_count),
+        "round": Rule("any", required=True, optional=True, check=_count),
+    }
+)
+_GROUP = Schema(
+    {
+        "id": Rule("str"),
+        "size": Rule("int", low=0),
+        "outcome": Rule("str", choices=GROUP_OUTCOMES),
+        "seconds": Rule("float", low=0),
+        "reason": Rule("str", optional=True),
+    }
+)
 
-
-def _check_mode(value: object) -> str | None:
-    if value is None or value in FEDERATION_METRICS_MODES:
-        return value
-    raise ValueError(
-        f"status field 'federation_metrics' must be one of {FEDERATION_METRICS_MODES} or "
-        f"None; got {value!r}"
-    )
+STATUS_DOCUMENT = Schema(
+    {
+        "schema": Rule("int", low=STATUS_SCHEMA_VERSION, high=STATUS_SCHEMA_VERSION),
+        "pid": Rule("int", low=1),
+        "node_id": Rule("str", optional=True),
+        "state": Rule("str", choices=NODE_STATES),
+        "started_at": Rule("str", optional=True),
+        "updated_at": Rule("str", optional=True),
+        "listen": Rule("str", optional=True),
+        "round": Rule("int", optional=True, low=0),
+        "accuracy": Rule("any", optional=True, check=_measured),
+        "loss": Rule("any", optional=True, check=_measured),
+        "federation": Rule("any", optional=True, check=_figure),
+        "federation_metrics": Rule("str", optional=True, choices=FEDERATION_METRICS_MODES),
+        "epsilon_spent": Rule("any", optional=True, check=_measured),
+        "epsilon_budget": Rule("any", optional=True, check=_measured),
+        "dp_enabled": Rule("bool", optional=True),
+        "dp_exhausted": Rule("bool", optional=True),
+        "peers": Rule("any", check=_entries(_PEER, "peer")),
+        "bootstrap": Rule("any", check=_entries(_BOOTSTRAP, "bootstrap")),
+        "stall": Rule("str", optional=True, check=_truncated),
+        "masking": Rule("bool", optional=True),
+        "last_groups": Rule("any", check=_entries(_GROUP, "group")),
+    }
+)
+"""Every key of ``status.json``, in file order, with its rule: what the writer accepts in
+:meth:`StatusWriter.update` and what :func:`read_status` accepts in a file. Keys added
+after schema 1 may be absent (files of older nodes)."""
+_WRITER_OWNED = ("schema", "updated_at", "last_groups")
+"""Keys the writer sets itself (``last_groups`` through :meth:`StatusWriter.record_group`)."""
 
 
 def federation_metrics_mode(federation_metrics: bool, dp_enabled: bool) -> str:
@@ -280,33 +312,6 @@ def _short_group_id(group_id: bytes | str) -> str:
     if isinstance(group_id, str):
         return group_id[:_GROUP_ID_HEX_CHARS]
     raise ValueError(f"group_id must be bytes or str; got {group_id!r}")
-
-
-_VALIDATORS: dict[str, Callable[[object], object]] = {
-    "pid": lambda v: _check_int("pid", v, 1),
-    "node_id": lambda v: _check_text("node_id", v),
-    "state": lambda v: v if v in NODE_STATES else _bad_state(v),
-    "started_at": lambda v: _check_text("started_at", v),
-    "listen": lambda v: _check_text("listen", v),
-    "round": lambda v: None if v is None else _check_int("round", v),
-    "accuracy": lambda v: _number_or_none("accuracy", v),
-    "loss": lambda v: _number_or_none("loss", v),
-    "federation": _check_federation,
-    "federation_metrics": _check_mode,
-    "epsilon_spent": lambda v: _number_or_none("epsilon_spent", v),
-    "epsilon_budget": lambda v: _number_or_none("epsilon_budget", v),
-    "dp_enabled": lambda v: None if v is None else bool(v),
-    "dp_exhausted": lambda v: None if v is None else bool(v),
-    "peers": _check_peers,
-    "bootstrap": _check_bootstrap,
-    "stall": lambda v: None if v is None else str(_check_text("stall", v))[:_MAX_ERROR_CHARS],
-    "masking": lambda v: None if v is None else bool(v),
-}
-"""Fields :meth:`StatusWriter.update` accepts, each with its check-and-normalise function."""
-
-
-def _bad_state(value: object) -> str:
-    raise ValueError(f"status field 'state' must be one of {NODE_STATES}; got {value!r}")
 
 
 class StatusWriter:
@@ -341,7 +346,7 @@ class StatusWriter:
         self._wall_clock = wall_clock
         self._doc: dict[str, Any] = {
             "schema": STATUS_SCHEMA_VERSION,
-            "pid": _check_int("pid", os.getpid() if pid is None else pid, 1),
+            "pid": os.getpid() if pid is None else pid,
             "node_id": None,
             "state": "starting",
             "started_at": iso_utc(wall_clock()),
@@ -362,7 +367,7 @@ class StatusWriter:
             "masking": None,
             "last_groups": [],
         }
-        self._doc.update(self._validated(fields))
+        self._doc.update(self._validated({"pid": self._doc["pid"], **fields}))
         self._last_write: float | None = None
         self._pending = True
         self._failing = False
@@ -371,12 +376,14 @@ class StatusWriter:
     def _validated(fields: Mapping[str, Any]) -> dict[str, Any]:
         out = {}
         for name, value in fields.items():
-            check = _VALIDATORS.get(name)
-            if check is None:
-                known = ", ".join(sorted(_VALIDATORS))
+            if name not in STATUS_DOCUMENT.rules or name in _WRITER_OWNED:
+                known = ", ".join(sorted(set(STATUS_DOCUMENT.keys()) - set(_WRITER_OWNED)))
                 hint = " (use record_group)" if name == "last_groups" else ""
                 raise ValueError(f"unknown status field {name!r}{hint}; known fields: {known}")
-            out[name] = check(value)
+            try:
+                out[name] = STATUS_DOCUMENT.convert(name, value)
+            except FieldError as exc:
+                raise ValueError(f"status field {exc.key!r} {exc.problem}") from None
         return out
 
     @property
@@ -425,13 +432,17 @@ class StatusWriter:
         """Append a group's outcome to ``last_groups`` (keeping the last 10); write if due."""
         if outcome not in GROUP_OUTCOMES:
             raise ValueError(f"unknown group outcome {outcome!r}; use one of {GROUP_OUTCOMES}")
-        entry = GroupStatus(
-            id=_short_group_id(group_id),
-            size=_check_int("size", size),
-            outcome=outcome,
-            seconds=round(float(seconds), 3),
-            reason=_check_text("reason", reason),
-        )
+        values = {
+            "id": _short_group_id(group_id),
+            "size": size,
+            "outcome": outcome,
+            "seconds": round(float(seconds), 3),
+            "reason": reason,
+        }
+        try:
+            entry = cast(GroupStatus, {k: _GROUP.convert(k, v) for k, v in values.items()})
+        except FieldError as exc:
+            raise ValueError(f"status field {exc.key!r} {exc.problem}") from None
         groups: list[GroupStatus] = [*self._doc["last_groups"], entry]
         self._doc["last_groups"] = groups[-GROUP_HISTORY:]
         self._pending = True
@@ -504,7 +515,16 @@ def read_status(node_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is not a p2pfed status document of schema {STATUS_SCHEMA_VERSION} "
             "(written by another p2pfed version?)"
         )
-    return doc
+    # a node of another p2pfed version may have written it; the fix is the same
+    fix = "written by another p2pfed version? use the p2pfed the node runs, or delete the file"
+    unknown = STATUS_DOCUMENT.unknown(doc)
+    if unknown:
+        message = unknown_keys_message(unknown, STATUS_DOCUMENT.keys())
+        raise StatusError(f"{path}: {message} ({fix})")
+    try:
+        return {key: STATUS_DOCUMENT.convert(key, value) for key, value in doc.items()}
+    except FieldError as exc:
+        raise StatusError(f"{path}: {exc.key} {exc.problem} ({fix})") from None
 
 
 def pid_alive(pid: object) -> bool:

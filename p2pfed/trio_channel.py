@@ -365,14 +365,16 @@ class SecureChannel:
         if self._closed is not None:
             raise self._closed
 
-    async def _try_flush(self, timeout: float = 1.0) -> None:
-        """Best effort: deliver what the core queued (a Close), waiting at most ``timeout``."""
+    async def _try_flush(self, timeout: float = 1.0) -> bool:
+        """Best effort: deliver what the core queued (a Close), waiting at most ``timeout``.
+        False if the connection is gone (nothing more can reach the peer)."""
         with trio.move_on_after(timeout):
             try:
                 async with self._send_lock:
                     await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+                return False
+        return True
 
     async def _linger(self, timeout: float = 1.0, limit: int = 16 << 20) -> None:
         """Half-close and discard what the peer still sends, so our Close is not lost.
@@ -413,8 +415,10 @@ class SecureChannel:
         if self._closed is None:
             self._closed = ChannelClosed(code, reason or "closed", by_peer=False)
             self._conn.close(code, reason)
-            await self._try_flush()
-            if not self._receiving:
+            # a connection already lost (reset, or closed under us) has no Close to protect:
+            # lingering would only wait on a dead stream (thousands of them when a whole
+            # simulated network is halted)
+            if await self._try_flush() and not self._receiving:
                 await self._linger()
         self._conn.discard_buffers()
         await trio.aclose_forcefully(self._stream)

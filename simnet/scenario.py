@@ -119,6 +119,7 @@ mean ``mean_downtime``); simnet/README.md has the details and the checks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -129,6 +130,7 @@ from p2pfed.config import NodeConfig
 from p2pfed.errors import ConfigError
 from p2pfed.federation import ProtocolParams
 from p2pfed.group import GroupConfig
+from p2pfed.schema import FieldError, check_fields, rules_of, setting, unknown_keys_message
 from simnet.network import LinkParams
 from simnet.topology import TOPOLOGY_KINDS, link_overrides
 
@@ -151,36 +153,64 @@ __all__ = [
 _MAX_FILE_SIZE = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class NodesSpec:
-    count: int = 0
-    lan_size: int = 0
-    bootstrap: str = "neighbors"
-    bootstrap_count: int = 2
-    target_peers: int = 8
-    uplink_mbit: float = math.inf
+_BIG = 10**9  # counts and indices: far beyond any simulation this machine runs
+_INF = math.inf  # as a bound: infinity is an accepted value ("never", "unlimited")
+
+
+def _int(default: int | None, low: int = 0, high: int = _BIG, **rule: Any) -> Any:
+    return setting(default, "int", low=low, high=high, **rule)
+
+
+def _at_least_0(default: float | None, **rule: Any) -> Any:
+    return setting(default, "float", low=0, **rule)
+
+
+def _share(default: float | None, **rule: Any) -> Any:
+    return setting(default, "float", low=0, high=1, **rule)
+
+
+_NODE_RULES = rules_of(NodeConfig)
+_PARAM_RULES = rules_of(ProtocolParams)
+
+
+class _Checked:
+    """Checks every declared field at construction (FieldError names the key)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
-class TopologySpec:
-    kind: str = "complete"
-    routing: str = "direct"
-    degree: int = 4
-    p: float = 0.1
-    m: int = 2
-    rows: int | None = None
-    cols: int | None = None
-    file: Path | None = None
+class NodesSpec(_Checked):
+    count: int = _int(0)
+    lan_size: int = _int(0)
+    bootstrap: str = setting("neighbors", "str", choices=("neighbors", "first", "none"))
+    bootstrap_count: int = _int(2)
+    target_peers: int = _int(8, low=1)
+    uplink_mbit: float = setting(math.inf, "float", low=0, low_open=True, high=_INF)
 
 
 @dataclass(frozen=True)
-class LinkSpec:
-    latency_ms: float = 5.0
-    jitter_ms: float = 0.0
-    bandwidth_mbit: float = 100.0
-    loss: float = 0.0
-    reset: float = 0.0
-    connect_failure: float = 0.0
+class TopologySpec(_Checked):
+    kind: str = setting("complete", "str", choices=tuple(TOPOLOGY_KINDS))
+    routing: str = setting("direct", "str", choices=("direct", "shortest-path"))
+    degree: int = _int(4)
+    p: float = _share(0.1)
+    m: int = _int(2)
+    rows: int | None = _int(None, low=1, high=10**6, optional=True)
+    cols: int | None = _int(None, low=1, high=10**6, optional=True)
+    # setting() is a dataclasses.field() with the key's rule: not a shared mutable default
+    file: Path | None = setting(None, "path", optional=True)  # noqa: RUF009
+
+
+@dataclass(frozen=True)
+class LinkSpec(_Checked):
+    latency_ms: float = _at_least_0(5.0)
+    jitter_ms: float = _at_least_0(0.0)
+    bandwidth_mbit: float = setting(100.0, "float", low=0, low_open=True, high=_INF)
+    loss: float = _share(0.0)
+    reset: float = _share(0.0)
+    connect_failure: float = _share(0.0)
 
     def params(self) -> LinkParams:
         """The :class:`LinkParams` these user-unit values describe."""
@@ -189,101 +219,108 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    name: str = "tiny"
-    training: bool = False
-    evaluate_every: int = 1
-    settings: dict[str, Any] = field(default_factory=dict)
+class TaskSpec(_Checked):
+    name: str = setting("tiny", "str")
+    training: bool = setting(False, "bool")
+    evaluate_every: int = _int(1)
+    settings: dict[str, Any] = setting(default_factory=dict, kind="table")  # noqa: RUF009
 
 
 @dataclass(frozen=True)
-class ProtocolSpec:
-    # defaults are the real node's: a scenario that sets nothing simulates a default node
-    group_min: int = GroupConfig.group_min
-    group_max: int = GroupConfig.group_max
-    fixed_point_bits: int = ProtocolParams.fixed_point_bits
-    clip: float = ProtocolParams.clip
-    masking: bool = True
-    invite_timeout: float = GroupConfig.invite_timeout
-    start_timeout: float = GroupConfig.start_timeout
-    allreduce_timeout: float = GroupConfig.allreduce_timeout
-    initiate_delay: float = GroupConfig.initiate_delay
-    class_timeout: float = GroupConfig.class_timeout
-    retry_backoff: float = GroupConfig.retry_backoff
-    exclusion: float = GroupConfig.exclusion
-    sync_timeout: float = 3.0
-    keepalive_interval: float = NodeConfig.keepalive_interval
-    idle_timeout: float = NodeConfig.idle_timeout
-    send_timeout: float = NodeConfig.send_timeout
-    handshake_timeout: float = NodeConfig.handshake_timeout
-    grouping: str = "random"
-    random_steps: int = 1
-    grid_side: int = 0
-    grid_dims: int = 0
+class ProtocolSpec(_Checked):
+    # defaults are the real node's: a scenario that sets nothing simulates a default node;
+    # keys a node's files have too are checked by the rule those files declare
+    group_min: int = _int(GroupConfig.group_min, low=3, high=64)
+    group_max: int = _int(GroupConfig.group_max, low=3, high=64)
+    fixed_point_bits: int = setting(
+        ProtocolParams.fixed_point_bits, rule=_PARAM_RULES["fixed_point_bits"]
+    )
+    clip: float = setting(ProtocolParams.clip, rule=_PARAM_RULES["clip"])
+    masking: bool = setting(True, "bool")
+    invite_timeout: float = _at_least_0(GroupConfig.invite_timeout)
+    start_timeout: float = _at_least_0(GroupConfig.start_timeout)
+    allreduce_timeout: float = _at_least_0(GroupConfig.allreduce_timeout)
+    initiate_delay: float = _at_least_0(GroupConfig.initiate_delay)
+    class_timeout: float = _at_least_0(GroupConfig.class_timeout)
+    retry_backoff: float = _at_least_0(GroupConfig.retry_backoff)
+    exclusion: float = _at_least_0(GroupConfig.exclusion, high=_INF)
+    sync_timeout: float = _at_least_0(3.0)
+    keepalive_interval: float = setting(
+        NodeConfig.keepalive_interval, rule=_NODE_RULES["keepalive_interval"]
+    )
+    idle_timeout: float = setting(NodeConfig.idle_timeout, rule=_NODE_RULES["idle_timeout"])
+    send_timeout: float = setting(NodeConfig.send_timeout, rule=_NODE_RULES["send_timeout"])
+    handshake_timeout: float = setting(
+        NodeConfig.handshake_timeout, rule=_NODE_RULES["handshake_timeout"]
+    )
+    grouping: str = setting("random", "str", choices=("random", "exact", "grid"))
+    random_steps: int = setting(1, rule=_PARAM_RULES["random_steps"])
+    grid_side: int = _int(0)
+    grid_dims: int = _int(0, high=16)
 
 
 @dataclass(frozen=True)
-class DpSpec:
-    enabled: bool = False
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    delta: float = 1e-5
-    epsilon_budget: float = 10.0
+class DpSpec(_Checked):
+    enabled: bool = setting(False, "bool")
+    clip_norm: float = setting(1.0, rule=_PARAM_RULES["dp_clip_norm"])
+    noise_multiplier: float = setting(1.0, "float", low=0)
+    delta: float = setting(1e-5, rule=_PARAM_RULES["dp_delta"])
+    epsilon_budget: float = setting(10.0, rule=_PARAM_RULES["dp_epsilon_budget"])
 
 
 @dataclass(frozen=True)
-class ChurnSpec:
-    model: str = "none"
-    per_round: float = 0.1
-    mean_session: float = 300.0
-    weibull_shape: float = 1.5
-    weibull_scale: float = 300.0
-    mean_downtime: float = 30.0
-    downtime_rounds: int = 0
-    fraction: float = 1.0
-    start: float = 0.0
+class ChurnSpec(_Checked):
+    model: str = setting("none", "str", choices=("none", "exponential", "weibull", "per-round"))
+    per_round: float = _share(0.1)
+    mean_session: float = _at_least_0(300.0, high=_INF)
+    weibull_shape: float = setting(1.5, "float", low=0, low_open=True)
+    weibull_scale: float = _at_least_0(300.0, high=_INF)
+    mean_downtime: float = _at_least_0(30.0, high=_INF)
+    downtime_rounds: int = _int(0)
+    fraction: float = _share(1.0)
+    start: float = _at_least_0(0.0)
 
 
 @dataclass(frozen=True)
-class EventSpec:
-    at: float
-    action: str
-    nodes: tuple[int, ...] = ()
-    fraction: float | None = None
-    in_group: bool = False
+class EventSpec(_Checked):
+    at: float = _at_least_0(None)
+    action: str = setting(None, "str", choices=("crash", "restart", "stop", "join", "vanish"))
+    nodes: tuple[int, ...] = setting((), "ints", low=0, high=10**7)
+    fraction: float | None = _share(None, low_open=True, optional=True)
+    in_group: bool = setting(False, "bool")
 
 
 @dataclass(frozen=True)
-class PartitionSpec:
-    start: float
-    end: float | None = None
-    groups: tuple[tuple[int, ...], ...] = ()
-    split: float | None = None
-    mode: str = "stall"
-    cut: tuple[tuple[int, int], ...] = ()
+class PartitionSpec(_Checked):
+    start: float = _at_least_0(None)
+    end: float | None = _at_least_0(None, optional=True, high=_INF)
+    groups: tuple[tuple[int, ...], ...] = setting((), check=lambda v: _groups(v))
+    split: float | None = _share(None, low_open=True, high_open=True, optional=True)
+    mode: str = setting("stall", "str", choices=("stall", "reset", "drop"))
+    cut: tuple[tuple[int, int], ...] = setting((), check=lambda v: _cut(v))
 
 
 @dataclass(frozen=True)
-class ChecksSpec:
-    rounds_after_heal: int = 1
-    consensus_drop: float = 1.0
-    consensus_max: float = math.inf
+class ChecksSpec(_Checked):
+    rounds_after_heal: int = _int(1)
+    consensus_drop: float = _at_least_0(1.0)
+    consensus_max: float = _at_least_0(math.inf, high=_INF)
     # the fault checks are off by default: existing scenarios' verdicts stay as they were
-    pace: float = 0.0
-    pace_window: float = 10.0
-    pace_grace: float = 5.0
-    detect_within: float = 0.0
-    merged: int = 0
+    pace: float = _at_least_0(0.0, check=lambda v: _pace(v))
+    pace_window: float = _at_least_0(10.0, low_open=True, unit="seconds")
+    pace_grace: float = _at_least_0(5.0)
+    detect_within: float = _at_least_0(0.0)
+    merged: int = _int(0)
 
 
 @dataclass(frozen=True)
-class Scenario:
+class Scenario(_Checked):
     """A parsed, validated scenario (see the module docstring for the file format)."""
 
-    name: str = "scenario"
-    seed: int = 0
-    rounds: int | None = 10
-    duration: float = 3600.0
+    name: str = setting("scenario", "str")
+    seed: int = _int(0, high=2**63 - 1)
+    rounds: int | None = _int(10, high=10**6, optional=True, why="0: no round goal")
+    duration: float = _at_least_0(3600.0, low_open=True, high=_INF)
     nodes: NodesSpec = field(default_factory=NodesSpec)
     topology: TopologySpec = field(default_factory=TopologySpec)
     link: LinkSpec = field(default_factory=LinkSpec)
@@ -317,124 +354,72 @@ def parse_scenario(text: str, *, base: Path | None = None, where: str = "scenari
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     try:
         return _build(data, base or Path.cwd())
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-# -- validation helpers -------------------------------------------------------------------
-
-
-def _number(where: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{where} must be a number, got {value!r}")
-    if value < low or (strict and value == low):
-        raise ValueError(f"{where} must be {'>' if strict else '>='} {low:g}, got {value!r}")
-    return float(value)
-
-
-def _integer(where: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{where} must be between {low} and {high}, got {value}")
-    return value
+# -- building a scenario from its tables ----------------------------------------------------
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
-        raise ValueError(f"[{key}] must be a table")
+        raise ValueError(f"[{key}] must be a table, got {value!r}")
     return value
 
 
-def _fill(cls: type[Any], table: dict[str, Any], section: str, **special: Any) -> Any:
-    """Build dataclass ``cls`` from ``table``, checking names and basic types."""
-    known = {f.name: f for f in fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in known:
-            raise ValueError(f"[{section}] has no key {key!r} (known: {', '.join(known)})")
-        if key in special:
-            values[key] = special[key](value)
-            continue
-        default = known[key].default
-        where = f"[{section}] {key}"
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ValueError(f"{where} must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            value = _integer(where, value, 0, 10**9)
-        elif isinstance(default, float):
-            value = _number(where, value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        values[key] = value
-    return cls(**values)
+def _fill(cls: type[Any], table: dict[str, Any], where: str, **special: Any) -> Any:
+    """Build dataclass ``cls`` from ``table``: unknown keys and invalid values are errors
+    naming ``where`` (the table) and the key."""
+    allowed = list(rules_of(cls))
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: {unknown_keys_message(unknown, allowed)}".lstrip(": "))
+    values = {key: special[key](value) if key in special else value for key, value in table.items()}
+    try:
+        return cls(**values)
+    except FieldError as exc:
+        raise ValueError(f"{where} {exc.key} {exc.problem}".lstrip()) from None
 
 
 def _build(data: dict[str, Any], base: Path) -> Scenario:
-    top = {"name", "seed", "rounds", "duration", "nodes", "topology", "link", "task"}
-    top |= {"protocol", "dp", "churn", "checks", "events", "partitions"}
-    for key in data:
-        if key not in top:
-            raise ValueError(f"unknown top-level key {key!r} (known: {', '.join(sorted(top))})")
-    name = data.get("name", "scenario")
-    if not isinstance(name, str):
-        raise ValueError(f"name must be a string, got {name!r}")
-    seed = _integer("seed", data.get("seed", 0), 0, 2**63 - 1)
-    rounds_value = data.get("rounds", 10)
-    rounds = None if rounds_value == 0 else _integer("rounds", rounds_value, 0, 10**6)
-    duration = _number("duration", data.get("duration", 3600.0), strict=True)
+    top: dict[str, Any] = {
+        key: data[key] for key in ("name", "seed", "rounds", "duration") if key in data
+    }
+    if "rounds" in top and top["rounds"] == 0 and not isinstance(top["rounds"], bool):
+        top["rounds"] = None  # 0: no round goal
+    allowed = [f.name for f in fields(Scenario)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(unknown_keys_message(unknown, allowed, "top-level key"))
+    for key in allowed:
+        if key not in rules_of(Scenario) and key not in ("events", "partitions"):
+            _table(data, key)  # a table of the file, not a value
+    head = _fill(Scenario, top, "")
 
     topology = _fill(
         TopologySpec,
         _table(data, "topology"),
-        "topology",
-        file=lambda v: base / str(v),
-        rows=lambda v: _integer("[topology] rows", v, 1, 10**6),
-        cols=lambda v: _integer("[topology] cols", v, 1, 10**6),
+        "[topology]",
+        file=lambda v: base / v if isinstance(v, str) and v else v,
     )
-    if topology.kind not in TOPOLOGY_KINDS:
-        raise ValueError(
-            f"[topology] kind {topology.kind!r} is unknown; "
-            f"choose one of {', '.join(TOPOLOGY_KINDS)}"
-        )
-    if topology.routing not in ("direct", "shortest-path"):
-        raise ValueError('[topology] routing must be "direct" or "shortest-path"')
     if topology.kind == "file" and topology.file is None:
         raise ValueError('[topology] kind = "file" needs file = "PATH" (GML or edge list)')
-    if not 0 <= topology.p <= 1:
-        raise ValueError(f"[topology] p must be a probability, got {topology.p}")
 
-    nodes = _fill(NodesSpec, _table(data, "nodes"), "nodes")
+    nodes = _fill(NodesSpec, _table(data, "nodes"), "[nodes]")
     if nodes.count == 0 and topology.kind != "file":
         raise ValueError("[nodes] count is required (the number of simulated nodes)")
-    if nodes.bootstrap not in ("neighbors", "first", "none"):
-        raise ValueError('[nodes] bootstrap must be "neighbors", "first" or "none"')
-    if nodes.target_peers < 1:
-        raise ValueError("[nodes] target_peers must be at least 1")
-    link = _fill(LinkSpec, _table(data, "link"), "link")
-    link.params()  # validates ranges
+    link = _fill(LinkSpec, _table(data, "link"), "[link]")
+    link.params()  # the simulator's own limits
 
-    task_table = dict(_table(data, "task"))
-    settings = task_table.pop("settings", {})
-    if not isinstance(settings, dict):
-        raise ValueError("[task.settings] must be a table")
-    task = _fill(TaskSpec, task_table, "task")
-    task = TaskSpec(task.name, task.training, task.evaluate_every, dict(settings))
+    task = _fill(TaskSpec, _table(data, "task"), "[task]")
 
-    protocol = _fill(ProtocolSpec, _table(data, "protocol"), "protocol")
-    if protocol.group_min < 3 or protocol.group_max < protocol.group_min:
+    protocol = _fill(ProtocolSpec, _table(data, "protocol"), "[protocol]")
+    if protocol.group_max < protocol.group_min:
         raise ValueError("[protocol] needs 3 <= group_min <= group_max")
     _check_grid(protocol, nodes.count)
-    dp = _fill(DpSpec, _table(data, "dp"), "dp")
-    churn = _fill(ChurnSpec, _table(data, "churn"), "churn")
-    if churn.model not in ("none", "exponential", "weibull", "per-round"):
-        raise ValueError('[churn] model must be "none", "exponential", "weibull" or "per-round"')
-    if not 0 <= churn.per_round <= 1:
-        raise ValueError(f"[churn] per_round must be in [0, 1], got {churn.per_round}")
-    if not 0 <= churn.fraction <= 1:
-        raise ValueError(f"[churn] fraction must be in [0, 1], got {churn.fraction}")
+    dp = _fill(DpSpec, _table(data, "dp"), "[dp]")
+    churn = _fill(ChurnSpec, _table(data, "churn"), "[churn]")
     if churn.model in ("exponential", "weibull") and (
         churn.mean_session <= 0 or churn.weibull_scale <= 0
     ):
@@ -442,11 +427,8 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
 
     events = tuple(_event(i, e) for i, e in enumerate(_array(data, "events")))
     partitions = tuple(_partition(i, p) for i, p in enumerate(_array(data, "partitions")))
-    return Scenario(
-        name=name,
-        seed=seed,
-        rounds=rounds,
-        duration=duration,
+    return dataclasses.replace(
+        head,
         nodes=nodes,
         topology=topology,
         link=link,
@@ -454,29 +436,13 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
         protocol=protocol,
         dp=dp,
         churn=churn,
-        checks=_checks(_table(data, "checks")),
+        checks=_fill(ChecksSpec, _table(data, "checks"), "[checks]"),
         events=events,
         partitions=partitions,
     )
 
 
-def _checks(table: dict[str, Any]) -> ChecksSpec:
-    checks: ChecksSpec = _fill(ChecksSpec, table, "checks")
-    if checks.pace > 1:
-        raise ValueError(
-            f"[checks] pace is the share of the rounds per second kept during a fault: "
-            f"between 0 (off) and 1, got {checks.pace}"
-        )
-    if checks.pace_window <= 0:
-        raise ValueError(f"[checks] pace_window must be > 0 seconds, got {checks.pace_window}")
-    return checks
-
-
 def _check_grid(protocol: ProtocolSpec, count: int) -> None:
-    if protocol.grouping not in ("random", "exact", "grid"):
-        raise ValueError('[protocol] grouping must be "random", "exact" or "grid"')
-    if not 0 <= protocol.random_steps <= 16:
-        raise ValueError("[protocol] random_steps must be between 0 (automatic) and 16")
     if protocol.grouping in ("random", "exact"):
         if protocol.grid_side or protocol.grid_dims:
             raise ValueError('[protocol] grid_side and grid_dims need grouping = "grid"')
@@ -503,87 +469,73 @@ def _array(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return value
 
 
-def _node_list(where: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise ValueError(f"{where} must be a list of node indices, got {value!r}")
-    return tuple(_integer(where, v, 0, 10**7) for v in value)
+def _node_list(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**7 for v in value
+    ):
+        raise ValueError(f"must be a list of node indices, got {value!r}")
+    return tuple(value)
+
+
+def _groups(value: Any) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list of lists of node indices, got {value!r}")
+    return tuple(_node_list(group) for group in value)
+
+
+def _cut(value: Any) -> tuple[tuple[int, int], ...]:
+    """``cut = [[A, B], ..]``: topology edges (checked against the topology at the start)."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list of edges [A, B], got {value!r}")
+    edges = []
+    for edge in value:
+        if not isinstance(edge, list | tuple) or len(edge) != 2:
+            raise ValueError(
+                f"must be a list of edges, each a pair of node indices [A, B]; got {edge!r}"
+            )
+        a, b = _node_list(edge)
+        if a == b:
+            raise ValueError(f"has the edge [{a}, {b}], which names one node twice")
+        edges.append((a, b))
+    return tuple(edges)
+
+
+def _pace(value: float) -> float:
+    if value > 1:
+        raise ValueError(
+            "is the share of the rounds per second kept during a fault: between 0 (off) "
+            f"and 1, got {value}"
+        )
+    return value
 
 
 def _event(index: int, table: dict[str, Any]) -> EventSpec:
     where = f"[[events]] #{index + 1}"
-    unknown = set(table) - {"at", "action", "nodes", "fraction", "in_group"}
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown keys {sorted(unknown)} (known: at, action, nodes, fraction, "
-            "in_group)"
-        )
     if "at" not in table or "action" not in table:
         raise ValueError(f"{where}: needs at = TIME and action = NAME")
-    action = table["action"]
-    if action not in ("crash", "restart", "stop", "join", "vanish"):
-        raise ValueError(f'{where}: action must be "crash", "restart", "stop", "join" or "vanish"')
-    fraction = table.get("fraction")
-    if fraction is not None and not 0 < _number(f"{where} fraction", fraction) <= 1:
-        raise ValueError(f"{where}: fraction must be in (0, 1]")
-    nodes = _node_list(f"{where} nodes", table.get("nodes", []))
-    if not nodes and fraction is None:
+    event: EventSpec = _fill(EventSpec, table, where)
+    if not event.nodes and event.fraction is None:
         raise ValueError(f"{where}: name the nodes (nodes = [..]) or a fraction")
-    in_group = table.get("in_group", False)
-    if not isinstance(in_group, bool):
-        raise ValueError(f"{where}: in_group must be true or false, got {in_group!r}")
-    if in_group and (action not in ("crash", "vanish") or fraction is not None):
+    if event.in_group and (event.action not in ("crash", "vanish") or event.fraction is not None):
         raise ValueError(
             f'{where}: in_group = true needs action = "crash" or "vanish" and nodes = [..] '
             "(not a fraction)"
         )
-    return EventSpec(_number(f"{where} at", table["at"]), action, nodes, fraction, in_group)
+    return event
 
 
 def _partition(index: int, table: dict[str, Any]) -> PartitionSpec:
     where = f"[[partitions]] #{index + 1}"
-    unknown = set(table) - {"start", "end", "groups", "split", "mode", "cut"}
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown keys {sorted(unknown)} (known: start, end, groups, split, cut, mode)"
-        )
     if "start" not in table:
         raise ValueError(f"{where}: needs start = TIME")
-    start = _number(f"{where} start", table["start"])
-    end = table.get("end")
-    if end is not None and _number(f"{where} end", end) <= start:
+    partition: PartitionSpec = _fill(PartitionSpec, table, where)
+    if partition.end is not None and partition.end <= partition.start:
         raise ValueError(f"{where}: end must be after start")
-    groups_value = table.get("groups", [])
-    if not isinstance(groups_value, list):
-        raise ValueError(f"{where}: groups must be a list of lists of node indices")
-    groups = tuple(_node_list(f"{where} groups", g) for g in groups_value)
-    split = table.get("split")
-    if split is not None and not 0 < _number(f"{where} split", split) < 1:
-        raise ValueError(f"{where}: split must be in (0, 1)")
-    cut = _cut(where, table.get("cut", []))
-    if cut and (groups or split is not None):
+    sides = [bool(partition.groups), partition.split is not None, bool(partition.cut)]
+    if sum(sides) > 1:
         raise ValueError(f"{where}: give one of groups, split or cut (the sides), not several")
-    if not groups and split is None and not cut:
+    if not any(sides):
         raise ValueError(
             f"{where}: give groups = [[..], ..], split = FRACTION or cut = [[A, B], ..]"
         )
-    mode = table.get("mode", "stall")
-    if mode not in ("stall", "reset", "drop"):
-        raise ValueError(f'{where}: mode must be "stall", "reset" or "drop", got {mode!r}')
-    return PartitionSpec(start, None if end is None else float(end), groups, split, mode, cut)
-
-
-def _cut(where: str, value: Any) -> tuple[tuple[int, int], ...]:
-    """``cut = [[A, B], ..]``: topology edges (checked against the topology at the start)."""
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: cut must be a list of edges [A, B], got {value!r}")
-    edges = []
-    for edge in value:
-        if not isinstance(edge, list) or len(edge) != 2:
-            raise ValueError(
-                f"{where}: each edge of cut is a pair of node indices [A, B], got {edge!r}"
-            )
-        a, b = _node_list(f"{where} cut", edge)
-        if a == b:
-            raise ValueError(f"{where}: cut edge [{a}, {b}] names one node twice")
-        edges.append((a, b))
-    return tuple(edges)
+    return partition

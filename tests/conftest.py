@@ -1,6 +1,6 @@
 """Test-run wide settings: how pytest-xdist may spread the tests over its workers.
 
-pyproject.toml runs the suite with ``-n auto --dist loadgroup``: tests go to whichever
+pyproject.toml runs the suite with ``-n logical --dist loadgroup``: tests go to whichever
 worker is free, except those given the same ``xdist_group`` here, which share a worker:
 
 * every ``multicast`` test, so that two mDNS tests never answer each other's queries on

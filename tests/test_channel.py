@@ -242,9 +242,9 @@ def test_bad_identity_signature_is_rejected() -> None:
 
 
 def test_oversize_frame_is_refused_before_reassembly() -> None:
-    a, b = pair(max_b=1000)
+    a, b = pair(max_b=1024)
     handshake(a, b)
-    with pytest.raises(LocalProtocolError, match="peer accepts at most 1000"):
+    with pytest.raises(LocalProtocolError, match="peer accepts at most 1024"):
         a.send_message(model(4000))
     a.peer_max_message_size = 1 << 30  # play a peer that ignores the announced limit
     a.send_message(model(400_000))
@@ -364,3 +364,14 @@ def test_close_frame_decodes_with_the_shared_decoder() -> None:
     wire = a.data_to_send()
     plaintext = b._transport.receive.decrypt_with_ad(b"", wire[2:])  # type: ignore[union-attr]
     assert decode_message(plaintext[4:]) == Close(code=6, reason="quiet")
+
+
+def test_a_peer_announcing_a_message_limit_below_the_minimum_fails_the_handshake() -> None:
+    """Found while fuzzing: a peer announcing max_message_size 0 was accepted, and every
+    later send to it failed locally (spec/transport.md, section 3: at least 1024)."""
+    a, b = pair()
+    a.max_message_size = 0  # a peer that announces 0 in handshake message 3
+    with pytest.raises(HandshakeError, match="below the protocol's minimum 1024"):
+        handshake(a, b)
+    with pytest.raises(LocalProtocolError, match="between 1024"):
+        pair(max_a=1000)

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 import trio
 
+import p2pfed.channel_pool
 import p2pfed.group
+import p2pfed.group_driver
 import p2pfed.node
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.conformance import ConformanceOptions, ConformanceReport, Status, run_conformance
@@ -147,7 +149,7 @@ def _pex_names_requester(monkeypatch: pytest.MonkeyPatch) -> None:
     def build(peers: Any, message: Any, requester: Any, rng: Any, host: Any) -> PeerList:
         return PeerList(peers=[PeerInfo(node_id=requester.raw, host="127.0.0.1", port=9)])
 
-    monkeypatch.setattr(p2pfed.node, "build_peer_list", build)
+    monkeypatch.setattr(p2pfed.channel_pool, "build_peer_list", build)
 
 
 def _no_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,11 +224,11 @@ def _keeps_the_whole_weight(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _no_positions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2pfed.node, "_POSITION_VERSION", 3)
+    monkeypatch.setattr(p2pfed.group_driver, "POSITION_VERSION", 3)
 
 
 def _positions_on_version_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2pfed.node, "_POSITION_VERSION", 1)
+    monkeypatch.setattr(p2pfed.group_driver, "POSITION_VERSION", 1)
 
 
 BROKEN: list[tuple[str, Callable[[pytest.MonkeyPatch], None], dict[str, Any], str]] = [

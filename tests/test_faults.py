@@ -103,7 +103,7 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
 KILL_SCENARIO = """
 name = "kill-mid-group"
 seed = 1
-rounds = 12
+rounds = 30
 duration = 120
 [nodes]
 count = 5
@@ -120,21 +120,22 @@ group_min = 3
 group_max = 4
 allreduce_timeout = 5.0
 [[events]]
-at = 1.0
+at = 0.5
 action = "crash"
 in_group = true
 nodes = [2]
 [[events]]
-at = 6.0
+at = 3.0
 action = "restart"
 nodes = [2]
 """
-"""Node 2 crashes at the first moment after t=1 s that it is in an all-reduce (rounds take
-about 40 ms here: it is a few rounds in), and restarts at t=6 s, long after the others'
-allreduce_timeout would have ended a group waiting for it."""
+"""Node 2 crashes at the first moment after t=0.5 s that it is in an all-reduce (rounds take
+tens of milliseconds here: it is a few rounds in), and restarts at t=3 s, before the
+others' allreduce_timeout would have ended a group still waiting for it: only noticing
+the loss lets them regroup in between. 30 rounds keep everybody busy past the restart."""
 
 VICTIM = 2
-RESTART_AT = 6.0
+RESTART_AT = 3.0
 
 
 class _Recording(Simulation):
@@ -246,7 +247,7 @@ def test_kill_9_keeps_checkpoint_and_ledger_then_resume(tmp_path: Path) -> None:
         releases_before = ledger.releases()
         # every round the victim completed began with a recorded release (kill -9 or not)
         completed = sum(1 for r in victim.records() if r.get("event") == "round")
-        assert releases_before >= completed >= 3
+        assert releases_before >= completed >= 1
 
         restarted = NodeProcess(victim.node_dir)
         nodes[2] = restarted

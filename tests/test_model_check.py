@@ -8,6 +8,7 @@ hide that the protocol is no longer checked.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ CHECK = MODEL_DIR / "check.sh"
 pytestmark = pytest.mark.spin
 
 
-def _run_check(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_check(*args: str, pan_cflags: str = "") -> subprocess.CompletedProcess[str]:
     missing = [tool for tool in ("spin", "gcc") if shutil.which(tool) is None]
     assert not missing, (
         f"{' and '.join(missing)} not found: the group protocol model check needs them. "
@@ -32,6 +33,7 @@ def _run_check(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
         cwd=MODEL_DIR,
+        env={**os.environ, "PAN_CFLAGS": pan_cflags},
     )
 
 
@@ -59,7 +61,9 @@ def test_group_model_verifies() -> None:
     ],
 )
 def test_model_check_catches_planted_bug(bug: str, config: str, expected: str) -> None:
-    result = _run_check("--only", config, f"-D{bug}")
+    # -O0: spin stops at the first error, a few seconds of search at most, where gcc -O2
+    # alone would take longer than the whole run
+    result = _run_check("--only", config, f"-D{bug}", pan_cflags="-O0")
     output = result.stdout + result.stderr
     assert result.returncode == 1, f"spin did not catch {bug} in {config}:\n{output}"
     assert f"FAIL  {config}" in output

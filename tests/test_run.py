@@ -142,6 +142,22 @@ def test_protocol_params_from_the_command_line() -> None:
     assert private.dp_enabled and private.dp_epsilon_budget == pytest.approx(8.0, rel=1e-3)
 
 
+@pytest.mark.parametrize("level", ["node", "record", "distributed"])
+def test_epsilon_calibrates_for_the_chosen_dp_level(level: str) -> None:
+    """``--epsilon`` calibrates the noise of the federation's own DP level (and, for
+    distributed DP, makes room for the noise in the fixed-point range): the whole run's
+    rounds then spend exactly the budget, which the node's own check accepts."""
+    from p2pfed.dp import check_budget, release_cost
+
+    params = RunOptions(
+        TASK, 4, rounds=10, epsilon=3.0, params={"dp_level": level}
+    ).protocol_params()
+    assert params.dp_level == level
+    check_budget(params)  # refuses a federation whose rounds cannot fit, or no headroom
+    spent = release_cost(params).epsilon(10, params.dp_delta)
+    assert spent == pytest.approx(3.0, rel=0.02) and spent <= params.dp_epsilon_budget
+
+
 def test_record_level_dp_trains_real_nodes_and_spends_what_the_accountant_says(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

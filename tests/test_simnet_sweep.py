@@ -115,7 +115,10 @@ def test_topology_file_path_is_made_absolute(tmp_path: Path) -> None:
         ("seeds = []", "seeds is an empty list"),
         ('seeds = [1, "2"]', "seeds must be integers"),
         # each run is validated before any starts, and the error names the run
-        ('"protocol.group_max" = [4, 2]', "run group_max=2 seed=1: [protocol] needs 3 <="),
+        (
+            '"protocol.group_max" = [4, 2]',
+            "run group_max=2 seed=1: [protocol] group_max must be between 3 and 64",
+        ),
         ('"topology.kind" = ["ring", "moebius"]', "run kind=moebius seed=1: [topology] kind"),
     ],
 )

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-import p2pfed.node
+import p2pfed.channel_pool
 from p2pfed.errors import ConfigError
 from simnet.network import LinkParams, SimNetwork, VirtualNetwork
 from simnet.scenario import load_scenario, parse_scenario
@@ -170,12 +170,12 @@ def router_run(tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
 def idle_timeout_liveness() -> Iterator[None]:
     """The node as before fast failure detection: a silent peer counts as responsive until
     the 60 s idle timeout closes its channel."""
-    saved = p2pfed.node.LIVENESS_DEADLINE
-    p2pfed.node.LIVENESS_DEADLINE = 60.0
+    saved = p2pfed.channel_pool.LIVENESS_DEADLINE
+    p2pfed.channel_pool.LIVENESS_DEADLINE = 60.0
     try:
         yield
     finally:
-        p2pfed.node.LIVENESS_DEADLINE = saved
+        p2pfed.channel_pool.LIVENESS_DEADLINE = saved
 
 
 def test_a_silently_vanished_node_is_detected_within_seconds(
