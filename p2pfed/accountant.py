@@ -31,7 +31,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -346,6 +346,31 @@ def epsilon_floor(delta: float, orders: Sequence[float] = DEFAULT_ORDERS) -> flo
     return max(0.0, float(np.min(terms)))
 
 
+def _smallest_fitting(fits: Callable[[float], bool], width: float, target: float) -> float:
+    """Bisection on a log scale for the smallest noise multiplier ``z`` with ``fits(z)``
+    (``fits`` is monotone: more noise, less epsilon), to relative ``width``; the upper
+    end, which fits, is returned."""
+    hi = 1.0
+    while not fits(hi):
+        hi *= 2.0
+        if hi > _BRACKET_LIMIT:  # pragma: no cover - excluded by the callers' floor check
+            raise ValueError(f"no noise multiplier reaches epsilon {target!r}")
+    lo = hi / 2.0
+    while fits(lo):
+        lo /= 2.0
+        if lo < 1.0 / _BRACKET_LIMIT:  # pragma: no cover - epsilon grows without bound
+            raise ValueError(f"target_epsilon {target!r} is too large to invert")
+    while hi - lo > width * hi:
+        mid = math.sqrt(lo * hi)
+        if mid <= lo or mid >= hi:  # pragma: no cover - floats exhausted
+            break
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def noise_multiplier_for(
     target_epsilon: float, releases: int, delta: float, sampling_rate: float = 1.0
 ) -> float:
@@ -386,25 +411,7 @@ def noise_multiplier_for(
     def fits(z: float) -> bool:
         return epsilon_for(z, n, d, q) <= target
 
-    hi = 1.0
-    while not fits(hi):
-        hi *= 2.0
-        if hi > _BRACKET_LIMIT:  # pragma: no cover - excluded by the floor check above
-            raise ValueError(f"no noise multiplier reaches epsilon {target!r}")
-    lo = hi / 2.0
-    while fits(lo):
-        lo /= 2.0
-        if lo < 1.0 / _BRACKET_LIMIT:  # pragma: no cover - epsilon grows without bound
-            raise ValueError(f"target_epsilon {target!r} is too large to invert")
-    while hi - lo > width * hi:
-        mid = math.sqrt(lo * hi)
-        if mid <= lo or mid >= hi:  # pragma: no cover - floats exhausted
-            break
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _smallest_fitting(fits, width, target)
 
 
 # -- the Skellam mechanism (distributed DP, spec/privacy.md section 2B) ------------------
@@ -522,18 +529,4 @@ def distributed_noise_multiplier_for(target_epsilon: float, releases: int, delta
     def fits(z: float) -> bool:
         return distributed_epsilon_for(z, n, d) <= target
 
-    hi = 1.0
-    while not fits(hi):
-        hi *= 2.0
-    lo = hi / 2.0
-    while fits(lo):
-        lo /= 2.0
-    while hi - lo > _BISECTION_RELATIVE_WIDTH * hi:
-        mid = math.sqrt(lo * hi)
-        if mid <= lo or mid >= hi:  # pragma: no cover - floats exhausted
-            break
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _smallest_fitting(fits, _BISECTION_RELATIVE_WIDTH, target)

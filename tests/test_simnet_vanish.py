@@ -9,17 +9,16 @@ of CPU each) with the real node code.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from test_simnet_network import connected_pair, two_hosts
 
 import p2pfed.channel_pool
 from p2pfed.errors import ConfigError
-from simnet.network import LinkParams, SimNetwork, VirtualNetwork
 from simnet.scenario import load_scenario, parse_scenario
 from simnet.simulation import Simulation, SimulationResult, run_simulation
 
@@ -29,26 +28,8 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "simnet" / "scenarios"
 # -- the network ----------------------------------------------------------------------------
 
 
-def two_hosts() -> tuple[VirtualNetwork, SimNetwork, SimNetwork]:
-    net = VirtualNetwork(rng=random.Random(5), default_link=LinkParams(latency=0.01))
-    net.add_host("10.0.0.1")
-    net.add_host("10.0.0.2")
-    return net, net.network_for("10.0.0.1"), net.network_for("10.0.0.2")
-
-
-async def connected_pair(
-    a: SimNetwork, b: SimNetwork
-) -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
-    listener = await b.listen(b.host, 7447)
-    client = await a.connect(b.host, 7447)
-    server = await listener.accept()
-    assert isinstance(client, trio.abc.HalfCloseableStream)
-    assert isinstance(server, trio.abc.HalfCloseableStream)
-    return client, server
-
-
 async def test_a_vanished_host_is_silent_not_reset(autojump_clock: trio.testing.MockClock) -> None:
-    net, a, b = two_hosts()
+    net, a, b = two_hosts(latency=0.01)
     client, server = await connected_pair(a, b)
     net.vanish("10.0.0.2")
     # its node is cancelled: closing its end must reach nobody (a crash would reset)
@@ -68,7 +49,7 @@ async def test_a_vanished_host_is_silent_not_reset(autojump_clock: trio.testing.
 async def test_a_crashed_host_by_contrast_resets_and_refuses(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    net, a, b = two_hosts()
+    net, a, b = two_hosts(latency=0.01)
     client, _ = await connected_pair(a, b)
     net.crash("10.0.0.2")
     with pytest.raises(trio.BrokenResourceError):
@@ -80,7 +61,7 @@ async def test_a_crashed_host_by_contrast_resets_and_refuses(
 async def test_drop_mode_partition_loses_crossing_streams_for_good(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    net, a, b = two_hosts()
+    net, a, b = two_hosts(latency=0.01)
     client, server = await connected_pair(a, b)
     net.partition([["10.0.0.1"]], mode="drop")
     await client.send_all(b"lost")
