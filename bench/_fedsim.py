@@ -43,12 +43,16 @@ from p2pfed.tasks.digits_cnn import task
 
 __all__ = [
     "History",
+    "RandomGroups",
     "ServerOptimizer",
     "ServerState",
     "Setup",
     "centralized",
     "client_data",
+    "random_partition",
+    "random_replay",
     "replay",
+    "round_schedule",
     "weighted_mean",
 ]
 
@@ -98,7 +102,7 @@ class ServerState:
     v: np.ndarray | None = None
 
 
-def weighted_mean(models: Sequence[np.ndarray], weights: Sequence[int]) -> np.ndarray:
+def weighted_mean(models: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """FedAvg's average: ``sum(n_k * x_k) / sum(n_k)`` in float64, in the given order.
 
     >>> weighted_mean([np.array([1.0, 0.0]), np.array([4.0, 3.0])], [2, 1])
@@ -162,6 +166,11 @@ class History:
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     final_model: np.ndarray | None = None
+    spread: list[float] = field(default_factory=list)
+    """Random replays: the largest minus the smallest node's accuracy after each round."""
+    consensus_accuracy: list[float] = field(default_factory=list)
+    """Random replays: the accuracy of the weighted mean of the nodes' models (what exact
+    averaging would have given every node) after each round."""
 
 
 def initial_model(setup: Setup) -> np.ndarray:
@@ -247,3 +256,171 @@ def centralized(setup: Setup) -> History:
 def with_rounds(setup: Setup, rounds: int) -> Setup:
     """``setup`` with another number of rounds."""
     return dataclasses.replace(setup, rounds=rounds)
+
+
+# -- random groups ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RandomGroups:
+    """Push-sum over random groups, as p2pfed's ``averaging = "random"`` runs it
+    (spec/group.md, "Random rounds"), idealised: every round all clients train from their
+    own model, each with weight ``n_k``; then ``steps`` times the clients split into random
+    groups whose members all adopt the group's weighted mean and an equal share of its
+    weight. The model each client holds is the one it trains from and is evaluated.
+
+    ``large_groups``: the probability that a group has ``group_max`` members rather than
+    ``group_min`` (p2pfed's initiator invites ``group_max - 1`` peers and starts with those
+    that accept; on 16 busy nodes about 30% of its groups are of 4)."""
+
+    steps: int = 3
+    group_min: int = 3
+    group_max: int = 4
+    large_groups: float = 1.0
+    seed: int = 0
+    ready_spread: float = 0.0
+    """0: synchronous steps, each a random partition of all clients. Above 0: groups form
+    as on real nodes (:func:`round_schedule`): clients finish training at uniformly random
+    times in ``[0, ready_spread]`` group durations, and groups form among the clients free
+    at the time."""
+    late_nodes: int = 0
+    """How many clients (the last ones) miss round 1 and adopt a round-1 model of one of
+    the others instead, as p2pfed nodes that come up after the first ones have run round 1
+    do (``_sync_model``)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.group_min <= self.group_max or self.steps < 1:
+            raise ValueError("need 1 <= group_min <= group_max and steps >= 1")
+
+
+def random_partition(n: int, groups: RandomGroups, rng: np.random.Generator) -> list[list[int]]:
+    """``range(n)`` cut into random groups of ``group_min..group_max`` members (a group of
+    fewer only when ``n < group_min``).
+
+    >>> parts = random_partition(16, RandomGroups(), np.random.default_rng(0))
+    >>> sorted(len(p) for p in parts), sorted(i for p in parts for i in p) == list(range(16))
+    ([4, 4, 4, 4], True)
+    """
+    order = [int(i) for i in rng.permutation(n)]
+    low, high = groups.group_min, groups.group_max
+    parts: list[list[int]] = []
+    while order:
+        left = len(order)
+        if left <= high:
+            size = left
+        else:
+            size = high if rng.random() < groups.large_groups else low
+            if 0 < left - size < low:  # leave a remainder that can still form a group
+                size = left - low if left - low >= low else left
+        parts.append(order[:size])
+        order = order[size:]
+    return parts
+
+
+def round_schedule(
+    n: int, groups: RandomGroups, rng: np.random.Generator
+) -> list[tuple[str, list[int]]]:
+    """One round of random groups, asynchronously as p2pfed's nodes form them: a list of
+    ``("group", members)`` in the order they form and ``("done", [k])`` when client ``k``
+    has joined ``groups.steps`` groups (and is evaluated).
+
+    Time is counted in mean group durations. Client ``k`` becomes free (trained) at a
+    uniformly random time in ``[0, ready_spread]``. The client with steps left that has
+    waited longest initiates, as ``p2pfed.grouping.RandomGrouping`` does: it invites
+    ``group_max - 1`` clients at random; those free accept, whether they have steps left
+    or are done and waiting for the round's end (spec/group.md, "Random rounds", pace:
+    they answer invites), those still training or in another group decline. With at least
+    ``group_min - 1`` acceptances the group forms and keeps its members busy for 0.7 to
+    1.3 durations; with fewer the initiator tries again 0.05 to 0.3 durations later (as
+    it does 0.05 to 0.3 after becoming free). So
+    the clients that finish training first group mostly among themselves and may be done
+    before the last ones have trained. (``large_groups`` plays no part: the sizes follow
+    from the acceptances.)
+
+    >>> schedule = round_schedule(16, RandomGroups(ready_spread=2.0), np.random.default_rng(1))
+    >>> sorted(k for kind, (k, *_) in schedule if kind == "done") == list(range(16))
+    True
+    """
+    free_at = rng.uniform(0.0, groups.ready_spread, n)
+    next_try = free_at + rng.uniform(0.05, 0.3, n)  # initiators do not all invite at once
+    steps = [0] * n
+    events: list[tuple[str, list[int]]] = []
+    invites = min(groups.group_max - 1, n - 1)
+    while True:
+        stepping = [k for k in range(n) if steps[k] < groups.steps]
+        if not stepping:
+            return events
+        initiator = min(stepping, key=lambda k: (next_try[k], k))
+        now = next_try[initiator]
+        peers = [k for k in range(n) if k != initiator]
+        invited = [int(k) for k in rng.choice(peers, invites, replace=False)]
+        accepted = [k for k in invited if free_at[k] <= now]
+        if len(accepted) < groups.group_min - 1:
+            next_try[initiator] = now + rng.uniform(0.05, 0.3)
+            continue
+        members = [initiator, *accepted]
+        events.append(("group", members))
+        busy = now + rng.uniform(0.7, 1.3)
+        for k in members:
+            free_at[k] = busy
+            next_try[k] = busy + rng.uniform(0.05, 0.3)
+            if steps[k] < groups.steps:
+                steps[k] += 1
+                if steps[k] == groups.steps:
+                    events.append(("done", [k]))
+
+
+def random_replay(
+    setup: Setup,
+    groups: RandomGroups,
+    *,
+    datasets: list[NodeData] | None = None,
+    progress: Any = None,
+) -> History:
+    """Federated training with push-sum over random groups instead of a server: the mean
+    over clients of each client's test accuracy after every round (what
+    ``bench/convergence.py`` reports for p2pfed's random variants), the spread between
+    clients, and the accuracy of their weighted mean model."""
+    torch.set_num_threads(1)
+    datasets = datasets if datasets is not None else client_data(setup)
+    n = len(datasets)
+    rng = np.random.default_rng(groups.seed)
+    models = [initial_model(setup) for _ in range(n)]
+    history = History()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for r in range(setup.rounds):
+        up = n - groups.late_nodes if r == 0 else n
+        models[:up] = [local_update(setup, datasets[k], k, r, models[k]) for k in range(up)]
+        weights = [float(d.num_train) for d in datasets]
+        accuracy = [0.0] * n
+        if groups.ready_spread > 0:
+            schedule = round_schedule(up, groups, rng)
+        else:
+            schedule = [
+                ("group", part)
+                for _ in range(groups.steps)
+                for part in random_partition(up, groups, rng)
+            ]
+        for kind, part in schedule:
+            if kind == "done":
+                accuracy[part[0]] = evaluate(setup, datasets[0], models[part[0]])["accuracy"]
+                continue
+            mean = weighted_mean([models[k] for k in part], [weights[k] for k in part])
+            total = sum(weights[k] for k in part)
+            for k in part:
+                models[k], weights[k] = mean, total / len(part)
+        if groups.ready_spread <= 0:
+            accuracy[:up] = [evaluate(setup, datasets[0], m)["accuracy"] for m in models[:up]]
+        for k in range(up, n):  # the late: a peer's model of round 1, their own weight
+            models[k] = models[int(rng.integers(up))].copy()
+            accuracy[k] = evaluate(setup, datasets[0], models[k])["accuracy"]
+        history.accuracy.append(float(np.mean(accuracy)))
+        history.spread.append(max(accuracy) - min(accuracy))
+        consensus = weighted_mean(models, weights)
+        history.consensus_accuracy.append(evaluate(setup, datasets[0], consensus)["accuracy"])
+        if progress is not None:
+            progress(r + 1, history.accuracy[-1])
+    history.wall_seconds = time.perf_counter() - wall
+    history.cpu_seconds = time.process_time() - cpu
+    history.final_model = weighted_mean(models, weights)
+    return history

@@ -20,7 +20,7 @@ draws it from ``(seed, client, round)``), so their curves differ only by how the
   run per variant, chosen by federation parameters (``[params]``):
   ``exact-fedavg`` (``averaging = "exact"``), ``exact-fedavgm`` and ``exact-fedadam``
   (``server_optimizer``), ``random-fedavg`` (``averaging = "random"``: push-sum over random
-  groups of 3-4, ``random_steps`` of them per round, 3 for 16 nodes by the automatic
+  groups of 3-4, ``random_steps`` of them per round, 5 for 16 nodes by the automatic
   rule). A variant whose parameter keys this p2pfed does not know, or whose server
   optimiser the node does not apply yet, is skipped with the reason in the JSON. The curve
   is the mean over nodes of each node's logged test accuracy after round ``r``. In random
@@ -37,6 +37,11 @@ draws it from ``(seed, client, round)``), so their curves differ only by how the
   chaotic: any implementation whose sums differ from the reference's in the last bit
   (Flower's float32 sums, p2pfed's fixed point on coordinates below ``2**-14``) drifts
   from it by about this much, however exact its averaging.
+* **model of random groups** (with a random variant, ``random-fedavg-model``):
+  :func:`bench._fedsim.random_replay` with the node's number of steps and groups formed as
+  clients become free (:func:`bench._fedsim.round_schedule`), the curve the random variant
+  should follow: random groups mix less per step than the reference's exact average, and
+  this is how much less (spec/group.md, "Random rounds").
 * **Flower** (optional extra ``peers``): Flower's ``FedAvg`` with a real server and 16
   client processes over gRPC on 127.0.0.1 (:mod:`bench._flower`).
 
@@ -67,10 +72,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench._fedsim import History, ServerOptimizer, Setup, centralized, client_data, replay
+from bench._fedsim import (
+    History,
+    RandomGroups,
+    ServerOptimizer,
+    Setup,
+    centralized,
+    client_data,
+    random_replay,
+    replay,
+)
 from bench.federation import wait_listening
 from bench.memory import memory_summary
 from bench.results import report
+from p2pfed.exact_rounds import random_steps_for
 
 REPO = Path(__file__).resolve().parent.parent
 TASK_MODULE = "p2pfed.tasks.digits_cnn"
@@ -105,6 +120,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
 
 NUDGE_ROUND = 10
 """After this round the chaos-floor replay moves one coordinate of the model by one ulp."""
+
+GROUP_MIN, GROUP_MAX = 3, 4
+"""The p2pfed federations' group sizes."""
 
 TOLERANCE_POINTS = {"exact-fedavg": 0.5, "exact-fedavgm": 1.0, "exact-fedadam": 1.0}
 RANDOM_TOLERANCE_POINTS = 3.0
@@ -186,17 +204,38 @@ def describe(curve: Sequence[float], rounds: int, target: float) -> dict[str, An
 # -- the reference ---------------------------------------------------------------------
 
 
+def random_model(setup: Setup, random_steps: int = 0) -> RandomGroups:
+    """The framework-free model of a random variant (``bench._fedsim.round_schedule``):
+    the node's automatic number of steps (or ``random_steps``), groups formed as clients
+    become free over two group durations, which reproduced the real nodes' curve (with 3
+    steps: 4.8 points behind FedAvg on average over rounds 11-30, the nodes 4.9 and 5.0)."""
+    steps = random_steps or random_steps_for(
+        setup.num_nodes, group_max=GROUP_MAX, group_min=GROUP_MIN
+    )
+    return RandomGroups(
+        steps=steps, group_min=GROUP_MIN, group_max=GROUP_MAX, ready_spread=2.0, seed=setup.seed
+    )
+
+
 def run_references(
-    setup: Setup, optimizers: Sequence[str], *, extra: bool = True
+    setup: Setup,
+    optimizers: Sequence[str],
+    *,
+    extra: bool = True,
+    random_groups: RandomGroups | None = None,
 ) -> dict[str, History]:
     """The reference replay for each server optimiser, the centralized baseline, and (with
     ``extra``) FedAvg with twice the client learning rate, to tell what momentum gains
-    over simply stepping further."""
+    over simply stepping further; with ``random_groups``, also the replay of push-sum over
+    random groups (``random-fedavg-model``: what the random variant should show)."""
     datasets = client_data(setup)
     histories: dict[str, History] = {}
     for name in optimizers:
         log(f"[reference {name}] {setup.rounds} rounds")
         histories[name] = replay(setup, OPTIMIZERS[name], datasets=datasets)
+    if random_groups is not None:
+        log(f"[model of random groups, {random_groups.steps} steps] {setup.rounds} rounds")
+        histories["random-fedavg-model"] = random_replay(setup, random_groups, datasets=datasets)
     if extra:
         doubled = dict(setup.task_settings)
         doubled["lr"] = 2 * float(doubled.get("lr", TASK_SETTINGS["lr"]))
@@ -229,7 +268,8 @@ def variant_blocker(variant: str, allowed: Sequence[str], node_source: str) -> s
     """Why ``variant`` cannot run on this p2pfed (None: it can).
 
     ``allowed`` is ``ProtocolParams.allowed_keys()``; ``node_source`` the text of
-    ``p2pfed/node.py`` (a server optimiser the node never reads would silently be FedAvg).
+    ``p2pfed/node.py`` and ``p2pfed/round_loop.py`` (a server optimiser the node never
+    reads would silently be FedAvg).
 
     >>> variant_blocker("random-fedavg", ["group_min"], "")
     >>> variant_blocker("exact-fedavg", ["group_min"], "")[:40]
@@ -247,7 +287,7 @@ def variant_blocker(variant: str, allowed: Sequence[str], node_source: str) -> s
     )
     if optimizer != "fedavg" and not applied:
         return (
-            "the federation parameter server_optimizer exists, but p2pfed/node.py does not "
+            "the federation parameter server_optimizer exists, but the node does not "
             "apply it yet (it never sets self.server_optimizer): the run would be plain "
             "FedAvg; pass --force to run it anyway"
         )
@@ -328,7 +368,11 @@ def run_p2pfed(
     allowed = set(ProtocolParams.allowed_keys())
     extra = {k: v for k, v in federation_params(variant, random_steps).items() if k in allowed}
     params = ProtocolParams(
-        group_min=3, group_max=4, dp_enabled=False, min_nodes=setup.num_nodes, **extra
+        group_min=GROUP_MIN,
+        group_max=GROUP_MAX,
+        dp_enabled=False,
+        min_nodes=setup.num_nodes,
+        **extra,
     )
     federation = dataclasses.replace(Federation.new(f"conv-{variant}"), params=params)
     dirs = create_local_federation(
@@ -452,6 +496,9 @@ def _summarise_nodes(nodes: list[_Node], rounds: int) -> dict[str, Any]:
         if any(r not in n.records for r in range(1, rounds + 1))
     }
     seconds = [float(rec["seconds"]) for n in nodes for r, rec in n.records.items() if r > 1]
+    # random rounds: the groups each node completed per round (fewer than its rule's
+    # number only when it was stopping); exact rounds log their plan's steps
+    steps = [int(rec["steps"]) for n in nodes for rec in n.records.values() if "steps" in rec]
     inexact = sum(
         1
         for n in nodes
@@ -468,6 +515,9 @@ def _summarise_nodes(nodes: list[_Node], rounds: int) -> dict[str, Any]:
         if len(ends) > 1
         else None,
         "node_round_median_s": round(statistics.median(seconds), 4) if seconds else None,
+        "steps_per_round": {"mean": round(_mean(steps), 3), "min": min(steps), "max": max(steps)}
+        if steps
+        else None,
         "node_accuracy_spread_max_points": round(100 * max(spread), 3) if spread else None,
         "inexact_round_records": inexact,
         "rounds_not_logged_by_node": missing,
@@ -682,6 +732,12 @@ def build_result(
         met[f"{variant}_within_{tolerance:g}pt_of_reference"] = (
             complete and gap["max_abs"] <= tolerance
         )
+    model, plain = references.get("random-fedavg-model"), references.get("fedavg")
+    if model is not None and plain is not None:
+        # what the random variant's curve should be, were its groups formed as modelled
+        result["differences_points"]["random-fedavg-model_vs_reference_fedavg"] = gap_points(
+            model.accuracy, plain.accuracy, marks
+        )
     for name in OPTIMIZERS:
         nudged, plain = references.get(f"{name}-nudged"), references.get(name)
         if nudged is not None and plain is not None:
@@ -805,7 +861,12 @@ def run_all(
     from p2pfed.federation import ProtocolParams
     from p2pfed.launcher import NodeLauncher
 
-    node_source = (REPO / "p2pfed" / "node.py").read_text(encoding="utf-8")
+    # the round loop applies the server optimiser (before it, p2pfed/node.py did)
+    node_source = "".join(
+        path.read_text(encoding="utf-8")
+        for path in (REPO / "p2pfed" / "node.py", REPO / "p2pfed" / "round_loop.py")
+        if path.exists()
+    )
     skipped: dict[str, str] = {}
     runnable = []
     for variant in variants:
@@ -816,7 +877,12 @@ def run_all(
         else:
             runnable.append(variant)
     optimizers = ["fedavg", "fedavgm", "fedadam"]
-    references = run_references(setup, optimizers)
+    random_groups = (
+        random_model(setup, args.random_steps)
+        if any(VARIANTS[v][0] == "random" for v in runnable)
+        else None
+    )
+    references = run_references(setup, optimizers, random_groups=random_groups)
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="p2pfed-convergence-") as tmp:
         workdir = args.keep or Path(tmp)

@@ -33,6 +33,33 @@ x 20 rounds x 1000 parameters with random grouping in under 180 s in all (grid: 
 5000 nodes x 20 rounds of the tiny model in under 900 s, stopping 1000 nodes in under
 10 s, the 1000-node fault scenario in under 300 s with its checks passing.
 
+The fourth round (issue #18, December; py-spy of 250 random nodes x 20 rounds first: the
+handshake 12% of the samples, reading and decoding 11%, the node's dispatch 10%, sending
+7%, the group loop 6.5% of which ``ChannelPool.connected()`` 4%, trio's deadlines and
+cancel delivery 8%; the stop is about an eighth of the CPU time). Measured as base and
+new code side by side at the same time, 200 random nodes x 10 rounds (load average 8-15,
+CPU seconds of each process): the run 68.4 -> 64.6 CPU s, the stop 10.1 -> 6.9 CPU s
+(5.7k open links: 1.8 -> 1.25 ms each), 78.5 -> 71.5 in all, with 546 and 557 groups:
+
+* **one clock per node** (``p2pfed.trio_channel.ChannelClock``): the keepalives and the
+  idle and send timeouts of all a node's channels run in one task with a heap of
+  deadlines, instead of a task, a nursery and a cancel scope per channel;
+* **halting abandons the channels** (``ChannelPool.abandon``, ``SecureChannel.abandon``):
+  no Close is encoded and encrypted for a connection that is being reset, no node hears
+  of its lost peers (which made groups abort and dial) while it is torn down; a channel
+  closes its stream once, and leaves its block without a shielded scope when the stream
+  is closed already;
+* ``ChannelPool.connected()`` keeps its answer until a link opens or closes, the oldest
+  arrival of a responsive peer passes the liveness deadline, or a silent peer is heard;
+* the virtual network wakes readers with one alarm task (``simnet.network._Alarms``)
+  instead of a cancel scope with a moving deadline per wait; a free send lock is taken
+  without a schedule point; a record type's known keys are computed once.
+
+What is left of the stop is trio unwinding two tasks and a nursery per channel end (each
+``cancel()`` formats its task's repr, each cancelled task raises and unwinds a
+``Cancelled``): 1.25 ms of CPU per open link here, so 1000 random nodes (about 55k links) still
+need well over 10 s.
+
 The third round of work (issue #18, December; measured on the shared 2-core machine at a
 load average of 15-19, so wall seconds there are 5-8x the CPU seconds and only the
 comparisons within one process mean anything):

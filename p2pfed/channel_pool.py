@@ -55,6 +55,7 @@ from p2pfed.peers import (
     handle_peer_list,
 )
 from p2pfed.trio_channel import (
+    ChannelClock,
     ChannelConfig,
     SecureChannel,
     SharedBudget,
@@ -168,6 +169,11 @@ class ChannelPool:
         self._queued: dict[NodeId, list[Message]] = {}
         self._connector_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._clock: ChannelClock | None = None  # the channels' keepalives and timeouts
+        # connected(), kept until a link changes or a peer's liveness may have: the peers,
+        # the links of the unresponsive ones, and the oldest last arrival of the others
+        self._responsive: tuple[list[NodeId], list[Link], float] | None = None
+        self._abandoned = False
         self.listen_port = 0
         self.stopping = False
         """Set when the node stops: no new connections are made for messages."""
@@ -175,8 +181,11 @@ class ChannelPool:
         self.bytes_received = 0
 
     def bind(self, nursery: trio.Nursery) -> None:
-        """The nursery dials and their channels run in (the node's: one nursery for all)."""
+        """The nursery dials and their channels run in (the node's: one nursery for all),
+        with one :class:`~p2pfed.trio_channel.ChannelClock` for all their keepalives and
+        timeouts (a pool never bound gives each channel a clock task of its own)."""
         self._nursery = nursery
+        self._clock = ChannelClock(nursery)
 
     # -- peers and liveness --------------------------------------------------------------
 
@@ -186,19 +195,40 @@ class ChannelPool:
         without closing (a cut cable, a router down) drops out within seconds, so group
         formation neither invites it nor waits for it, though its channel lingers until
         the idle timeout; it is back as soon as anything arrives from it again."""
-        # sorted by the id bytes directly: NodeId's generated __lt__ is slow, and this
-        # runs on every wake of the group loop
+        # This runs on every wake of the group loop, so the answer is kept until a link
+        # opens, closes or is being closed (_links_moved), a responsive peer's last
+        # arrival may be older than the deadline, or an unresponsive one's channel heard
+        # something (arrivals only move forward, so nothing else can change it).
+        now = trio.current_time()
+        heard_since = now - LIVENESS_DEADLINE
+        cached = self._responsive
+        if cached is not None:
+            peers, silent, oldest = cached
+            if oldest >= heard_since and all(
+                link.channel.last_received < heard_since for link in silent
+            ):
+                return list(peers)
         closing = self._closing
-        heard_since = trio.current_time() - LIVENESS_DEADLINE
-        return sorted(
-            (
-                peer
-                for peer, links in self.links.items()
-                if peer not in closing
-                and any(link.channel.last_received >= heard_since for link in links)
-            ),
-            key=_id_bytes,
-        )
+        responsive: list[NodeId] = []
+        silent = []
+        oldest = math.inf
+        for peer, links in self.links.items():
+            if peer in closing:
+                continue
+            last = max(link.channel.last_received for link in links) if links else -math.inf
+            if last >= heard_since:
+                responsive.append(peer)
+                oldest = min(oldest, last)
+            else:
+                silent.extend(links)
+        # sorted by the id bytes directly: NodeId's generated __lt__ is slow
+        responsive.sort(key=_id_bytes)
+        self._responsive = (responsive, silent, oldest)
+        return list(responsive)
+
+    def _links_moved(self) -> None:
+        """A link opened, closed or began closing: connected() looks again."""
+        self._responsive = None
 
     def unresponsive_peers(self) -> list[NodeId]:
         """Peers with an open channel but nothing received for LIVENESS_DEADLINE."""
@@ -330,6 +360,7 @@ class ChannelPool:
         for peer in idle[:excess]:
             log.debug("closing idle channel to %s: connection limit", peer.short)
             self._closing.add(peer)
+            self._links_moved()
             self.channels_trimmed += 1
             for link in self.links.get(peer, []):
                 link.close_code = CloseCode.NORMAL
@@ -365,6 +396,7 @@ class ChannelPool:
             randbytes=self._randbytes,
             static_key=self._static_key,
             budget=self._budget(),
+            clock=self._clock,
             task_status=task_status,  # type: ignore[arg-type]
         )
 
@@ -381,6 +413,7 @@ class ChannelPool:
             self._host_of[peer] = host
         self.links.setdefault(peer, []).append(link)
         self._closing.discard(peer)  # a new channel to a peer whose old one is closing
+        self._links_moved()
         self._last_active[peer] = now
         self.trim(keep=peer)
         self.peers.mark_connected(peer, now)
@@ -415,12 +448,14 @@ class ChannelPool:
                 links.remove(link)
             send.close()
             self._links_changed.set()
+            self._links_moved()
             if not links:
                 self.links.pop(peer, None)
                 self._last_active.pop(peer, None)
                 self._closing.discard(peer)
                 self.peers.mark_disconnected(peer, trio.current_time())
-                self.hooks.gone(peer)
+                if not self._abandoned:
+                    self.hooks.gone(peer)
 
     async def _writer(self, link: Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
         channel = link.channel
@@ -495,6 +530,7 @@ class ChannelPool:
                     randbytes=self._randbytes,
                     static_key=self._static_key,
                     budget=self._budget(),
+                    clock=self._clock,
                 ) as channel:
                     if expect is not None and channel.peer_id != expect:
                         log.warning(
@@ -666,6 +702,18 @@ class ChannelPool:
                         self.wake_connector()
                 elif isinstance(event, PeerDeparted) and event.node_id not in self.links:
                     self.peers.remove(event.node_id)
+
+    def abandon(self) -> None:
+        """Give every channel up at once, without a goodbye: the node and its network are
+        being torn down together (simnet halting a whole simulated network at the end of
+        a run), so nothing sent now could arrive. No Close is encoded, no new connection
+        is made, and the owner hears of no lost peer (``hooks.gone``) while the channels
+        unwind; what the node recorded before stays as it was."""
+        self.stopping = True
+        self._abandoned = True
+        for links in self.links.values():
+            for link in links:
+                link.channel.abandon("node halted")
 
     async def close_all(self) -> None:
         """Close every channel, letting each writer send what is queued first (our last

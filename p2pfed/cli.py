@@ -41,6 +41,7 @@ from p2pfed.dp import DP_MODES, calibrate, check_budget, release_cost
 from p2pfed.errors import ConfigError, fatal_message, main_error
 from p2pfed.export import add_export_parser
 from p2pfed.federation import (
+    RECORD_LEVEL_DEFAULTS,
     Federation,
     ProtocolParams,
     load_federation,
@@ -49,7 +50,6 @@ from p2pfed.federation import (
 )
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, load_identity, save_identity
 from p2pfed.run import add_run_parser
-from p2pfed.skellam import required_clip
 from p2pfed.status import add_status_parser
 
 __all__ = [
@@ -228,7 +228,10 @@ def add_federation_parser(subparsers: Subparsers) -> None:
     privacy = new.add_argument_group(
         "differential privacy",
         "The noise is calibrated with the RDP accountant so that --rounds rounds spend at "
-        "most --epsilon at --delta (spec/privacy.md).",
+        "most --epsilon at --delta (spec/privacy.md). Record level also sets "
+        f"server_optimizer = {RECORD_LEVEL_DEFAULTS['server_optimizer']} (momentum "
+        f"{RECORD_LEVEL_DEFAULTS['server_momentum']:g}), which carries the few clipped DP-SGD "
+        "steps across rounds; edit the file to change it.",
     )
     privacy.add_argument(
         "--dp",
@@ -255,17 +258,15 @@ def add_federation_parser(subparsers: Subparsers) -> None:
     privacy.add_argument(
         "--sample-rate",
         type=float,
-        default=ProtocolParams.dp_sample_rate,
         metavar="Q",
         help="record level: probability that a record joins a DP-SGD batch (default "
-        f"{ProtocolParams.dp_sample_rate:g})",
+        f"{RECORD_LEVEL_DEFAULTS['dp_sample_rate']:g})",
     )
     privacy.add_argument(
         "--steps",
         type=int,
-        default=ProtocolParams.dp_steps,
         metavar="N",
-        help=f"record level: DP-SGD steps per round (default {ProtocolParams.dp_steps})",
+        help=f"record level: DP-SGD steps per round (default {RECORD_LEVEL_DEFAULTS['dp_steps']})",
     )
     privacy.add_argument(
         "--clip-norm",
@@ -291,14 +292,18 @@ def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
     if args.dp == "off":
         return ProtocolParams(dp_enabled=False), "differential privacy: OFF"
     level = args.dp
+    chosen: dict[str, Any] = dict(RECORD_LEVEL_DEFAULTS) if level == "record" else {}
+    if args.sample_rate is not None:
+        chosen["dp_sample_rate"] = args.sample_rate
+    if args.steps is not None:
+        chosen["dp_steps"] = args.steps
     try:
         base = ProtocolParams(
             dp_level=level,
             dp_delta=args.delta,
             dp_epsilon_budget=args.epsilon,
-            dp_sample_rate=args.sample_rate,
-            dp_steps=args.steps,
             dp_clip_norm=args.clip_norm,
+            **chosen,
         )
     except ConfigError as exc:
         raise ConfigError(f"{exc} (check --epsilon, --delta, --sample-rate, --steps)") from None
@@ -312,6 +317,10 @@ def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
     )
     params = dataclasses.replace(base, dp_noise_multiplier=sigma)
     if level == "distributed":
+        # imported here: skellam loads torch (seconds), which no other subcommand of this
+        # module needs before it runs (`p2pfed status` would wait for it on every call)
+        from p2pfed.skellam import required_clip
+
         # the group sum's noise needs headroom in the fixed-point range
         needed = required_clip(params.dp_clip_norm, sigma, params.group_min)
         params = dataclasses.replace(params, clip=max(params.clip, needed))
@@ -319,8 +328,10 @@ def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
     cost = release_cost(params)
     spent = cost.epsilon(args.rounds, params.dp_delta)
     what = (
-        f"DP-SGD, {params.dp_steps} steps per round sampling {params.dp_sample_rate:g} of the "
-        "records"
+        f"DP-SGD: {params.dp_steps} steps a round, each on a Poisson sample of "
+        f"{params.dp_sample_rate:g} of the node's records, each record's gradient clipped to "
+        f"{params.dp_clip_norm:g}; server optimiser {params.server_optimizer}, momentum "
+        f"{params.server_momentum:g}"
         if level == "record"
         else "each round's update clipped, each group member adding a share of the noise "
         f"(local epsilon {cost.epsilon(args.rounds, params.dp_delta, local=True):.3g} against "
@@ -328,21 +339,24 @@ def _privacy_params(args: argparse.Namespace) -> tuple[ProtocolParams, str]:
         if level == "distributed"
         else "each round's update clipped and noised"
     )
+    # one round's epsilon, so that an operator can tell what a round costs; RDP composes
+    # sublinearly, so it is more than the total divided by the rounds
     summary = (
         f"differential privacy: {level} level ({what}); noise multiplier {sigma:g} gives "
-        f"epsilon {spent:.3g} after {args.rounds} rounds (budget {params.dp_epsilon_budget:g}, "
-        f"delta {params.dp_delta:g})"
+        f"epsilon {cost.epsilon(1, params.dp_delta):.3g} per round and {spent:.3g} after "
+        f"{args.rounds} rounds (budget {params.dp_epsilon_budget:g}, delta {params.dp_delta:g})"
     )
     return params, summary
 
 
 def cmd_federation_new(args: argparse.Namespace) -> int:
     """Create a federation file."""
+    # usage errors first: calibrating the DP noise can take seconds
+    if args.task_settings and not args.task:
+        raise ConfigError("--set shapes the model of --task: pass --task MODULE:OBJ too")
     params, privacy = _privacy_params(args)
     # validates the name before it becomes part of a path
     fed = Federation.new(args.name, params=params)
-    if args.task_settings and not args.task:
-        raise ConfigError("--set shapes the model of --task: pass --task MODULE:OBJ too")
     if args.task:
         from p2pfed.daemon import parse_task_settings
 

@@ -49,7 +49,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -89,6 +89,9 @@ from p2pfed.messages import (
     encode_message,
 )
 from p2pfed.noise import HandshakeState, NoiseTransport, generate_keypair
+
+if TYPE_CHECKING:  # the node's modules (and zeroconf) load only when a check needs them
+    from p2pfed.network import Network
 
 __all__ = [
     "CHECKS",
@@ -486,6 +489,10 @@ class _Context:
     options: ConformanceOptions
     identity: NodeIdentity
     randbytes: Callable[[int], bytes]
+    network: Callable[[], Network] | None = None
+    """Makes the network of the kit's probes (once) and of each reference peer; None:
+    real TCP."""
+    probes: Network | None = None
     peer: _Opened | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     """Outcomes one expensive scenario computes for several checks (e.g. a timeout and
@@ -493,7 +500,11 @@ class _Context:
 
     async def connect(self) -> trio.abc.Stream:
         with trio.fail_after(self.options.timeout):
-            return await trio.open_tcp_stream(self.host, self.port)
+            if self.network is None:
+                return await trio.open_tcp_stream(self.host, self.port)
+            if self.probes is None:
+                self.probes = self.network()
+            return await self.probes.connect(self.host, self.port)
 
     async def probe(
         self,
@@ -1167,7 +1178,7 @@ async def check_secure_group(ctx: _Context) -> Outcome:
                         bootstrap=(f"{host}:{ctx.port}",),
                     ),
                     node_dir=node_dir,
-                    network=TcpNetwork(mdns=False),
+                    network=TcpNetwork(mdns=False) if ctx.network is None else ctx.network(),
                     task=task,
                     options=NodeOptions(training=False, task_config=settings, sync_timeout=0.5),
                     randbytes=ctx.randbytes,
@@ -1910,10 +1921,14 @@ async def run_conformance(
     checks: Sequence[str] | None = None,
     randbytes: Callable[[int], bytes] = os.urandom,
     on_result: Callable[[CheckResult], None] | None = None,
+    network: Callable[[], Network] | None = None,
 ) -> ConformanceReport:
     """Run the checks named in ``checks`` (default: all, in :data:`CHECKS` order) against
     the node at ``host:port``. The handshake check always runs first: the others need what
-    it learns. ``on_result`` sees each result as soon as it is known.
+    it learns. ``on_result`` sees each result as soon as it is known. ``network``, if
+    given, makes the network the kit's probes use (called once) and that of each
+    reference peer (called once per peer), instead of real TCP: tests run the kit and a
+    node on one simnet ``VirtualNetwork`` in virtual time.
 
     >>> report = trio.run(run_conformance, "127.0.0.1", 7447, federation)  # doctest: +SKIP
     >>> report.ok
@@ -1928,7 +1943,9 @@ async def run_conformance(
             f"unknown conformance check(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     wanted.add("handshake")
-    ctx = _Context(host, port, federation, options, NodeIdentity.generate(randbytes), randbytes)
+    ctx = _Context(
+        host, port, federation, options, NodeIdentity.generate(randbytes), randbytes, network
+    )
     report = ConformanceReport(target=f"{host}:{port}", federation=federation.name)
     for check in CHECKS:
         if check.name not in wanted:

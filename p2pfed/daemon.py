@@ -172,6 +172,9 @@ async def run_node(node_dir: Path, options: NodeOptions, args: argparse.Namespac
             loss=report.metrics.get("loss"),
             federation=node.federation_metrics,
             epsilon_spent=report.epsilon_spent,
+            local_epsilon_spent=node.ledger.local_spent()
+            if node.ledger is not None and node.federation.params.dp_level == "distributed"
+            else None,
             dp_exhausted=node.budget_exhausted if node.ledger is not None else None,
         )
 

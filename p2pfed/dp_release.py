@@ -8,7 +8,7 @@ privacy ledger, and the identity marked as having released, *before* it is retur
 nothing leaves the node unaccounted; a ledger that cannot hold another release stops the
 training (the node then contributes its model unchanged).
 
-Example (what :class:`p2pfed.node.Node` does each round)::
+Example (what :class:`p2pfed.round_loop.RoundLoop` does each round)::
 
     privacy = PrivateRelease(federation, fixed_point, node_dir, threads=True)
     privacy.open_ledger(resumed=False)

@@ -51,6 +51,7 @@ __all__ = [
     "FEDERATION_SECRET_SIZE",
     "FEDERATION_TAG_DOMAIN",
     "MODEL_FINGERPRINT_SIZE",
+    "RECORD_LEVEL_DEFAULTS",
     "SUPPORTED_PROTOCOL_VERSIONS",
     "Federation",
     "ProtocolParams",
@@ -79,6 +80,21 @@ _MAX_GROUP = 64
 
 _AVERAGING_MODES = ("exact", "random")
 _DP_LEVELS = ("node", "record", "distributed")
+
+RECORD_LEVEL_DEFAULTS: Mapping[str, float | int | str] = {
+    "dp_sample_rate": 0.25,
+    "dp_steps": 2,
+    "server_optimizer": "fedavgm",
+    "server_momentum": 0.9,
+}
+"""What ``p2pfed federation new --dp record`` chooses unless told otherwise: few DP-SGD steps
+a round on large Poisson batches (a quarter of a node's records), with server momentum to
+carry the small clipped steps across rounds. Large batches need less noise per record for
+the same epsilon, which matters because each node's release must be private on its own.
+Chosen on public data (``python -m bench.dp_defaults``: scikit-learn's digits, 3 nodes,
+100 rounds at epsilon 8; bench/privacy.py's generated data), not on any federation's
+data, so no tuning is charged to a budget. A file that omits these keys still takes the
+:class:`ProtocolParams` defaults (spec/identity.md)."""
 
 
 def _ring_bits(value: int) -> int:

@@ -506,9 +506,11 @@ class Record:
         name = cls.__name__
         if not isinstance(obj, dict):
             raise DecodeError(f"{name}: expected a CBOR map, got {_type_name(obj)}")
-        known = {kind.key for _, kind in cls.SCHEMA}
-        if cls.ENVELOPE:
-            known.add(0)
+        known = _KNOWN_KEYS.get(cls)
+        if known is None:
+            # (every message decoded asks: made once per record type)
+            keys = {kind.key for _, kind in cls.SCHEMA} | ({0} if cls.ENVELOPE else set())
+            known = _KNOWN_KEYS[cls] = frozenset(keys)
         for key in obj:
             if key not in known and key not in cls.EXTENSION_KEYS:
                 raise DecodeError(f"{name}: unknown key {key!r} ({cls._known_keys_text()})")
@@ -549,6 +551,10 @@ class Record:
         else:
             text += "; version 1 schemas are closed"
         return text
+
+
+_KNOWN_KEYS: dict[type[Record], frozenset[int]] = {}
+"""The keys of each record type's schema (with 0, the type, for a message)."""
 
 
 def _field_error(cls: type[Record], name: str, kind: FieldKind, found: str) -> str:

@@ -44,8 +44,12 @@ The document (``schema`` 1), keys in this order; unknown values are ``null``::
                     federation's ``federation_metrics = false``), "off-dp" (off because
                     differential privacy is on), or null (both absent in files written
                     before they existed)
-    epsilon_spent   differential-privacy epsilon spent
+    epsilon_spent   differential-privacy epsilon spent (distributed DP: the central epsilon,
+                    against anyone who sees only group sums; the budget bounds it)
     epsilon_budget  configured epsilon budget
+    local_epsilon_spent  distributed DP only: the weaker local epsilon, against members who
+                    collude to strip the masks (spec/privacy.md 2B); null at other levels
+                    or without DP (absent in files written before it existed: read as null)
     dp_enabled      whether updates are noised (bool)
     dp_exhausted    whether the node has stopped training because its privacy budget is
                     spent (bool; absent in files written before it existed: read as null)
@@ -279,6 +283,7 @@ STATUS_DOCUMENT = Schema(
         "federation_metrics": Rule("str", optional=True, choices=FEDERATION_METRICS_MODES),
         "epsilon_spent": Rule("any", optional=True, check=_measured),
         "epsilon_budget": Rule("any", optional=True, check=_measured),
+        "local_epsilon_spent": Rule("any", optional=True, check=_measured),
         "dp_enabled": Rule("bool", optional=True),
         "dp_exhausted": Rule("bool", optional=True),
         "peers": Rule("any", check=_entries(_PEER, "peer")),
@@ -359,6 +364,7 @@ class StatusWriter:
             "federation_metrics": None,
             "epsilon_spent": None,
             "epsilon_budget": None,
+            "local_epsilon_spent": None,
             "dp_enabled": None,
             "dp_exhausted": None,
             "peers": [],
@@ -661,6 +667,13 @@ def format_status(
                     f"{max(0.0, float(budget) - used):.3f} remaining"
                 )
     lines.append(f"  privacy:    {privacy}")
+    local = _num(status.get("local_epsilon_spent"), 3)
+    if dp is not False and local is not None:
+        # distributed DP: the budget bounds the central epsilon; say what colluders get
+        lines.append(
+            f"              local epsilon {local} spent against members who collude to strip "
+            "the masks (not budgeted; spec/privacy.md 2B)"
+        )
     if dp is not False and status.get("dp_exhausted") is True:
         lines.append(
             "              BUDGET SPENT: this node has stopped training on its data; it only "

@@ -21,7 +21,9 @@ the others.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import ipaddress
+import itertools
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
@@ -49,6 +52,7 @@ from p2pfed.logs import ThrottledLog
 from p2pfed.messages import Message
 
 __all__ = [
+    "ChannelClock",
     "ChannelConfig",
     "HandshakeAdmission",
     "SecureChannel",
@@ -58,6 +62,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("p2pfed.channel")
+
+_Due = Literal["idle", "send", "keepalive"]
+"""What a channel's clocks ask for now (:meth:`SecureChannel._clock_due`)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class SecureChannel:
         self._send_lock = trio.StrictFIFOLock()
         self._receiving = False
         self._closed: ChannelClosed | None = None
+        self._stream_closed = False
         self._last_send = trio.current_time()
         self.last_received = self._last_send  # when bytes last arrived (trio's clock)
         # The clocks of the channel live in one task (:meth:`keepalive_loop`), not in a
@@ -131,6 +139,11 @@ class SecureChannel:
         self._read_since: float | None = None
         self._send_since: float | None = None
         self._clock: trio.CancelScope | None = None  # the clock task's current sleep
+        # or, under a shared ChannelClock: when it looks at this channel next (inf: not
+        # scheduled), and the scope of what it is doing for the channel now
+        self._shared: ChannelClock | None = None
+        self._clock_at = math.inf
+        self._clock_action: trio.CancelScope | None = None
         self.peer_id: NodeId = peer.peer_id
         self.peer_identity_key: bytes = peer.peer_identity_key
         self.version: int = peer.version
@@ -165,7 +178,14 @@ class SecureChannel:
         messages and stream writes as possible (spec/transport.md allows several frames in
         one Noise message). Same errors as :meth:`send`."""
         self._raise_if_closed()
-        async with self._send_lock:
+        lock = self._send_lock
+        try:
+            # the writer task is nearly always the only sender: taking the free lock needs
+            # no schedule point of its own (the stream's send_all is one)
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             self._raise_if_closed()
             self._send_started(trio.current_time())
             try:
@@ -178,6 +198,8 @@ class SecureChannel:
             finally:
                 self._send_since = None
             self._last_send = trio.current_time()
+        finally:
+            lock.release()
         self._raise_if_closed()
 
     def _send_started(self, now: float) -> None:
@@ -186,6 +208,12 @@ class SecureChannel:
 
     def _wake_clock(self, deadline: float) -> None:
         """Make the clock task look again by ``deadline`` (a new wait began)."""
+        shared = self._shared
+        if shared is not None:
+            # (while the shared clock acts for this channel it looks again when done)
+            if deadline < self._clock_at and self._clock_action is None and not self.closed:
+                shared.schedule(self, deadline)
+            return
         clock = self._clock
         if clock is not None and deadline < clock.deadline:
             clock.deadline = deadline
@@ -205,32 +233,43 @@ class SecureChannel:
         without data (sending a Close first) or a send waited ``send_timeout`` seconds for
         the peer to accept data.
         """
-        config = self._config
-        interval = config.keepalive_interval
         while not self.closed:
-            now = trio.current_time()
-            read_since, send_since = self._read_since, self._send_since
-            if read_since is not None and now >= read_since + config.idle_timeout:
+            due = self._clock_due(trio.current_time())
+            if due == "idle":
                 await self._expire_receive()
                 return
-            if send_since is not None and now >= send_since + config.send_timeout:
+            if due == "send":
                 await self._expire_send()
                 return
-            # a send in progress is traffic: the keepalive is due an interval after it
-            # (comparing with the deadline slept to: (t + i) - t < i can hold in floats,
-            # and under a virtual clock that would spin forever at one instant)
-            keepalive_at = now + interval if send_since is not None else self._last_send + interval
-            if now >= keepalive_at:
+            if due == "keepalive":
                 await self._send_keepalive()
                 continue
-            deadline = keepalive_at
-            if read_since is not None:
-                deadline = min(deadline, read_since + config.idle_timeout)
-            if send_since is not None:
-                deadline = min(deadline, send_since + config.send_timeout)
-            with trio.CancelScope(deadline=deadline) as self._clock:
+            with trio.CancelScope(deadline=due) as self._clock:
                 await trio.sleep_forever()
             self._clock = None
+
+    def _clock_due(self, now: float) -> float | _Due:
+        """What the clocks ask for at ``now``: a timeout or a keepalive, else the time to
+        look again (:meth:`keepalive_loop`, or a shared :class:`ChannelClock`)."""
+        config = self._config
+        interval = config.keepalive_interval
+        read_since, send_since = self._read_since, self._send_since
+        if read_since is not None and now >= read_since + config.idle_timeout:
+            return "idle"
+        if send_since is not None and now >= send_since + config.send_timeout:
+            return "send"
+        # a send in progress is traffic: the keepalive is due an interval after it
+        # (comparing with the deadline slept to: (t + i) - t < i can hold in floats,
+        # and under a virtual clock that would spin forever at one instant)
+        keepalive_at = now + interval if send_since is not None else self._last_send + interval
+        if now >= keepalive_at:
+            return "keepalive"
+        deadline = keepalive_at
+        if read_since is not None:
+            deadline = min(deadline, read_since + config.idle_timeout)
+        if send_since is not None:
+            deadline = min(deadline, send_since + config.send_timeout)
+        return deadline
 
     async def _send_keepalive(self) -> None:
         async with self._send_lock:
@@ -263,7 +302,7 @@ class SecureChannel:
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 if isinstance(self._stream, trio.abc.HalfCloseableStream):
                     await self._stream.send_eof()
-        await trio.aclose_forcefully(self._stream)
+        await self._close_stream()
 
     async def _expire_send(self) -> None:
         """A send waited ``send_timeout``: the peer stopped reading. Drop the connection;
@@ -295,7 +334,7 @@ class SecureChannel:
                         if code is None:  # a code from a later version: treat as an error
                             code = CloseCode.PROTOCOL_ERROR
                         self._closed = ChannelClosed(code, event.reason, by_peer=True)
-                        await trio.aclose_forcefully(self._stream)
+                        await self._close_stream()
                 self._raise_if_closed()
                 await self._read_more()
         finally:
@@ -365,6 +404,15 @@ class SecureChannel:
         if self._closed is not None:
             raise self._closed
 
+    async def _close_stream(self) -> None:
+        """Close the stream forcefully, once: a channel that ended with an error closes it
+        then and again when its block ends, and a halted simulation has tens of thousands
+        of channels, each second close a cancel scope and a ``Cancelled`` unwound."""
+        if self._stream_closed:
+            return
+        self._stream_closed = True
+        await trio.aclose_forcefully(self._stream)
+
     async def _try_flush(self, timeout: float = 1.0) -> bool:
         """Best effort: deliver what the core queued (a Close), waiting at most ``timeout``.
         False if the connection is gone (nothing more can reach the peer)."""
@@ -408,7 +456,26 @@ class SecureChannel:
         if send_close:
             await self._try_flush()
             await self._linger()
-        await trio.aclose_forcefully(self._stream)
+        await self._close_stream()
+
+    def abandon(self, reason: str = "abandoned") -> None:
+        """Give the channel up without a goodbye: its connection is gone, or about to be
+        (a whole simulated network halted at once). A later :meth:`aclose` then only
+        closes the stream, and sends and receives raise ``ChannelClosed``."""
+        if self._closed is None:
+            self._closed = ChannelClosed(CloseCode.SHUTTING_DOWN, reason, by_peer=False)
+        self._conn.discard_buffers()
+
+    async def _close_at_exit(self) -> None:
+        """The end of :func:`open_secure_channel`'s block: close in order, shielded from
+        cancellation, unless the stream is closed already (the peer's Close, an error, an
+        abandoned channel): then nothing is left to send or wait for, and a shielded scope
+        per channel was much of the time a halted simulation took to unwind."""
+        if self._stream_closed:
+            self.abandon()  # (closed already: this only frees the buffers)
+            return
+        with trio.CancelScope(shield=True):
+            await self.aclose()
 
     async def aclose(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the channel in order: send a Close message, then close the stream."""
@@ -421,7 +488,7 @@ class SecureChannel:
             if await self._try_flush() and not self._receiving:
                 await self._linger()
         self._conn.discard_buffers()
-        await trio.aclose_forcefully(self._stream)
+        await self._close_stream()
 
 
 async def _handshake(
@@ -494,11 +561,14 @@ async def open_secure_channel(
     randbytes: Callable[[int], bytes] = os.urandom,
     static_key: StaticKey | None = None,
     budget: SharedBudget | None = None,
+    clock: ChannelClock | None = None,
 ) -> AsyncIterator[SecureChannel]:
     """Run the handshake on ``stream`` and yield the open channel.
 
     ``static_key``: this node's Noise static key, made once and reused (a fresh one per
     channel if omitted). ``budget``: the node's reassembly memory, shared by its channels.
+    ``clock``: the node's :class:`ChannelClock`, which keeps the time of all its channels
+    (a task of the channel's own if omitted).
 
     The keepalive runs in the background while the block runs; leaving the block closes
     the channel in order. Raises :class:`~p2pfed.errors.HandshakeError` (or another
@@ -513,13 +583,106 @@ async def open_secure_channel(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    async with _running(channel):
+    async with _running(channel, clock):
         yield channel
 
 
+class ChannelClock:
+    """The clocks of many channels (a node's) in one task instead of a task per channel.
+
+    Each channel is looked at when its next deadline comes (a keepalive due, a read or a
+    send waiting too long, see :meth:`SecureChannel.keepalive_loop`); a keepalive or a
+    timeout runs as a task of its own in ``nursery``, so a slow peer holds up no other
+    channel. The clock's own task starts in ``nursery`` with the first channel; nothing
+    else changes for a channel, but a node with hundreds of channels keeps one sleeping
+    task instead of hundreds (each with its cancel scope and nursery to set up and unwind).
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._heap: list[tuple[float, int, SecureChannel]] = []
+        self._order = itertools.count()  # equal deadlines: in the order they were set
+        self._sleep: trio.CancelScope | None = None
+        self._started = False
+
+    def watch(self, channel: SecureChannel) -> None:
+        """Keep ``channel``'s clocks from now until :meth:`forget`."""
+        channel._shared = self
+        self._look(channel, trio.current_time())
+
+    def forget(self, channel: SecureChannel) -> None:
+        """Stop keeping ``channel``'s clocks (it is closing); a keepalive or timeout in
+        progress is cancelled, as the channel's own clock task would be."""
+        channel._shared = None
+        channel._clock_at = math.inf  # its entry in the heap is dropped when it comes up
+        if channel._clock_action is not None:
+            channel._clock_action.cancel()
+
+    def schedule(self, channel: SecureChannel, at: float) -> None:
+        """Look at ``channel`` again at ``at`` (its earlier entry, if any, is dropped)."""
+        channel._clock_at = at
+        heapq.heappush(self._heap, (at, next(self._order), channel))
+        if not self._started:
+            self._started = True
+            self._nursery.start_soon(self._run)
+        sleep = self._sleep
+        if sleep is not None and at < sleep.deadline:
+            sleep.deadline = at
+
+    def _look(self, channel: SecureChannel, now: float) -> None:
+        if channel.closed or channel._shared is not self:
+            return
+        due = channel._clock_due(now)
+        if isinstance(due, float):
+            self.schedule(channel, due)
+        else:
+            # busy from now (not from when the task starts): no second action meanwhile
+            channel._clock_at = math.inf
+            channel._clock_action = trio.CancelScope()
+            self._nursery.start_soon(self._act, channel, due, channel._clock_action)
+
+    async def _act(self, channel: SecureChannel, due: _Due, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                if due == "idle":
+                    await channel._expire_receive()
+                    return
+                if due == "send":
+                    await channel._expire_send()
+                    return
+                await channel._send_keepalive()
+            finally:
+                channel._clock_action = None
+        if not scope.cancelled_caught:
+            self._look(channel, trio.current_time())
+
+    async def _run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                at, _, channel = heapq.heappop(heap)
+                if at == channel._clock_at:  # else: superseded, or the channel forgotten
+                    channel._clock_at = math.inf
+                    self._look(channel, now)
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._sleep:
+                await trio.sleep_forever()
+            self._sleep = None
+
+
 @asynccontextmanager
-async def _running(channel: SecureChannel) -> AsyncIterator[None]:
+async def _running(
+    channel: SecureChannel, clock: ChannelClock | None = None
+) -> AsyncIterator[None]:
     """Run the clocks of an open channel while the block runs; then close it in order."""
+    if clock is not None:
+        clock.watch(channel)
+        try:
+            yield
+        finally:
+            clock.forget(channel)
+            await channel._close_at_exit()
+        return
     # The caller's exception is carried out of the nursery by hand so that it arrives as
     # itself, not wrapped in an ExceptionGroup by the keepalive task's nursery.
     body_error: BaseException | None = None
@@ -533,8 +696,7 @@ async def _running(channel: SecureChannel) -> AsyncIterator[None]:
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await channel.aclose()
+        await channel._close_at_exit()
     if body_error is not None:
         raise body_error
 
@@ -652,6 +814,7 @@ async def serve_secure_channels(
     randbytes: Callable[[int], bytes] = os.urandom,
     static_key: StaticKey | None = None,
     budget: SharedBudget | None = None,
+    clock: ChannelClock | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept peers forever, running ``handler(channel)`` for each one that authenticates.
@@ -662,7 +825,8 @@ async def serve_secure_channels(
     served at once. Before that, every connection must finish its handshake within
     ``config.handshake_timeout`` of being accepted, time spent waiting for a handshake slot
     included, and ``admission`` limits handshakes in all and per source address
-    (``source_of(stream)``, the remote address by default).
+    (``source_of(stream)``, the remote address by default). ``clock``: the node's
+    :class:`ChannelClock` for the channels' keepalives and timeouts (else a task each).
     """
     config = config or ChannelConfig()
     limiter = trio.CapacityLimiter(max_connections)
@@ -728,7 +892,7 @@ async def serve_secure_channels(
                 admission.release(source, token)
                 admission.leave(source)
                 source = None  # counted out already
-            async with _running(channel):
+            async with _running(channel, clock):
                 log.debug("channel open with %s at %s", channel.peer_id.short, peer)
                 await handler(channel)
         except HandshakeError as exc:

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import math
 import operator
 import random
@@ -189,10 +190,47 @@ class _Announcement:
     withdrawn: bool = False
 
 
+class _Alarms:
+    """Wakes the readers waiting for chunks at the chunks' arrival times, for the whole
+    network in one task (running once :meth:`VirtualNetwork.start` gave it a nursery).
+
+    A reader parks its task; the alarm reschedules it when its first chunk arrives. A
+    cancel scope with a deadline per wait did the same, but setting it up, moving its
+    deadline and unwinding the ``Cancelled`` it raised on every chunk cost more than the
+    message handling of a small chunk.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Pipe]] = []
+        self._order = itertools.count()  # equal times: in the order they were set
+        self._sleep: trio.CancelScope | None = None
+
+    def set(self, pipe: _Pipe, at: float) -> None:
+        """Wake ``pipe``'s reader at ``at`` (its earlier alarm, if any, is dropped)."""
+        pipe.alarm_at = at
+        heapq.heappush(self._heap, (at, next(self._order), pipe))
+        sleep = self._sleep
+        if sleep is not None and at < sleep.deadline:
+            sleep.deadline = at
+
+    async def run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                at, _, pipe = heapq.heappop(heap)
+                if at == pipe.alarm_at:  # else superseded by an earlier one, or moot
+                    pipe.alarm_at = math.inf
+                    pipe.wake_reader()
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._sleep:
+                await trio.sleep_forever()
+            self._sleep = None
+
+
 class _Pipe:
     """One direction of a connection: chunks in flight, with their arrival times."""
 
-    def __init__(self) -> None:
+    def __init__(self, alarms: _Alarms | None = None) -> None:
         self.chunks: deque[tuple[float, bytes | None]] = deque()  # None: end of stream
         self.held: list[bytes | None] = []  # sent across a stalled partition
         self.buffered = 0
@@ -204,15 +242,38 @@ class _Pipe:
         # chunk moves the scope's deadline to its arrival time, so the reader wakes once,
         # at arrival (not once when the chunk is sent and again when it arrives).
         self.reader: trio.CancelScope | None = None
+        # Or, when the network's alarms run: the waiting reader's task, parked, and when
+        # its alarm rings (inf: none set)
+        self.alarms = alarms
+        self.waiter: trio.lowlevel.Task | None = None
+        self.alarm_at = math.inf
+        self.abort_wait = self._abort_wait  # made once: a bound method per wait adds up
         self.writable = trio.Event()
 
     def arriving(self, arrival: float) -> None:
         """A chunk will arrive at ``arrival``: make a waiting reader wake by then."""
+        if self.waiter is not None:
+            if arrival < self.alarm_at:
+                assert self.alarms is not None
+                self.alarms.set(self, arrival)
+            return
         reader = self.reader
         if reader is not None and arrival < reader.deadline:
             reader.deadline = arrival
 
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        self.waiter = None  # cancelled: its alarm, if any, rings for nobody
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake_reader(self) -> None:
+        task = self.waiter
+        if task is not None:
+            self.waiter = None
+            self.alarm_at = math.inf
+            trio.lowlevel.reschedule(task)
+
     def wake(self) -> None:
+        self.wake_reader()
         if self.reader is not None:
             self.reader.cancel()
         self.writable.set()
@@ -230,8 +291,8 @@ class _Connection:
         self.broken = False
         # black-holed (a vanished host, a "drop" partition): chunks are lost, no reset
         self.silent = False
-        self.up = _Pipe()  # client to server
-        self.down = _Pipe()  # server to client
+        self.up = _Pipe(network._alarms)  # client to server
+        self.down = _Pipe(network._alarms)  # server to client
 
     def crosses(self, groups: dict[str, int]) -> bool:
         return groups.get(self.client, -1) != groups.get(self.server, -1)
@@ -344,6 +405,14 @@ class VirtualStream(trio.abc.HalfCloseableStream):
                     return self._take(max_bytes)
                 # sleep until the first chunk arrives (deadline moved by pipe.arriving()),
                 # or until woken by a close, reset or end of stream (pipe.wake())
+                alarms = pipe.alarms
+                if alarms is not None:
+                    if chunks:
+                        alarms.set(pipe, chunks[0][0])
+                    pipe.waiter = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(pipe.abort_wait)
+                    waited = True
+                    continue
                 with trio.CancelScope(deadline=chunks[0][0] if chunks else math.inf) as wait:
                     pipe.reader = wait
                     try:
@@ -521,12 +590,17 @@ class VirtualNetwork:
         self._announcements: dict[str | None, list[_Announcement]] = {}
         self._next_connection = 0
         self._nursery: trio.Nursery | None = None
+        self._alarms: _Alarms | None = None
 
     # -- building the world --------------------------------------------------------------
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Give the network a nursery for its timers (mDNS expiry)."""
+        """Give the network a nursery for its timers (mDNS expiry, and the alarms that wake
+        readers when their chunks arrive on connections made from now on)."""
         self._nursery = nursery
+        if self._alarms is None:
+            self._alarms = _Alarms()
+            nursery.start_soon(self._alarms.run)
 
     def add_host(self, name: str, *, segment: str | None = None, uplink: float = math.inf) -> None:
         """Add a host (an opaque address string) on an optional mDNS LAN ``segment``.

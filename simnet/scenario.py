@@ -61,13 +61,24 @@ are simulated seconds. The format, with the defaults::
                                # 1 keeps a round one push-sum step, as scenarios expect)
     grid_side = 0              # grid: nodes per line (= group size, group_min..group_max)
     grid_dims = 0              # grid: dimensions; grid_side ** grid_dims must be the count
+    server_optimizer = "fedavg"  # applied to each round's average: "fedavg" | "fedavgm"
+                               # | "fedadam" (spec/server-optimizer.md; exact rounds)
+    server_lr = 1.0
+    server_momentum = 0.9      # fedavgm momentum / fedadam beta1
 
-    [dp]
+    [dp]                       # the federation's differential privacy (spec/privacy.md)
     enabled = false
-    clip_norm = 1.0
-    noise_multiplier = 1.0
+    level = "node"             # "node": each node clips and noises its update (local DP)
+                               # | "distributed": Skellam shares summed by secure aggregation
+                               #   (needs masking = true; [protocol] clip must leave room
+                               #   for the noise: p2pfed.skellam.required_clip)
+                               # | "record": DP-SGD in local training (needs training = true)
+    clip_norm = 1.0            # C: update (node, distributed) or per-record gradient norm
+    noise_multiplier = 1.0     # sigma: p2pfed.dp.calibrate(level, epsilon=.., rounds=..)
     delta = 1e-5
-    epsilon_budget = 10.0
+    epsilon_budget = 10.0      # a node whose first release exceeds it refuses to start
+    sample_rate = 0.02         # record: Poisson rate of a DP-SGD step's batch
+    steps = 50                 # record: DP-SGD steps per round
 
     [churn]                    # random crashes and restarts
     model = "none"             # "none" | "exponential" | "weibull" | "per-round"
@@ -131,6 +142,7 @@ from p2pfed.errors import ConfigError
 from p2pfed.federation import ProtocolParams
 from p2pfed.group import GroupConfig
 from p2pfed.schema import FieldError, check_fields, rules_of, setting, unknown_keys_message
+from p2pfed.skellam import check_headroom
 from simnet.network import LinkParams
 from simnet.topology import TOPOLOGY_KINDS, link_overrides
 
@@ -257,15 +269,28 @@ class ProtocolSpec(_Checked):
     random_steps: int = setting(1, rule=_PARAM_RULES["random_steps"])
     grid_side: int = _int(0)
     grid_dims: int = _int(0, high=16)
+    # the federation's server optimiser (spec/server-optimizer.md); its ranges are checked
+    # when the scenario's federation parameters are built (Scenario.federation_params)
+    server_optimizer: str = setting(
+        ProtocolParams.server_optimizer, rule=_PARAM_RULES["server_optimizer"]
+    )
+    server_lr: float = setting(ProtocolParams.server_lr, rule=_PARAM_RULES["server_lr"])
+    server_momentum: float = setting(
+        ProtocolParams.server_momentum, rule=_PARAM_RULES["server_momentum"]
+    )
 
 
 @dataclass(frozen=True)
 class DpSpec(_Checked):
     enabled: bool = setting(False, "bool")
+    # "node" by default: scenarios written before the key keep their meaning
+    level: str = setting("node", rule=_PARAM_RULES["dp_level"])
     clip_norm: float = setting(1.0, rule=_PARAM_RULES["dp_clip_norm"])
     noise_multiplier: float = setting(1.0, "float", low=0)
     delta: float = setting(1e-5, rule=_PARAM_RULES["dp_delta"])
     epsilon_budget: float = setting(10.0, rule=_PARAM_RULES["dp_epsilon_budget"])
+    sample_rate: float = setting(ProtocolParams.dp_sample_rate, rule=_PARAM_RULES["dp_sample_rate"])
+    steps: int = setting(ProtocolParams.dp_steps, rule=_PARAM_RULES["dp_steps"])
 
 
 @dataclass(frozen=True)
@@ -331,6 +356,31 @@ class Scenario(_Checked):
     checks: ChecksSpec = field(default_factory=ChecksSpec)
     events: tuple[EventSpec, ...] = ()
     partitions: tuple[PartitionSpec, ...] = ()
+
+    def federation_params(self) -> ProtocolParams:
+        """The federation parameters every simulated node shares: ``[protocol]``'s group,
+        ring and server-optimiser keys and ``[dp]`` (``level``, ``sample_rate`` and
+        ``steps`` are the federation's ``dp_level``, ``dp_sample_rate``, ``dp_steps``)."""
+        protocol, dp = self.protocol, self.dp
+        return ProtocolParams(
+            group_min=protocol.group_min,
+            group_max=protocol.group_max,
+            fixed_point_bits=protocol.fixed_point_bits,
+            clip=protocol.clip,
+            dp_enabled=dp.enabled,
+            dp_level=dp.level,
+            dp_clip_norm=dp.clip_norm,
+            dp_noise_multiplier=dp.noise_multiplier,
+            dp_delta=dp.delta,
+            dp_epsilon_budget=dp.epsilon_budget,
+            dp_sample_rate=dp.sample_rate,
+            dp_steps=dp.steps,
+            averaging="exact" if protocol.grouping == "exact" else "random",
+            random_steps=protocol.random_steps,
+            server_optimizer=protocol.server_optimizer,
+            server_lr=protocol.server_lr,
+            server_momentum=protocol.server_momentum,
+        )
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -418,7 +468,9 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
     if protocol.group_max < protocol.group_min:
         raise ValueError("[protocol] needs 3 <= group_min <= group_max")
     _check_grid(protocol, nodes.count)
-    dp = _fill(DpSpec, _table(data, "dp"), "[dp]")
+    dp_table = _table(data, "dp")
+    dp = _fill(DpSpec, dp_table, "[dp]")
+    _check_dp(dp, dp_table, protocol, task)
     churn = _fill(ChurnSpec, _table(data, "churn"), "[churn]")
     if churn.model in ("exponential", "weibull") and (
         churn.mean_session <= 0 or churn.weibull_scale <= 0
@@ -427,7 +479,7 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
 
     events = tuple(_event(i, e) for i, e in enumerate(_array(data, "events")))
     partitions = tuple(_partition(i, p) for i, p in enumerate(_array(data, "partitions")))
-    return dataclasses.replace(
+    scenario = dataclasses.replace(
         head,
         nodes=nodes,
         topology=topology,
@@ -440,6 +492,42 @@ def _build(data: dict[str, Any], base: Path) -> Scenario:
         events=events,
         partitions=partitions,
     )
+    try:
+        params = scenario.federation_params()
+        if params.dp_enabled and params.dp_level == "distributed":
+            # the budget is the node's to refuse at start (as for every level), but a
+            # ring without room for the noise is a property of the scenario's keys
+            check_headroom(params)
+    except ConfigError as exc:
+        # the federation's key names, as a scenario spells them
+        message = str(exc).removeprefix("invalid protocol parameter: ")
+        raise ValueError(message.replace("the federation's [params]", "[protocol]")) from None
+    return scenario
+
+
+def _check_dp(dp: DpSpec, table: dict[str, Any], protocol: ProtocolSpec, task: TaskSpec) -> None:
+    """Combinations of ``[dp]`` keys a federation would accept but that mean nothing (or
+    not what the scenario says)."""
+    given = [key for key in ("level", "sample_rate", "steps") if key in table]
+    if given and not dp.enabled:
+        raise ValueError(f"[dp] {', '.join(given)} need enabled = true (DP is off)")
+    record_only = [key for key in ("sample_rate", "steps") if key in table]
+    if record_only and dp.level != "record":
+        raise ValueError(
+            f'[dp] {", ".join(record_only)} are DP-SGD settings: they need level = "record", '
+            f"not {dp.level!r}"
+        )
+    if not dp.enabled:
+        return
+    if dp.level == "record" and not task.training:
+        raise ValueError(
+            '[dp] level = "record" runs DP-SGD in training: it needs [task] training = true'
+        )
+    if dp.level == "distributed" and not protocol.masking:
+        raise ValueError(
+            '[dp] level = "distributed" adds the noise in shares that only secure aggregation '
+            "sums up: it needs [protocol] masking = true"
+        )
 
 
 def _check_grid(protocol: ProtocolSpec, count: int) -> None:

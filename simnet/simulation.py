@@ -61,7 +61,7 @@ import trio
 import trio.testing
 
 from p2pfed.config import DEFAULT_PORT, NodeConfig
-from p2pfed.federation import Federation, ProtocolParams
+from p2pfed.federation import Federation
 from p2pfed.fixedpoint import FixedPointParams
 from p2pfed.group import GridPosition, GroupAborted, GroupCompleted, GroupConfig, Phase
 from p2pfed.identity import NodeId, NodeIdentity
@@ -601,6 +601,11 @@ class Simulation:
         self.end_counts = _EndCounts(
             replace(self.network.stats), len(self.completed_groups), len(self.aborted_groups)
         )
+        # the channels go without a Close (none could arrive), and no node reacts to the
+        # loss of its peers: tearing down ~60 channels per node is then only unwinding
+        for slot in self.slots:
+            if slot.node is not None:
+                slot.node.channels.abandon()
         self.network.halt()
         world.cancel_scope.cancel()
 
@@ -1098,20 +1103,7 @@ def _topology(scenario: Scenario) -> Topology:
 
 
 def _federation(scenario: Scenario) -> Federation:
-    protocol, dp = scenario.protocol, scenario.dp
-    params = ProtocolParams(
-        group_min=protocol.group_min,
-        group_max=protocol.group_max,
-        fixed_point_bits=protocol.fixed_point_bits,
-        clip=protocol.clip,
-        dp_enabled=dp.enabled,
-        dp_clip_norm=dp.clip_norm,
-        dp_noise_multiplier=dp.noise_multiplier,
-        dp_delta=dp.delta,
-        dp_epsilon_budget=dp.epsilon_budget,
-        averaging="exact" if protocol.grouping == "exact" else "random",
-        random_steps=protocol.random_steps,
-    )
+    params = scenario.federation_params()  # [protocol] and [dp], dp_level included
     material = random.Random(derive_seed(scenario.seed, "federation"))
     return Federation.new(scenario.name or "simnet", randbytes=material.randbytes, params=params)
 

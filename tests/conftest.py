@@ -1,4 +1,5 @@
-"""Test-run wide settings: how pytest-xdist may spread the tests over its workers.
+"""Test-run wide settings: one torch thread per process, and how pytest-xdist may spread
+the tests over its workers.
 
 pyproject.toml runs the suite with ``-n logical --dist loadgroup``: tests go to whichever
 worker is free, except those given the same ``xdist_group`` here, which share a worker:
@@ -16,7 +17,19 @@ alone while the other worker idles.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+# One torch (OpenMP) thread per process: xdist already runs a worker per logical CPU, and
+# the node, CLI and demo processes the tests start inherit this. With a thread per core in
+# every worker, each of them spin-waits for CPUs the others hold: on this 2-core machine
+# at load 13 to 15 the demo's centralized baseline took 119 s with 2 threads, 5 s with 1.
+# Set before torch is first imported (it reads the variable once), for this process too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # a plugin imported it first: the variable came too late
+    sys.modules["torch"].set_num_threads(1)
 
 
 def _shares_a_module_fixture(item: pytest.Item) -> bool:

@@ -1,7 +1,8 @@
 """The privacy benchmark's node-level replay (bench/privacy.py) on a few nodes: its batched
 local training is the per-node training it stands for, and its distributed path really
-decodes the Skellam-noised group sums to the average (the 1,000-node run is too slow for
-the suite)."""
+decodes the Skellam-noised group sums to the average; the simnet runs of the benchmark
+share the replay's data and spend what the accountant calibrated (the 1,000-node runs are
+too slow for the suite)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 # bench/ is a directory of the repository, not an installed package
@@ -87,3 +89,36 @@ def test_record_level_federation_averages_independent_local_runs() -> None:
     mean = start + torch.stack([f - start for f in finals]).mean(0)
     torch.nn.utils.vector_to_parameters(mean, model.parameters())
     assert got == accuracy(model, test)
+
+
+def test_replay_and_simnet_task_see_the_same_records() -> None:
+    # one generator (bench/_crossdevice_task.py): node i's records depend on the seed and
+    # i alone, so a simnet node loading its data agrees with the replay's batch of nodes
+    from bench._crossdevice_task import task
+
+    cfg = CrossDevice(nodes=6, records=30, seed=4)
+    xs, ys, test = _cross_device_data(cfg)
+    for index in (0, 5):
+        data = task.load_data({"node_index": index, "data_seed": 4, "records": 30})
+        assert torch.equal(data.train[0], xs[index]) and torch.equal(data.train[1], ys[index])
+        assert torch.equal(data.test[0], test[0]) and torch.equal(data.test[1], test[1])
+    # and a bigger federation only appends nodes: the first ones keep their data
+    more, _, _ = _cross_device_data(CrossDevice(nodes=9, records=30, seed=4))
+    assert torch.equal(more[:6], xs)
+
+
+def test_simnet_run_of_a_setting_spends_its_budget_and_learns(tmp_path: Path) -> None:
+    from bench.privacy import SimnetRun, run_in_simnet, scenario_text
+    from simnet.scenario import parse_scenario
+
+    cfg = CrossDevice(nodes=16, records=50, rounds=2)
+    run = SimnetRun(cfg, "distributed", 8.0, ServerTuning(clip=1.0, momentum=0.5))
+    scenario = parse_scenario(scenario_text(run))
+    assert scenario.dp.level == "distributed" and scenario.protocol.grouping == "exact"
+    got = run_in_simnet(run)
+    assert got["completed"] and got["nodes"] == 16 and got["releases_min"] == 2
+    # the accountant's calibration: both releases fit the budget, and nearly fill it
+    assert 7.9 < got["epsilon_spent_max"] <= 8.0
+    # exact rounds: the nodes agree, so the mean of their accuracies is the average's
+    assert got["accuracy"] == pytest.approx(got["accuracy_of_average"], abs=1e-3)
+    assert 0.0 <= got["accuracy"] <= 1.0

@@ -178,3 +178,50 @@ def test_channels_beyond_the_limit_are_trimmed_but_never_busy_ones() -> None:
     owners = run_world(4, scene, max_connections=2)
     # the peers it trimmed were told by a Close, and each side reported the loss
     assert len(owners[0].gone) == 3
+
+
+def test_connected_follows_liveness_both_ways_between_link_changes() -> None:
+    """connected() keeps its answer between calls: a peer that goes silent with no link
+    opening or closing must still drop out, and come back when it is heard again."""
+
+    async def scene(world: VirtualNetwork, owners: list[Owner]) -> None:
+        a, b = (o.pool for o in owners)
+        assert a is not None and b is not None
+        a.send(b.node_id, ModelRequest(), (owners[1].host, PORT))
+        await trio.sleep(1.0)
+        assert a.connected() == [b.node_id]
+        world.partition([[owners[0].host], [owners[1].host]], mode="stall")
+        seen = []
+        for _ in range(12):  # asked every half second, as the group loop would
+            await trio.sleep(0.5)
+            seen.append(a.connected())
+        assert seen[0] == [b.node_id] and seen[-1] == []
+        world.heal()
+        await trio.sleep(2.0)
+        assert a.connected() == [b.node_id]
+
+    run_world(2, scene)
+
+
+def test_abandoned_channels_go_without_a_goodbye_or_a_report() -> None:
+    """abandon() (simnet halting a network): the owner hears of no lost peer, nothing is
+    dialled for later messages, and the peer sees the connection end without a Close."""
+
+    async def scene(world: VirtualNetwork, owners: list[Owner]) -> None:
+        a, b = owners[0].pool, owners[1].pool
+        assert a is not None and b is not None
+        a.send(b.node_id, ModelRequest(), (owners[1].host, PORT))
+        await trio.sleep(1.0)
+        assert a.connected() == [b.node_id]
+        a.abandon()
+        a.send(owners[2].identity.node_id, ModelRequest(), (owners[2].host, PORT))
+        for links in a.links.values():
+            for link in links:
+                link.outbox.close()  # the writers close their channels (no Close: abandoned)
+        await trio.sleep(2.0)
+        assert a.links == {} and b.links == {}
+
+    owners = run_world(3, scene)
+    assert owners[0].gone == []  # abandoned: not told
+    assert owners[1].gone == [owners[0].identity.node_id]  # the peer saw the link end
+    assert owners[2].opened == []  # nothing dialled after abandon()

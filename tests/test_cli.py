@@ -214,6 +214,42 @@ def test_federation_new_output_and_force(
     assert load_federation(path).federation_id != first.federation_id
 
 
+def test_federation_new_record_level_defaults_that_learn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dp record picks large Poisson batches, few steps and server momentum (chosen on
+    public data: python -m bench.dp_defaults) and says what it chose and what a round costs."""
+    from p2pfed.dp import release_cost
+
+    path = tmp_path / "fed.toml"
+    assert cli.main(["federation", "new", "lab", "-o", str(path), "--dp", "record",
+                     "--epsilon", "8"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    params = load_federation(path).params
+    assert (params.dp_level, params.dp_sample_rate, params.dp_steps) == ("record", 0.25, 2)
+    assert (params.server_optimizer, params.server_momentum) == ("fedavgm", 0.9)
+    cost = release_cost(params)
+    assert 7.8 < cost.epsilon(100, 1e-5) <= 8.0
+    per_round = f"epsilon {cost.epsilon(1, 1e-5):.3g} per round"
+    assert per_round in out
+    assert "2 steps a round" in out and "Poisson sample of 0.25" in out
+    assert "server optimiser fedavgm, momentum 0.9" in out
+    assert f"noise multiplier {params.dp_noise_multiplier:g}" in out
+
+
+def test_federation_new_record_level_options_override_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "fed.toml"
+    args = ["--dp", "record", "--sample-rate", "0.05", "--steps", "10", "--rounds", "20"]
+    assert cli.main(["federation", "new", "lab", "-o", str(path), *args]) == 0
+    params = load_federation(path).params
+    assert (params.dp_sample_rate, params.dp_steps) == (0.05, 10)
+    # node level keeps the file defaults of the record-level keys (they do not apply)
+    node = tmp_path / "node.toml"
+    assert cli.main(["federation", "new", "lab", "-o", str(node), "--dp", "node"]) == 0
+    fresh = load_federation(node).params
+    assert (fresh.server_optimizer, fresh.dp_steps) == ("fedavg", 50)
+
+
 def test_federation_new_into_missing_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

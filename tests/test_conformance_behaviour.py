@@ -4,13 +4,18 @@ exclusion, the shard word size of the ring, and GroupPosition (protocol version 
 
 Each check passes against the real node and FAILS against a real node with exactly that
 behaviour broken (a monkeypatched method of the node started in the test). The nodes are
-real :class:`p2pfed.node.Node` objects on loopback TCP, in this process, with short group
-timeouts so that the timeout check takes seconds.
+real :class:`p2pfed.node.Node` objects in this process; they, the kit's probes and its
+reference peers talk over a simnet :class:`~simnet.network.VirtualNetwork` in trio's
+virtual time (MockClock), so the checks that wait out keepalive intervals and group
+timeouts take no real time, and a slow machine cannot make them miss a deadline. The same
+checks run against a real node process over loopback TCP in tests/test_conformance.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import p2pfed.channel_pool
 import p2pfed.group
@@ -25,15 +31,15 @@ import p2pfed.group_driver
 import p2pfed.node
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.conformance import ConformanceOptions, ConformanceReport, Status, run_conformance
-from p2pfed.demo import free_ports
 from p2pfed.federation import Federation, ProtocolParams, save_federation
 from p2pfed.group import GroupCompleted, GroupConfig, GroupProtocol, Send
 from p2pfed.identity import IDENTITY_FILE_NAME, NodeIdentity, save_identity
 from p2pfed.messages import GroupAbort, PeerInfo, PeerList
-from p2pfed.network import TcpNetwork
 from p2pfed.node import Node, NodeOptions
 from p2pfed.peers import PeerExchangeSession
+from p2pfed.round_loop import RoundLoop
 from p2pfed.trio_channel import SecureChannel
+from simnet.network import SimNetwork, VirtualNetwork
 
 TASK = "support.tiny_task:task"
 NEW_CHECKS = [
@@ -49,15 +55,39 @@ NEW_CHECKS = [
     "group-position",
     "group-weights",
 ]
-OPTIONS = ConformanceOptions(timeout=3.0, group_timeout=10.0, task=TASK, keepalive_interval=0.5)
+# the reference peers listen on every address of their own virtual host
+OPTIONS = ConformanceOptions(
+    timeout=3.0, group_timeout=10.0, task=TASK, keepalive_interval=0.5, listen_host="0.0.0.0"
+)
+NODE_HOST = "10.0.0.1"
+NODE_PORT = 7447
+
+
+class World:
+    """The virtual network of one test: the node's host and one host per kit network."""
+
+    def __init__(self) -> None:
+        self.network = VirtualNetwork(rng=random.Random(0))
+        self.network.add_host(NODE_HOST)
+        self._hosts = itertools.count(2)
+
+    def new_host(self) -> SimNetwork:
+        host = f"10.0.0.{next(self._hosts)}"
+        self.network.add_host(host)
+        return self.network.network_for(host)
 
 
 @asynccontextmanager
 async def running_node(
-    tmp_path: Path, *, bits: int = 64, allreduce_timeout: float = 2.0, samples: int = 0
+    tmp_path: Path,
+    world: World,
+    *,
+    bits: int = 64,
+    allreduce_timeout: float = 2.0,
+    samples: int = 0,
 ) -> AsyncIterator[tuple[int, Federation]]:
-    """A real node of a fresh federation (no DP) listening on loopback: pure averaging, or
-    with ``samples``, training on that many records (its FedAvg weight)."""
+    """A real node of a fresh federation (no DP) on the world's NODE_HOST: pure averaging,
+    or with ``samples``, training on that many records (its FedAvg weight)."""
     node_dir = tmp_path / "node"
     node_dir.mkdir(mode=0o700)
     federation = dataclasses.replace(
@@ -66,16 +96,15 @@ async def running_node(
     )
     save_identity(node_dir / IDENTITY_FILE_NAME, NodeIdentity.generate())
     save_federation(node_dir / "federation.toml", federation)
-    [port] = free_ports(1)
     atomic_write_text(
         node_dir / "config.toml",
-        f'listen_host = "127.0.0.1"\nlisten_port = {port}\nmdns = false\n'
+        f'listen_host = "{NODE_HOST}"\nlisten_port = {NODE_PORT}\nmdns = false\n'
         f'keepalive_interval = 0.5\n\n[task]\nname = "{TASK}"\n'
         + (f"samples = {samples}\n" if samples else ""),
     )
     node = Node.from_directory(
         node_dir,
-        network=TcpNetwork(mdns=False),
+        network=world.network.network_for(NODE_HOST),
         options=NodeOptions(
             training=bool(samples),
             threads=False,
@@ -83,6 +112,7 @@ async def running_node(
         ),
     )
     async with trio.open_nursery() as nursery:
+        world.network.start(nursery)
         listen_port = await nursery.start(node.run)
         try:
             yield listen_port, federation
@@ -91,12 +121,20 @@ async def running_node(
 
 
 async def check(tmp_path: Path, names: list[str], **node: Any) -> ConformanceReport:
-    async with running_node(tmp_path, **node) as (port, federation):
-        return await run_conformance("127.0.0.1", port, federation, OPTIONS, checks=names)
+    """Run the kit's checks ``names`` against a node; the caller's test must run on
+    trio's MockClock (the ``autojump_clock`` fixture): every wait here is virtual."""
+    assert isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+    world = World()
+    async with running_node(tmp_path, world, **node) as (port, federation):
+        return await run_conformance(
+            NODE_HOST, port, federation, OPTIONS, checks=names, network=world.new_host
+        )
 
 
 @pytest.mark.parametrize("bits", [64, 32])
-async def test_every_new_check_passes_against_the_real_node(tmp_path: Path, bits: int) -> None:
+async def test_every_new_check_passes_against_the_real_node(
+    tmp_path: Path, bits: int, autojump_clock: trio.testing.MockClock
+) -> None:
     report = await check(tmp_path, NEW_CHECKS, bits=bits)
     text = report.format_text()
     statuses = {r.name: r.status for r in report.results}
@@ -106,7 +144,7 @@ async def test_every_new_check_passes_against_the_real_node(tmp_path: Path, bits
 
 
 async def test_a_32_bit_node_with_a_weight_over_max_weight_completes_a_secure_group(
-    tmp_path: Path,
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     # issue 16 item 1: 628 training records in a 32-bit ring (max_weight 256)
     report = await check(tmp_path, ["secure-group"], bits=32, samples=628)
@@ -114,9 +152,9 @@ async def test_a_32_bit_node_with_a_weight_over_max_weight_completes_a_secure_gr
 
 
 async def test_the_group_check_fails_against_a_node_that_does_not_cap_its_weight(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
-    monkeypatch.setattr(Node, "_ring_cap", lambda self, weight: int(weight))
+    monkeypatch.setattr(RoundLoop, "_ring_cap", lambda self, weight: int(weight))
     report = await check(tmp_path, ["secure-group"], bits=32, samples=628)
     assert not report.ok, report.format_text()
     [_, group] = report.results
@@ -211,16 +249,16 @@ def _keeps_the_whole_weight(monkeypatch: pytest.MonkeyPatch) -> None:
         def share(self, member: Any) -> int:
             return self.total_weight
 
-    original = Node._one_group
+    original = RoundLoop._one_group
 
-    async def one_group(self: Node, *args: Any, **kwargs: Any) -> Any:
+    async def one_group(self: RoundLoop, *args: Any, **kwargs: Any) -> Any:
         outcome = await original(self, *args, **kwargs)
         if type(outcome) is GroupCompleted:
             fields = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}
             return Inflated(**fields)
         return outcome
 
-    monkeypatch.setattr(Node, "_one_group", one_group)
+    monkeypatch.setattr(RoundLoop, "_one_group", one_group)
 
 
 def _no_positions(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,6 +297,7 @@ async def test_each_check_fails_against_a_node_with_that_behaviour_broken(
     breaks: Callable[[pytest.MonkeyPatch], None],
     node: dict[str, Any],
     why: str,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     breaks(monkeypatch)
     report = await check(tmp_path, [name], **node)

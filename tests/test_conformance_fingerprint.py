@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pfed import cli
 from p2pfed.atomicfile import atomic_write_text
 from p2pfed.demo import free_ports
 from p2pfed.errors import ConfigError
@@ -81,31 +82,26 @@ def test_a_malformed_fingerprint_is_refused_naming_the_key(value: str) -> None:
         Federation.from_toml(text, "f.toml")
 
 
-def test_federation_new_with_a_task_records_its_fingerprint(tmp_path: Path) -> None:
+def test_federation_new_with_a_task_records_its_fingerprint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the command line in this process (tests/test_cli.py does the same): a process per
+    # command would only add interpreter starts; the node test below runs one
     path = tmp_path / "fp.federation.toml"
-    result = p2pfed_cli(
-        "federation",
-        "new",
-        "fp",
-        "-o",
-        str(path),
-        "--dp",
-        "off",
-        "--task",
-        TASK,
-        "--set",
-        "width=6",
-    )
-    assert result.returncode == 0, result.stderr
+    new = ["federation", "new", "fp", "-o", str(path), "--dp", "off"]
+    assert cli.main([*new, "--task", TASK, "--set", "width=6"]) == 0, capsys.readouterr().err
     fed = load_federation(path)
     assert fed.model_fingerprint == task_model_fingerprint(TASK, {"width": 6}, fed)
     assert fed.model_fingerprint != task_model_fingerprint(TASK, {}, fed)
-    shown = p2pfed_cli("federation", "show", str(path))
-    assert fed.model_fingerprint.hex() in shown.stdout
+    capsys.readouterr()
+    assert cli.main(["federation", "show", str(path)]) == 0
+    assert fed.model_fingerprint.hex() in capsys.readouterr().out
     # --set without --task would shape nothing: a usage error, not a silent no-op
-    bad = p2pfed_cli("federation", "new", "x", "-o", str(tmp_path / "x"), "--set", "width=6")
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines()[-1].startswith("p2pfed: error: --set")
+    # (--dp off: `federation new` calibrates DP, seconds of CPU, before it checks --set)
+    bad = ["federation", "new", "x", "-o", str(tmp_path / "x"), "--dp", "off", "--set", "width=6"]
+    assert cli.main(bad) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("p2pfed: error: --set")
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_node_whose_task_builds_another_layout_refuses_to_start(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import convergence
 from bench._fedsim import (
     History,
+    RandomGroups,
     ServerOptimizer,
     ServerState,
     Setup,
@@ -28,7 +29,9 @@ from bench._fedsim import (
     evaluate,
     initial_model,
     local_update,
+    random_replay,
     replay,
+    round_schedule,
     server_step,
     weighted_mean,
 )
@@ -101,6 +104,70 @@ def test_fedavgm_without_momentum_at_lr_1_is_fedavg() -> None:
     with_momentum = replay(setup, ServerOptimizer("fedavgm", momentum=0.9), datasets=datasets)
     assert with_momentum.final_model is not None
     assert not np.allclose(with_momentum.final_model, plain.final_model, atol=1e-4)
+
+
+def test_random_groups_with_one_group_for_everyone_are_fedavg() -> None:
+    """Four clients and groups of up to four: each step is one group of all, FedAvg."""
+    setup = small(num_nodes=4, rounds=2)
+    datasets = client_data(setup)
+    fedavg = replay(setup, ServerOptimizer("fedavg"), datasets=datasets)
+    groups = random_replay(setup, RandomGroups(steps=1, group_max=4), datasets=datasets)
+    assert groups.final_model is not None and fedavg.final_model is not None
+    np.testing.assert_allclose(groups.final_model, fedavg.final_model, rtol=0, atol=1e-6)
+    assert groups.accuracy == pytest.approx(fedavg.accuracy, abs=1e-9)
+    assert groups.spread == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("ready_spread", [0.0, 3.0])
+def test_random_groups_conserve_the_weighted_mean(ready_spread: float) -> None:
+    """Push-sum: after one round of small groups (synchronous partitions, or groups
+    formed as clients become free) the weighted mean of the clients' models is FedAvg's
+    round-1 model, though the clients disagree."""
+    setup = small(num_nodes=7, rounds=1)
+    datasets = client_data(setup)
+    fedavg = replay(setup, ServerOptimizer("fedavg"), datasets=datasets)
+    groups = RandomGroups(steps=2, ready_spread=ready_spread, seed=3)
+    mixed = random_replay(setup, groups, datasets=datasets)
+    assert mixed.final_model is not None and fedavg.final_model is not None
+    np.testing.assert_allclose(mixed.final_model, fedavg.final_model, rtol=0, atol=1e-5)
+
+
+def test_asynchronous_groups_reach_fewer_clients_than_partitions() -> None:
+    """What bench/convergence.py's real nodes showed (spec/group.md, "Random rounds"):
+    groups formed among the clients free at the time spread each client's model to
+    fewer others per step than random partitions do. Every client is done once, after
+    its ``steps`` groups."""
+    rng = np.random.default_rng(5)
+
+    def mean_reach(groups: RandomGroups) -> float:
+        reach = []
+        for _ in range(100):
+            known = [{k} for k in range(16)]
+            if groups.ready_spread > 0:
+                schedule = round_schedule(16, groups, rng)
+                done = [part[0] for kind, part in schedule if kind == "done"]
+                assert sorted(done) == list(range(16))
+            else:
+                cuts = [3, 6, 9, 12]  # groups of 3, 3, 3, 3 and 4
+                schedule = [
+                    ("group", [int(k) for k in part])
+                    for _ in range(groups.steps)
+                    for part in np.array_split(rng.permutation(16), cuts)
+                ]
+            for kind, part in schedule:
+                if kind == "done":
+                    reach.append(len(known[part[0]]))
+                else:
+                    union = set().union(*(known[k] for k in part))
+                    for k in part:
+                        known[k] = set(union)
+            if groups.ready_spread <= 0:
+                reach.extend(len(s) for s in known)
+        return float(np.mean(reach))
+
+    partitions = mean_reach(RandomGroups(steps=3))
+    asynchronous = mean_reach(RandomGroups(steps=3, ready_spread=2.0))
+    assert asynchronous < partitions - 1.0, (asynchronous, partitions)
 
 
 # -- the task --------------------------------------------------------------------------------
@@ -204,6 +271,7 @@ def test_node_logs_are_summarised_per_round(tmp_path: Path) -> None:
                     "round": r,
                     "accuracy": acc,
                     "seconds": 1.0,
+                    "steps": r,
                     "nodes": 3,
                     "coverage": 3 if r != 2 else 1,
                 }
@@ -222,6 +290,7 @@ def test_node_logs_are_summarised_per_round(tmp_path: Path) -> None:
     assert summary["node_accuracy_spread_max_points"] == pytest.approx(20.0)
     assert summary["rounds_not_logged_by_node"] == {"1": [2]}
     assert summary["inexact_round_records"] == 1
+    assert summary["steps_per_round"] == {"mean": 2.0, "min": 1, "max": 3}
     assert summary["events"] == {"caught_up": 2}
 
 
@@ -268,6 +337,23 @@ def test_tiny_end_to_end_result_and_targets() -> None:
     )
     assert partial["met"]["exact-fedavg_within_0.5pt_of_reference"] is False  # unfinished
     assert partial["flower"] == {"skipped": "--no-flower"}
+
+
+def test_random_variant_gets_its_model_curve() -> None:
+    """A run with a random variant also replays push-sum over random groups (the
+    automatic number of steps: 5 for 16 nodes), and reports it against FedAvg."""
+    assert convergence.random_model(Setup(num_nodes=16)).steps == 5
+    assert convergence.random_model(Setup(num_nodes=16), random_steps=2).steps == 2
+    setup = small(num_nodes=5, rounds=2)
+    groups = convergence.random_model(setup)
+    references = convergence.run_references(setup, ["fedavg"], extra=False, random_groups=groups)
+    model = references["random-fedavg-model"]
+    assert len(model.accuracy) == 2 and len(model.spread) == 2
+    runs = {"random-fedavg": {"curve": list(model.accuracy), "wall_s_per_round": 0.1}}
+    result, curves = convergence.build_result(setup, 0.9, references, runs, {}, None, "x")
+    gap = result["differences_points"]["random-fedavg-model_vs_reference_fedavg"]
+    assert set(gap["by_round"]) == {"2"}
+    assert "reference-random-fedavg-model" in curves
 
 
 def test_centralized_history_has_one_point_per_round() -> None:

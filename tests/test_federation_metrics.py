@@ -23,7 +23,8 @@ from p2pfed.federation import Federation, ProtocolParams
 from p2pfed.group import GroupConfig
 from p2pfed.identity import NodeIdentity
 from p2pfed.network import TcpNetwork
-from p2pfed.node import EVALUATION_WORDS, Node, NodeOptions, RoundReport
+from p2pfed.node import Node, NodeOptions, RoundReport
+from p2pfed.round_loop import EVALUATION_WORDS
 from p2pfed.status import StatusWriter, format_status, read_status
 from p2pfed.task import NodeData
 
@@ -243,13 +244,14 @@ def test_words_beyond_the_clip_are_scaled_together_and_keep_the_figures(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = unstarted_node(tmp_path, clip=4.0)
-    node._evaluated = (2, {"accuracy": 0.75, "loss": 3.0}, 100)  # 100 test samples, weight 5
-    vector = node._with_evaluation_words(np.ones(5, np.float32), 5)
+    loop = node.round_loop
+    loop._evaluated = (2, {"accuracy": 0.75, "loss": 3.0}, 100)  # 100 test samples, weight 5
+    vector = loop._with_evaluation_words(np.ones(5, np.float32), 5)
     words = vector[-EVALUATION_WORDS:]
     assert np.abs(words).max() <= 4.0  # else the encoder would clip one word alone
     assert words[0] / words[2] == pytest.approx(0.75) and words[1] / words[2] == pytest.approx(3)
     assert "exceed the federation's clip" in caplog.text
-    assert np.array_equal(node._adopt(vector, None), np.ones(5, np.float32))
+    assert np.array_equal(loop._adopt(vector, None), np.ones(5, np.float32))
     assert node.federation_metrics == {
         "accuracy": pytest.approx(0.75),
         "loss": pytest.approx(3.0),
@@ -259,15 +261,16 @@ def test_words_beyond_the_clip_are_scaled_together_and_keep_the_figures(
 
 def test_no_evaluation_of_this_rounds_model_contributes_zeros(tmp_path: Path) -> None:
     node = unstarted_node(tmp_path)
+    loop = node.round_loop
     model = np.ones(5, np.float32)
-    node._evaluated = (1, {"accuracy": 0.5, "loss": 1.0}, 10)  # of an older model
-    assert not node._with_evaluation_words(model, 5)[-EVALUATION_WORDS:].any()
-    node._evaluated = (2, {"loss": 1.0}, 10)  # no accuracy
-    assert not node._with_evaluation_words(model, 5)[-EVALUATION_WORDS:].any()
-    node._evaluated = (2, {"accuracy": 0.5, "loss": 1.0}, 10)
-    assert not node._with_evaluation_words(model, 0)[-EVALUATION_WORDS:].any()  # weight 0
-    assert node._with_evaluation_words(model, 5)[-EVALUATION_WORDS:].tolist() == [1.0, 2.0, 2.0]
-    node._adopt(np.zeros(5 + EVALUATION_WORDS, np.float32), None)
+    loop._evaluated = (1, {"accuracy": 0.5, "loss": 1.0}, 10)  # of an older model
+    assert not loop._with_evaluation_words(model, 5)[-EVALUATION_WORDS:].any()
+    loop._evaluated = (2, {"loss": 1.0}, 10)  # no accuracy
+    assert not loop._with_evaluation_words(model, 5)[-EVALUATION_WORDS:].any()
+    loop._evaluated = (2, {"accuracy": 0.5, "loss": 1.0}, 10)
+    assert not loop._with_evaluation_words(model, 0)[-EVALUATION_WORDS:].any()  # weight 0
+    assert loop._with_evaluation_words(model, 5)[-EVALUATION_WORDS:].tolist() == [1.0, 2.0, 2.0]
+    loop._adopt(np.zeros(5 + EVALUATION_WORDS, np.float32), None)
     assert node.federation_metrics is None  # nobody evaluated: no figure
-    dp = unstarted_node(tmp_path, dp_enabled=True)
-    assert dp._with_evaluation_words(model, 5) is model
+    dp_loop = unstarted_node(tmp_path, dp_enabled=True).round_loop
+    assert dp_loop._with_evaluation_words(model, 5) is model

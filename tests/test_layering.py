@@ -36,3 +36,10 @@ def test_the_cli_still_offers_simnet_when_it_is_installed() -> None:
 
     help_text = build_parser().format_help()
     assert "simnet" in help_text
+
+
+def test_the_cli_starts_without_torch() -> None:
+    # every `p2pfed status`, `federation show` ... would otherwise pay ~2 s of torch import
+    loaded = _modules_after("import p2pfed.cli")
+    assert "p2pfed.cli" in loaded
+    assert "torch" not in loaded

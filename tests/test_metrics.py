@@ -8,6 +8,7 @@ every exported series must carry a value, none a NaN.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import urllib.error
 import urllib.request
@@ -54,6 +55,7 @@ EXPECTED_TYPES = {
     "p2pfed_epsilon_spent": "gauge",
     "p2pfed_epsilon_budget": "gauge",
     "p2pfed_epsilon_remaining": "gauge",
+    "p2pfed_privacy_local_epsilon_spent": "gauge",
     "p2pfed_privacy_budget_exhausted": "gauge",
     "p2pfed_train_loss": "gauge",
     "p2pfed_round_coverage_ratio": "gauge",
@@ -229,14 +231,29 @@ def _no_nan(text: str) -> None:
     assert not unknown, f"series without a value after rounds: {unknown}"
 
 
-async def test_every_metric_has_a_value_after_real_rounds_with_dp(tmp_path: Path) -> None:
+# distributed: the noise share of 12.82 needs the fixed-point room of clip 128 (dp.required_clip)
+DP_LEVEL_PARAMS: dict[str, dict[str, Any]] = {
+    "node": {},
+    "distributed": {"dp_level": "distributed", "dp_noise_multiplier": 12.82, "clip": 128.0},
+}
+
+
+@pytest.mark.parametrize("level", DP_LEVEL_PARAMS)
+async def test_every_metric_has_a_value_after_real_rounds_with_dp(
+    tmp_path: Path, level: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2pfed.node")
     fed = Federation.new("metrics-test")
-    fed = dataclasses.replace(fed, params=ProtocolParams(dp_enabled=True, group_max=3))
+    params = ProtocolParams(dp_enabled=True, group_max=3, **DP_LEVEL_PARAMS[level])
+    fed = dataclasses.replace(fed, params=params)
     rounds = 2
     nodes, texts = await _federation_with_metrics(tmp_path, fed, rounds)
     federation_gauges = {name for name, _ in FEDERATION_FIGURES.values()}
     for node, text in zip(nodes, texts, strict=True):
         expected = {n: t for n, t in EXPECTED_TYPES.items() if n not in federation_gauges}
+        if level != "distributed":
+            # one guarantee only: no local epsilon, rather than a copy of the central one
+            del expected["p2pfed_privacy_local_epsilon_spent"]
         if not node.exact:
             del expected["p2pfed_round_coverage_ratio"]  # random groups: no coverage
         # DP on: no federation figures (they would be released without noise)
@@ -260,6 +277,16 @@ async def test_every_metric_has_a_value_after_real_rounds_with_dp(tmp_path: Path
             fed.params.dp_epsilon_budget - spent
         )
         assert value(text, "p2pfed_privacy_budget_exhausted") == 0
+        rounds_logged = [r for r in caplog.records if getattr(r, "event", None) == "round"]
+        assert rounds_logged
+        # the per-round log line (JSON with --log-json) carries the same guarantees
+        assert all(
+            hasattr(r, "local_epsilon_spent") == (level == "distributed") for r in rounds_logged
+        )
+        if level == "distributed":
+            local = value(text, "p2pfed_privacy_local_epsilon_spent")
+            # the weaker guarantee against mask-stripping members: larger than the central one
+            assert local == pytest.approx(node.ledger.local_spent()) and local > spent
         if node.exact:
             assert value(text, "p2pfed_round_coverage_ratio") == 1
 
@@ -269,7 +296,11 @@ async def test_without_dp_federation_figures_replace_the_privacy_budget(tmp_path
     fed = dataclasses.replace(fed, params=ProtocolParams(dp_enabled=False, group_max=3))
     nodes, texts = await _federation_with_metrics(tmp_path, fed, 2)
     for node, text in zip(nodes, texts, strict=True):
-        expected = {n: t for n, t in EXPECTED_TYPES.items() if not n.startswith("p2pfed_epsilon")}
+        expected = {
+            n: t
+            for n, t in EXPECTED_TYPES.items()
+            if not n.startswith("p2pfed_epsilon") and n != "p2pfed_privacy_local_epsilon_spent"
+        }
         assert families(text) == expected
         _no_nan(text)
         assert node.ledger is None

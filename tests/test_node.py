@@ -157,7 +157,7 @@ async def test_late_joiner_adopts_an_aggregated_model(
                 await trio.sleep(0.05)
         # Without training, the three hold one average after their first group, and
         # averaging equal models leaves it unchanged: this is the model they serve.
-        served = [n._aggregated for n in nodes]
+        served = [n.round_loop.aggregated for n in nodes]
         assert all(s is not None for s in served)
         aggregate = served[0][1].copy()  # type: ignore[index]
         for s in served[1:]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ def run(settings: ServerOptimizerSettings, x0: np.ndarray, averages: list[np.nda
     return out
 
 
-# Values are dyadic fractions: every intermediate result is exact in float32, so these are
+# Values are dyadic fractions: every intermediate result is exact, so these are
 # the formulas' exact values, worked out by hand.
 X0 = f32(1.0, -2.0)
 AVERAGES = [f32(2.0, -1.0), f32(3.0, 0.0), f32(2.5, 1.0)]
@@ -71,8 +73,8 @@ def test_fedadam_by_hand() -> None:
     x2 = opt.step(x1, f32(3.0))
     assert opt.momentum_vector.tolist() == [1.125]  # type: ignore[union-attr]
     assert opt.second_moment.tolist() == [0.953125]  # type: ignore[union-attr]
-    expected2 = np.float32(1.25) + np.float32(0.5625) / (np.sqrt(np.float32(0.953125)) + 0.5)
-    assert x2[0] == np.float32(expected2)
+    # binary64 arithmetic, rounded to float32 once at the end
+    assert x2[0] == np.float32(1.25 + 0.5625 / (math.sqrt(0.953125) + 0.5))
     assert x2[0] == pytest.approx(1.25 + 0.5625 / (0.953125**0.5 + 0.5), rel=1e-6)
     x3 = opt.step(x2, f32(3.0))
     d = 3.0 - float(x2[0])
@@ -83,25 +85,25 @@ def test_fedadam_by_hand() -> None:
 
 
 def reference(settings: ServerOptimizerSettings, x0: np.ndarray, averages: list) -> list:
-    """The spec's operations one float32 scalar at a time, written independently."""
-    f = np.float32
-    lr, b1, b2, tau = f(settings.lr), f(settings.momentum), f(settings.beta2), f(settings.tau)
-    c1, c2 = f(1) - b1, f(1) - b2
-    xs = [f(v) for v in x0]
-    m = [f(0)] * len(xs)
-    v = [f(0)] * len(xs)
+    """The spec's operations one scalar at a time in Python floats (binary64), written
+    independently, each new model rounded to float32 once."""
+    lr, b1, b2, tau = settings.lr, settings.momentum, settings.beta2, settings.tau
+    c1, c2 = 1.0 - b1, 1.0 - b2
+    xs = [float(v) for v in x0]
+    m = [0.0] * len(xs)
+    v = [0.0] * len(xs)
     out = []
     for a in averages:
         new = []
         for i, (x, ai) in enumerate(zip(xs, a, strict=True)):
-            d = f(ai) - x
+            d = float(ai) - x
             if settings.name == "fedavgm":
                 m[i] = b1 * m[i] + d
-                new.append(f(ai) - (d - lr * m[i]))
+                new.append(float(np.float32(float(ai) - (d - lr * m[i]))))
             else:
                 m[i] = b1 * m[i] + c1 * d
                 v[i] = b2 * v[i] + c2 * (d * d)
-                new.append(x + (lr * m[i]) / (np.sqrt(v[i]) + tau))
+                new.append(float(np.float32(x + (lr * m[i]) / (math.sqrt(v[i]) + tau))))
         xs = new
         out.append(np.array(xs, dtype=np.float32))
     return out
@@ -116,7 +118,7 @@ def reference(settings: ServerOptimizerSettings, x0: np.ndarray, averages: list)
         ServerOptimizerSettings(name="fedadam", lr=0.1, momentum=0.8, beta2=0.999, tau=1e-2),
     ],
 )
-def test_vectorised_code_matches_the_specs_scalar_float32_order(
+def test_vectorised_code_matches_the_specs_scalar_binary64_order(
     settings: ServerOptimizerSettings,
 ) -> None:
     rng = np.random.default_rng(7)
@@ -186,12 +188,28 @@ def test_state_file_layout(tmp_path: Path) -> None:
     opt = ServerOptimizer(settings, 2, round=41)
     opt.step(f32(0.0, 0.0), f32(1.0, -1.0))
     data = opt.encode()
-    assert data[:8] == STATE_MAGIC and data[8:10] == b"\x00\x01"
+    assert data[:8] == STATE_MAGIC and data[8:10] == b"\x00\x02"
     assert data[10:18] == b"fedavgm\x00"
     assert data[50:58] == (42).to_bytes(8, "big") and data[58:66] == (2).to_bytes(8, "big")
     assert data[66] == 1
-    assert np.frombuffer(data[67:75], "<f4").tolist() == [1.0, -1.0]
-    assert data[-32:] == hashlib.sha256(data[:-32]).digest() and len(data) == 67 + 8 + 32
+    assert np.frombuffer(data[67:83], "<f8").tolist() == [1.0, -1.0]
+    assert data[-32:] == hashlib.sha256(data[:-32]).digest() and len(data) == 67 + 16 + 32
+
+
+def test_version_1_state_files_are_widened_exactly(tmp_path: Path) -> None:
+    # a float32 state written before the arithmetic became binary64 (spec section 6)
+    header = struct.pack(
+        ">8sH8s4dQQB", STATE_MAGIC, 1, b"fedavgm\x00", 1.0, 0.5, 0.99, 1e-3, 9, 2, 1
+    )
+    body = header + np.array([0.1, -3.0], dtype="<f4").tobytes()
+    path = tmp_path / "state"
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    opt = ServerOptimizer.load(path, 2)
+    assert opt is not None and opt.round == 9
+    assert opt.momentum_vector.dtype == np.float64  # type: ignore[union-attr]
+    assert opt.momentum_vector.tolist() == [float(np.float32(0.1)), -3.0]  # type: ignore[union-attr]
+    opt.save(path)
+    assert path.read_bytes()[8:10] == b"\x00\x02"
 
 
 def test_round_bookkeeping_and_reset() -> None:
@@ -229,11 +247,11 @@ def test_settings_from_federation_parameters() -> None:
         ({"name": "sgd"}, "server_optimizer must be one of fedavg, fedavgm, fedadam"),
         ({"lr": 0.0}, "server_lr must be a finite number > 0"),
         ({"lr": float("inf")}, "server_lr must be a finite number > 0"),
-        ({"lr": 1e-50}, "server_lr must be a finite number > 0 (and > 0 in float32)"),
+        ({"lr": float("nan")}, "server_lr must be a finite number > 0"),
         ({"lr": "1"}, "server_lr must be a number, got str"),
         ({"momentum": 1.5}, "server_momentum must be in [0, 1), got 1.5"),
         ({"momentum": -0.1}, "server_momentum must be in [0, 1)"),
-        ({"momentum": 1 - 1e-9}, "round to 1.0 in float32"),
+        ({"momentum": float("nan")}, "server_momentum must be in [0, 1), got nan"),
         ({"beta2": 1.0}, "server_beta2 must be in [0, 1), got 1.0"),
         ({"tau": 0}, "server_tau must be a finite number > 0"),
         ({"tau": True}, "server_tau must be a number, got bool"),
@@ -282,7 +300,7 @@ def test_corrupt_or_mismatched_state_files_are_refused(tmp_path: Path) -> None:
     refused(good[:-5], "checksum mismatch")
     refused(good[:40], "truncated")
     refused(b"PK\x03\x04" + good[4:], "does not start with the state magic")
-    refused(good[:8] + b"\x00\x02" + good[10:], "format version 2")
+    refused(good[:8] + b"\x00\x03" + good[10:], "format version 3")
     refused(good + b"x" * 1000, "more than any state")
     path.write_bytes(good)
     with pytest.raises(ServerOptimizerStateError, match="4 parameters, this node's model has 5"):
@@ -298,7 +316,7 @@ def test_corrupt_or_mismatched_state_files_are_refused(tmp_path: Path) -> None:
     body[66] = 1
     refused(bytes(body) + hashlib.sha256(body).digest(), "fedadam keeps 2 state vectors")
     body = bytearray(good[:-32])
-    body[-4:] = np.float32(-1.0).astype("<f4").tobytes()
+    body[-8:] = np.float64(-1.0).astype("<f8").tobytes()
     refused(bytes(body) + hashlib.sha256(body).digest(), "negative second moment")
     # a directory is not a state file
     with pytest.raises(ServerOptimizerStateError, match="is a directory"):
@@ -310,6 +328,6 @@ def test_retuned_hyperparameters_keep_the_state(tmp_path: Path) -> None:
     retuned = ServerOptimizerSettings(name="fedadam", lr=0.02)
     opt = ServerOptimizer.load(path, 4, retuned)
     assert opt is not None and opt.settings == retuned and opt.round == 1
-    # m = (1 - b1) * d with 1 - b1 computed in float32: 1 - float32(0.9), not float32(0.1)
-    c1 = np.float32(1) - np.float32(0.9)
-    assert opt.momentum_vector.tolist() == [c1] * 4  # type: ignore[union-attr]
+    # m = (1 - b1) * d with 1 - b1 computed in binary64: 1 - 0.9, not 0.1
+    assert opt.momentum_vector.tolist() == [1.0 - 0.9] * 4  # type: ignore[union-attr]
+    assert 1.0 - 0.9 != 0.1

@@ -193,6 +193,7 @@ def test_unknown_values_are_null(tmp_path: Path) -> None:
         ({"round": -1}, "'round' must be at least 0"),
         ({"round": 1.5}, "'round' must be an int"),
         ({"accuracy": "high"}, "'accuracy' must be a number"),
+        ({"local_epsilon_spent": "lots"}, "'local_epsilon_spent' must be a number"),
         ({"listen": 7447}, "'listen' must be a str"),
         ({"peers": "ab12"}, "'peers' must be a list"),
         ({"peers": [{"id": "a"}]}, "keys id, address, connected"),
@@ -314,6 +315,35 @@ def test_format_contains_the_key_facts(tmp_path: Path) -> None:
         "dropped",
     ]
     assert lines[group_header + 2].split() == ["000102030405", "4", "completed", "1.80"]
+
+
+def test_distributed_dp_shows_both_epsilons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dp_level = "distributed": the budgeted central epsilon and, beside it, the weaker
+    local one against members who strip the masks, in the file, the report and --json."""
+    w = _full_status(tmp_path)
+    w.update(3.0, force=True, epsilon_spent=1.5, local_epsilon_spent=4.25)
+    doc = read_status(tmp_path)
+    assert doc["local_epsilon_spent"] == 4.25
+    text = format_status(doc, alive=True, now=WALL)
+    assert "epsilon 1.500 spent of 8.000 (19 %), 6.500 remaining" in text
+    assert "local epsilon 4.250 spent against members who collude to strip the masks" in text
+    assert cli.main(["status", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["local_epsilon_spent"] == 4.25
+
+
+def test_one_guarantee_shows_no_local_epsilon(tmp_path: Path) -> None:
+    # node and record level (and files of older nodes): null, and no line rather than a 0
+    _full_status(tmp_path)
+    doc = read_status(tmp_path)
+    assert doc["local_epsilon_spent"] is None
+    assert "local epsilon" not in format_status(doc, alive=True, now=WALL)
+    older = {"schema": 1, "pid": 42, "state": "running", "epsilon_spent": 1.0, "peers": []}
+    assert "local epsilon" not in format_status(older, now=WALL)
+    off = {"schema": 1, "pid": 42, "state": "running", "dp_enabled": False,
+           "local_epsilon_spent": 3.0}  # fmt: skip
+    assert "local epsilon" not in format_status(off, now=WALL)
 
 
 def test_bootstrap_addresses_round_trip_and_show_their_state(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ jumps ahead whenever every task waits. Real crypto and the real listener loop
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -22,6 +23,7 @@ from p2pfed.federation import Federation
 from p2pfed.identity import NodeIdentity
 from p2pfed.messages import ModelState
 from p2pfed.trio_channel import (
+    ChannelClock,
     ChannelConfig,
     SecureChannel,
     open_secure_channel,
@@ -163,7 +165,10 @@ class Server:
 
 
 async def start_server(
-    nursery: trio.Nursery, handler: str = "echo", config: ChannelConfig = SERVER_CONFIG
+    nursery: trio.Nursery,
+    handler: str = "echo",
+    config: ChannelConfig = SERVER_CONFIG,
+    clock: ChannelClock | None = None,
 ) -> Server:
     listener = MemoryListener()
     server = Server(listener)
@@ -172,7 +177,16 @@ async def start_server(
         await trio.sleep_forever()  # never reads
 
     chosen = server.echo if handler == "echo" else lazy
-    await nursery.start(serve_secure_channels, chosen, [listener], SERVER_ID, FED, config)
+    serve = functools.partial(
+        serve_secure_channels,
+        chosen,
+        [listener],  # type: ignore[list-item]  # any trio Listener serves
+        SERVER_ID,
+        FED,
+        config,
+        clock=clock,
+    )
+    await nursery.start(serve)
     return server
 
 
@@ -336,3 +350,99 @@ async def test_second_receiver_is_refused(
         with pytest.raises(trio.BusyResourceError):
             await ch.receive()
         inner.cancel_scope.cancel()
+
+
+# -- one clock for many channels (ChannelClock, as a node's channel pool uses) ------------
+
+
+async def test_shared_clocks_keep_many_idle_channels_open(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The clients keep their channels' time in one task: without its keepalives, the
+    server's idle timeout (1.5 s) would drop every channel within the 30 s."""
+    server = await start_server(nursery)
+    config = ChannelConfig(keepalive_interval=0.2, idle_timeout=1.5)
+    clients = ChannelClock(nursery)
+    async with (
+        open_secure_channel(
+            server.listener.connect(),
+            Role.INITIATOR,
+            NodeIdentity.generate(),
+            FED,
+            config,
+            clock=clients,
+        ) as first,
+        open_secure_channel(
+            server.listener.connect(),
+            Role.INITIATOR,
+            NodeIdentity.generate(),
+            FED,
+            config,
+            clock=clients,
+        ) as second,
+    ):
+        await trio.sleep(30.0)
+        for ch in (first, second):
+            sent = model(16)
+            await ch.send(sent)
+            assert await ch.receive() == sent
+    with trio.fail_after(10):
+        await server.ended.wait()
+    assert server.outcomes[:2] == ["ended", "ended"]
+
+
+async def test_shared_clock_drops_a_silent_peer_after_idle_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, clock=ChannelClock(nursery))
+    quiet = ChannelConfig(keepalive_interval=100.0, idle_timeout=200.0)
+    async with open_secure_channel(
+        server.listener.connect(), Role.INITIATOR, NodeIdentity.generate(), FED, quiet
+    ) as ch:
+        start = trio.current_time()
+        with pytest.raises(ChannelClosed) as info, trio.fail_after(10):
+            await ch.receive()
+        assert info.value.by_peer
+        assert info.value.code is CloseCode.IDLE_TIMEOUT
+        assert 1.5 <= trio.current_time() - start < 100.0
+    await assert_still_serving(server)
+
+
+async def test_shared_clock_closes_a_stalled_send(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, handler="lazy")
+    config = ChannelConfig(send_timeout=0.5, keepalive_interval=0.2, idle_timeout=10.0)
+    async with open_secure_channel(
+        server.listener.connect(),
+        Role.INITIATOR,
+        NodeIdentity.generate(),
+        FED,
+        config,
+        clock=ChannelClock(nursery),
+    ) as ch:
+        start = trio.current_time()
+        with pytest.raises(ChannelClosed) as info, trio.fail_after(30):
+            await ch.send(model(1 << 20))
+        assert info.value.code is CloseCode.IDLE_TIMEOUT
+        assert trio.current_time() - start == pytest.approx(config.send_timeout)
+
+
+async def test_an_abandoned_channel_ends_without_a_close(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """abandon(): no Close goes out (the peer sees the connection end unannounced), and
+    the channel refuses to send."""
+    server = await start_server(nursery)
+    async with open_secure_channel(
+        server.listener.connect(), Role.INITIATOR, NodeIdentity.generate(), FED
+    ) as ch:
+        await ch.send(model(8))
+        await ch.receive()
+        ch.abandon("halted")
+        with pytest.raises(ChannelClosed):
+            await ch.send(model(8))
+    with trio.fail_after(10):
+        await server.ended.wait()
+    (outcome,) = server.outcomes
+    assert isinstance(outcome, ChannelClosed) and not outcome.orderly
