@@ -1180,7 +1180,14 @@ async def check_secure_group(ctx: _Context) -> Outcome:
                     node_dir=node_dir,
                     network=TcpNetwork(mdns=False) if ctx.network is None else ctx.network(),
                     task=task,
-                    options=NodeOptions(training=False, task_config=settings, sync_timeout=0.5),
+                    # on a virtual network (simnet, MockClock) worker threads would let the
+                    # virtual clock jump while they run: every wait then times out at once
+                    options=NodeOptions(
+                        training=False,
+                        task_config=settings,
+                        sync_timeout=0.5,
+                        threads=ctx.network is None,
+                    ),
                     randbytes=ctx.randbytes,
                     on_group=on_group,
                 )
