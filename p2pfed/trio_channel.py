@@ -132,15 +132,14 @@ class SecureChannel:
         self._stream_closed = False
         self._last_send = trio.current_time()
         self.last_received = self._last_send  # when bytes last arrived (trio's clock)
-        # The clocks of the channel live in one task (:meth:`keepalive_loop`), not in a
-        # cancel scope around every read and send: a scope per message was a large share
-        # of a big simulation's time. A read or send in progress records when it began;
-        # the clock task closes the channel when one has waited too long.
+        # The clocks of the channel live in a ChannelClock (the node's, or one of its
+        # own), not in a cancel scope around every read and send: a scope per message was
+        # a large share of a big simulation's time. A read or send in progress records
+        # when it began; the clock closes the channel when one has waited too long.
         self._read_since: float | None = None
         self._send_since: float | None = None
-        self._clock: trio.CancelScope | None = None  # the clock task's current sleep
-        # or, under a shared ChannelClock: when it looks at this channel next (inf: not
-        # scheduled), and the scope of what it is doing for the channel now
+        # the ChannelClock keeping this channel: when it looks at the channel next (inf:
+        # not scheduled), and the scope of what it is doing for the channel now
         self._shared: ChannelClock | None = None
         self._clock_at = math.inf
         self._clock_action: trio.CancelScope | None = None
@@ -207,16 +206,12 @@ class SecureChannel:
         self._wake_clock(now + self._config.send_timeout)
 
     def _wake_clock(self, deadline: float) -> None:
-        """Make the clock task look again by ``deadline`` (a new wait began)."""
+        """Make the clock look again by ``deadline`` (a new wait began)."""
         shared = self._shared
-        if shared is not None:
-            # (while the shared clock acts for this channel it looks again when done)
-            if deadline < self._clock_at and self._clock_action is None and not self.closed:
-                shared.schedule(self, deadline)
-            return
-        clock = self._clock
-        if clock is not None and deadline < clock.deadline:
-            clock.deadline = deadline
+        if shared is None or self.closed or self._clock_action is not None:
+            return  # (while the clock acts for this channel it looks again when done)
+        if deadline < self._clock_at:
+            shared.schedule(self, deadline)
 
     async def _flush(self) -> None:
         data = self._conn.data_to_send()
@@ -225,32 +220,12 @@ class SecureChannel:
             self.bytes_sent += len(data)
             self._last_send = trio.current_time()
 
-    async def keepalive_loop(self) -> None:
-        """The channel's clocks, run by :func:`open_secure_channel` while the channel is open.
-
-        Sends a Keepalive whenever nothing was sent for ``keepalive_interval`` seconds;
-        closes the channel (``IDLE_TIMEOUT``) when a receive waited ``idle_timeout`` seconds
-        without data (sending a Close first) or a send waited ``send_timeout`` seconds for
-        the peer to accept data.
-        """
-        while not self.closed:
-            due = self._clock_due(trio.current_time())
-            if due == "idle":
-                await self._expire_receive()
-                return
-            if due == "send":
-                await self._expire_send()
-                return
-            if due == "keepalive":
-                await self._send_keepalive()
-                continue
-            with trio.CancelScope(deadline=due) as self._clock:
-                await trio.sleep_forever()
-            self._clock = None
-
     def _clock_due(self, now: float) -> float | _Due:
-        """What the clocks ask for at ``now``: a timeout or a keepalive, else the time to
-        look again (:meth:`keepalive_loop`, or a shared :class:`ChannelClock`)."""
+        """What the clocks ask for at ``now``, else the time to look again (asked by the
+        channel's :class:`ChannelClock`): ``"keepalive"`` when nothing was sent for
+        ``keepalive_interval`` seconds; ``"idle"`` (close with ``IDLE_TIMEOUT``, sending a
+        Close first) when a receive waited ``idle_timeout`` seconds without data; ``"send"``
+        when a send waited ``send_timeout`` seconds for the peer to accept data."""
         config = self._config
         interval = config.keepalive_interval
         read_since, send_since = self._read_since, self._send_since
@@ -568,7 +543,7 @@ async def open_secure_channel(
     ``static_key``: this node's Noise static key, made once and reused (a fresh one per
     channel if omitted). ``budget``: the node's reassembly memory, shared by its channels.
     ``clock``: the node's :class:`ChannelClock`, which keeps the time of all its channels
-    (a task of the channel's own if omitted).
+    (a clock of the channel's own if omitted).
 
     The keepalive runs in the background while the block runs; leaving the block closes
     the channel in order. Raises :class:`~p2pfed.errors.HandshakeError` (or another
@@ -591,7 +566,7 @@ class ChannelClock:
     """The clocks of many channels (a node's) in one task instead of a task per channel.
 
     Each channel is looked at when its next deadline comes (a keepalive due, a read or a
-    send waiting too long, see :meth:`SecureChannel.keepalive_loop`); a keepalive or a
+    send waiting too long, see :meth:`SecureChannel._clock_due`); a keepalive or a
     timeout runs as a task of its own in ``nursery``, so a slow peer holds up no other
     channel. The clock's own task starts in ``nursery`` with the first channel; nothing
     else changes for a channel, but a node with hundreds of channels keeps one sleeping
@@ -683,17 +658,20 @@ async def _running(
             clock.forget(channel)
             await channel._close_at_exit()
         return
-    # The caller's exception is carried out of the nursery by hand so that it arrives as
-    # itself, not wrapped in an ExceptionGroup by the keepalive task's nursery.
+    # No node's clock: one for this channel alone. The caller's exception is carried out
+    # of the clock's nursery by hand so that it arrives as itself, not wrapped in an
+    # ExceptionGroup.
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(channel.keepalive_loop)
+            own = ChannelClock(nursery)
+            own.watch(channel)
             try:
                 yield
             except BaseException as exc:
                 body_error = exc
             finally:
+                own.forget(channel)
                 nursery.cancel_scope.cancel()
     finally:
         await channel._close_at_exit()
