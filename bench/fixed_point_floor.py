@@ -20,12 +20,18 @@ accuracy points from the float64 replay at every 10th round. Where a seed's diff
 equal those ``bench.convergence`` records for p2pfed, p2pfed's gap to the reference is the
 fixed point's, not the protocol's.
 
-Recorded 2026-12-03 (three seeds): FedAvgM moved by up to 1.67 points in one seed (+0.28,
-+0.56, +0.56, -1.67, -0.56, -0.56 at rounds 30 to 80: the very numbers ``bench.convergence``
-recorded for p2pfed the same day) and not at all in the other two; FedAvg by -0.28 and
-+0.56 at rounds 70 and 80 in two seeds of three (p2pfed's recorded run: -0.28, -0.28, +0.56
-at rounds 60 to 80), not at all in the third. A first version of this replay (one random
-stream per run) gave FedAvgM's 1.67 pattern in two seeds of three.
+Recorded 2026-12-03 with the encoding of that day (each member rounded ``x * scale`` and
+multiplied the integer by its weight, so a group's sum was off by up to the total weight
+in units of ``2**-scale_bits``): FedAvgM moved by up to 1.67 points in one seed of three
+(+0.28, +0.56, +0.56, -1.67, -0.56, -0.56 at rounds 30 to 80: the very numbers
+``bench.convergence`` recorded for p2pfed that day), FedAvg by -0.28 and +0.56 at rounds
+70 and 80 in two seeds of three. Since then a member rounds ``w * x * scale`` (the weight
+applied before rounding; spec/secure-aggregation.md, 2.1), so the sum is off by less than
+one unit per member, thousands of times less with these sample counts. Recorded again the
+same day with that encoding: no accuracy difference at any 10th round in any seed, for
+both optimisers, and 0 to 2 differing coordinates (``differing_coordinates``: coordinates
+of all 100 rounds' means, out of 365,800, where the ring's float32 mean differs from the
+float32-rounded float64 mean of the same models).
 The last line printed is one JSON object; ``--record`` stores it in bench/results/.
 """
 
@@ -60,21 +66,24 @@ def ring_mean(
     return mean.astype(np.float32)
 
 
-def curve(setup: fs.Setup, optimizer: str, seed: int | None) -> list[float]:
-    """Accuracy after every round: float64 mean (``seed`` None) or the ring's."""
+def curve(setup: fs.Setup, optimizer: str, seed: int | None) -> tuple[list[float], int]:
+    """Accuracy after every round, float64 mean (``seed`` None) or the ring's, and how many
+    coordinates of all rounds' ring means differed from the float64 mean of the same
+    models (0 for the float64 curve)."""
     datasets = fs.client_data(setup)
     weights = [d.num_train for d in datasets]
     params = FixedPointParams.for_federation(64, 8.0, GROUP_MAX)
-    x, state, accuracy = fs.initial_model(setup), fs.ServerState(), []
+    x, state, accuracy, differing = fs.initial_model(setup), fs.ServerState(), [], 0
     for r in range(setup.rounds):
         models = [fs.local_update(setup, d, k, r, x) for k, d in enumerate(datasets)]
-        if seed is None:
-            mean = fs.weighted_mean(models, weights)
-        else:
-            mean = ring_mean(models, weights, params, seed * 1_000_003 + r)
+        mean = fs.weighted_mean(models, weights)
+        if seed is not None:
+            ring = ring_mean(models, weights, params, seed * 1_000_003 + r)
+            differing += int(np.count_nonzero(ring != mean))
+            mean = ring
         x = fs.server_step(OPTIMIZERS[optimizer], state, x, mean)
         accuracy.append(fs.evaluate(setup, datasets[0], x)["accuracy"])
-    return accuracy
+    return accuracy, differing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,22 +100,25 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "fixed_point_floor",
         "rounds": args.rounds,
         "scale_bits": FixedPointParams.for_federation(64, 8.0, GROUP_MAX).scale_bits,
+        "model_size": int(fs.initial_model(setup).size),
         "differences_points": {},
     }
     started = time.perf_counter()
     for optimizer in args.optimizers.split(","):
         print(f"[{optimizer}] float64 replay, {args.rounds} rounds", file=sys.stderr)
-        base = curve(setup, optimizer, None)
+        base, _ = curve(setup, optimizer, None)
         by_seed: dict[str, dict[str, float]] = {}
+        differing: dict[str, int] = {}
         for seed in seeds:
             print(f"[{optimizer}] fixed-point replay, seed {seed}", file=sys.stderr)
-            ring = curve(setup, optimizer, seed)
+            ring, differing[str(seed)] = curve(setup, optimizer, seed)
             by_seed[str(seed)] = {
                 str(r): round(100 * (ring[r - 1] - base[r - 1]), 3) for r in marks
             }
         result["differences_points"][optimizer] = {
             "by_seed": by_seed,
             "max_abs": max(abs(v) for d in by_seed.values() for v in d.values()),
+            "differing_coordinates": differing,
         }
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report("fixed_point_floor", result, record=args.record)))

@@ -5,28 +5,29 @@ This is the arithmetic half of secure aggregation (spec/secure-aggregation.md, s
 Everything here is pure: no I/O, no clock, and randomness only from the
 ``numpy.random.Generator`` the caller passes in.
 
-A float ``x`` is clipped to ``[-clip, clip]``, multiplied by ``scale = 2**scale_bits``
-(exact, because the scale is a power of two) and rounded *stochastically* to one of the
-two nearest integers, so that ``E[q] = clip(x) * scale`` (exactly whenever the fraction
-is a multiple of ``2**-32``, else within ``2**-32``). The integer is stored in two's
-complement modulo ``2**bits``, where numpy's ``uint32``/``uint64`` arithmetic wraps for
-free. A member's *contribution* is the vector
-``[w*q_0, ..., w*q_{d-1}, w] mod 2**bits``: the sample-count weight ``w`` multiplies every
-coordinate and is itself the last word, so the ring sum over a group is
-``[sum w_i q_i, ..., sum w_i]`` from which the weighted mean follows.
+A float ``x`` is clipped to ``[-clip, clip]``, multiplied by the member's weight ``w``
+and by ``scale = 2**scale_bits`` (exact in binary64) and rounded *stochastically* to one
+of the two nearest integers, so that ``E[q] = w * clip(x) * scale`` (exactly whenever the
+fraction is a multiple of ``2**-32``, else within ``2**-32``). The integer is stored in
+two's complement modulo ``2**bits``, where numpy's ``uint32``/``uint64`` arithmetic wraps
+for free. A member's *contribution* is the vector ``[q_0, ..., q_{d-1}, w] mod 2**bits``:
+the sample-count weight ``w`` scales every coordinate and is itself the last word, so the
+ring sum over a group is ``[sum q_i, ..., sum w_i]`` from which the weighted mean follows.
+Rounding after weighting, not before, makes a group's rounding error ``k`` units of the
+ring (``k`` members) instead of up to ``W`` (the total weight).
 
 :class:`FixedPointParams` refuses parameters for which a full group could overflow: for
-every allowed input, ``|sum_i w_i q_i| < 2**(bits-1)`` and ``sum_i w_i < 2**(bits-1)``, so
+every allowed input, ``|sum_i q_i| < 2**(bits-1)`` and ``sum_i w_i < 2**(bits-1)``, so
 the signed reading of the ring sum is the true integer sum. The defaults (64-bit ring,
 ``clip = 8.0``, ``scale = 2**32``, up to 64 members of weight up to ``2**20``) reach at most
 ``2**61``. A federation derives its parameters with
 :meth:`FixedPointParams.for_federation` (the largest safe scale for its ``group_max``).
 
-Accuracy (clipping aside): per coordinate the decoded mean ``v`` and the exact weighted
-mean ``m`` of the clipped inputs satisfy
-``|v - m| <= 1/scale + 2**-23 * (|m| + 1/scale) + 2**-149`` (see :func:`error_bound`): each
-``q_i`` is within 1 of ``x_i * scale``, so the weighted average is within ``1/scale``, and
-the rest is float64 division and the final float32 rounding.
+Accuracy (clipping aside): per coordinate the decoded mean ``v`` of a group of ``k``
+members with total weight ``W`` and the exact weighted mean ``m`` of the clipped inputs
+satisfy ``|v - m| <= e + 2**-23 * (|m| + e) + 2**-149`` with ``e = k / (W * scale)``, at
+most ``1/scale`` (see :func:`error_bound`): each ``q_i`` is within 1 of
+``w_i * x_i * scale``, and the rest is float64 division and the final float32 rounding.
 
 Example::
 
@@ -158,7 +159,7 @@ class FixedPointParams:
                 else "no scale_bits fits"
             )
             raise SecureAggregationError(
-                f"FixedPointParams can overflow: a full group sums to |sum w*q| up to "
+                f"FixedPointParams can overflow: a full group sums to |sum q| up to "
                 f"max_group_size * max_weight * ceil(clip * 2^scale_bits) = "
                 f"{self.max_group_size} * {self.max_weight} * {self.max_abs_encoded} = "
                 f"{self.max_abs_sum} (2^{math.log2(self.max_abs_sum):.2f}), which must be "
@@ -216,7 +217,7 @@ class FixedPointParams:
 
     @property
     def max_abs_sum(self) -> int:
-        """The largest ``|sum_i w_i q_i|`` of a full group (always ``< 2**(bits-1)``)."""
+        """The largest ``|sum_i q_i|`` of a full group (always ``< 2**(bits-1)``)."""
         return self.max_total_weight * self.max_abs_encoded
 
 
@@ -241,16 +242,36 @@ DEFAULT_PARAMS = FixedPointParams()
 """64-bit ring, clip 8.0, scale 2**32, groups of up to 64 with weights up to 2**20."""
 
 
-def error_bound(params: FixedPointParams, mean: npt.ArrayLike) -> npt.NDArray[np.float64]:
+def error_bound(
+    params: FixedPointParams,
+    mean: npt.ArrayLike,
+    *,
+    members: int | None = None,
+    total_weight: int | None = None,
+) -> npt.NDArray[np.float64]:
     """The guaranteed bound on ``|decoded - mean|`` per coordinate (clipping aside).
 
     ``mean`` is the exact weighted mean of the *clipped* inputs. The bound is
-    ``1/scale + 2**-23 * (|mean| + 1/scale) + 2**-149``: stochastic rounding moves each
-    scaled value by less than 1, so the weighted average of the rounded values is within
-    ``1/scale`` of ``mean``; float64 division adds at most ``2**-52`` relative error and
-    the float32 result at most ``2**-24`` relative (or ``2**-150`` absolute when subnormal).
+    ``e + 2**-23 * (|mean| + e) + 2**-149`` where ``e`` is the fixed-point error of the
+    mean: stochastic rounding moves each member's scaled value by less than 1, so the sum
+    is within ``members`` units and the mean within ``e = members / (total_weight *
+    scale)``; without ``members`` and ``total_weight``, ``e = 1/scale``, which holds for
+    every group because no member has weight below 1. Float64 division adds at most
+    ``2**-52`` relative error and the float32 result at most ``2**-24`` relative (or
+    ``2**-150`` absolute when subnormal).
+
+    >>> float(error_bound(DEFAULT_PARAMS, 0.0, members=4, total_weight=4000)) < 2**-41
+    True
     """
-    inv = 1.0 / params.scale
+    if members is None or total_weight is None:
+        inv = 1.0 / params.scale
+    else:
+        if not 1 <= members <= total_weight:
+            raise SecureAggregationError(
+                f"error_bound needs 1 <= members <= total_weight (every member has weight "
+                f"at least 1), got members={members}, total_weight={total_weight}"
+            )
+        inv = members / (total_weight * params.scale)
     return np.asarray(inv + 2.0**-23 * (np.abs(np.asarray(mean, np.float64)) + inv) + 2.0**-149)
 
 
@@ -295,7 +316,7 @@ def iter_encode_into(
     rng: np.random.Generator,
     out: np.ndarray,
 ) -> Iterator[tuple[int, int]]:
-    """Write ``weight * q mod 2**bits`` for each coordinate of ``x`` into ``out``, in chunks.
+    """Write ``q mod 2**bits``, ``x`` encoded with ``weight``, into ``out``, in chunks.
 
     Yields ``(start, stop)`` as soon as ``out[start:stop]`` is written, so the caller can
     work on that slice while it is still in the CPU cache (the masking adds its keystream
@@ -335,20 +356,24 @@ def _encode_chunks(
     rng: np.random.Generator,
     out: np.ndarray,
 ) -> Iterator[tuple[int, int]]:
-    # Every float step is exact float32 arithmetic: clipping, scaling by a power of two,
-    # |y|, floor and fraction of a non-negative number, the fraction times 2**32. Rounding
-    # the magnitude and restoring the sign has the same distribution as rounding y.
+    # The weight is applied before rounding, y = w * clip(x) * scale, so the rounding error
+    # of a member is below 1 of its w * scale units rather than w of them: a group's mean is
+    # within k / (W * scale) instead of 1 / scale (k members, total weight W). Every float
+    # step is exact binary64 arithmetic: a float32 times an integer below 2**21 times a
+    # power of two has at most 45 significant bits; |y|, its floor and its fraction are
+    # exact, and so is the fraction times 2**32. Rounding the magnitude and restoring the
+    # sign has the same distribution as rounding y.
     n = x.shape[0]
     size = min(n, _CHUNK)
-    y = np.empty(size, np.float32)
-    fl = np.empty(size, np.float32)
-    sign = np.empty(size, np.float32)
+    y = np.empty(size, np.float64)
+    fl = np.empty(size, np.float64)
+    sign = np.empty(size, np.float64)
     threshold = np.empty(size, np.uint32)
     up = np.empty(size, np.bool_)
     q64 = None if params.bits == 64 else np.empty(size, np.int64)
     clip = _clip_float32(params.clip)
-    scale = np.float32(params.scale)
-    two32 = np.float32(2.0**32)
+    scale = np.float64(weight * params.scale)  # exact: an integer below 2**21 times 2**k
+    two32 = np.float64(2.0**32)
     draw = rng.bit_generator.random_raw
     for a in range(0, n, _CHUNK):
         b = min(a + _CHUNK, n)
@@ -360,7 +385,7 @@ def _encode_chunks(
                 f"cannot encode a non-finite value: x[{bad}] = {x[bad]}; "
                 "the model diverged or was corrupted, do not contribute it"
             )
-        np.clip(xc, -clip, clip, out=yc)
+        np.clip(xc, -clip, clip, out=yc)  # float32 -> float64, exact
         np.multiply(yc, scale, out=yc)
         np.sign(yc, out=sc)
         np.abs(yc, out=yc)
@@ -371,12 +396,10 @@ def _encode_chunks(
         # one uniform 32-bit integer per coordinate (two per raw 64-bit output)
         r = draw((m + 1) // 2).view(np.uint32)[:m]
         np.less(r, tc, out=upc)  # round up with probability floor(fraction * 2**32) / 2**32
-        np.add(flc, upc, out=flc)  # exact: a float32 with a fraction is below 2**24
+        np.add(flc, upc, out=flc)  # exact: an integer-valued binary64 below 2**(bits-1)
         np.multiply(flc, sc, out=flc)
         qc = out[a:b].view(np.int64) if q64 is None else q64[:m]
-        np.copyto(qc, flc, casting="unsafe")
-        if weight != 1:
-            np.multiply(qc, weight, out=qc)  # |w*q| <= max_weight*max_abs_encoded < 2**(bits-1)
+        np.copyto(qc, flc, casting="unsafe")  # |q| <= w * max_abs_encoded < 2**(bits-1)
         if q64 is not None:
             np.copyto(out[a:b], qc, casting="unsafe")  # int64 -> uint32 wraps mod 2**32
         yield a, b
@@ -410,7 +433,7 @@ def make_contribution(
     *,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A member's plaintext contribution ``[w*q_0, ..., w*q_{d-1}, w] mod 2**bits``.
+    """A member's plaintext contribution ``[q_0, ..., q_{d-1}, w] mod 2**bits``.
 
     ``weight`` is the member's weight (spec/group.md, "Weights"), in
     ``[0, params.max_weight]``; weight 0 adds nothing to the group's mean. The result has
@@ -473,7 +496,7 @@ def decode_sum(
 ) -> np.ndarray:
     """Decode the ring sum of weighted coordinates into the float32 weighted mean.
 
-    ``total`` holds ``sum_i w_i q_i mod 2**bits`` per coordinate and ``total_weight`` is
+    ``total`` holds ``sum_i q_i mod 2**bits`` per coordinate and ``total_weight`` is
     ``sum_i w_i``. Each word is read as a signed (two's complement) integer and divided by
     ``scale * total_weight``. A word whose magnitude exceeds ``total_weight *
     max_abs_encoded`` cannot come from honest contributions and raises

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from statistics import NormalDist
 
 import numpy as np
@@ -225,6 +226,26 @@ def test_encoding_matches_an_unchunked_reference_and_rounds_to_a_neighbour() -> 
     expected = (np.sign(y) * (floor + (r < threshold))).astype(np.int64)
     assert np.array_equal(q, expected)
     assert np.all((q == np.floor(y)) | (q == np.ceil(y)))
+
+
+def test_a_groups_sum_is_within_one_unit_per_member_of_the_exact_weighted_sum() -> None:
+    # The weight multiplies before rounding: each member's words are within 1 of
+    # w * x * scale, so a group's sum is within k units (k members) of the exact weighted
+    # sum, whatever the weights. (Rounding x * scale first and then multiplying by w would
+    # put a member up to w units off.)
+    params = FixedPointParams.for_federation(64, 8.0, 8)
+    rng = np.random.default_rng(5)
+    xs = rng.normal(0, 0.3, (4, 2000)).astype(np.float32)
+    weights = [1000, 3, 517, 2**20]
+    total = sum(make_contribution(x, w, params, rng) for x, w in zip(xs, weights, strict=True))
+    signed = total[:-1].view(np.int64)
+    for j in range(0, 2000, 7):
+        exact = sum(w * Fraction(float(x[j])) for x, w in zip(xs, weights, strict=True))
+        assert abs(int(signed[j]) - exact * params.scale) < len(weights)
+    mean, weight = decode_group_sum(total, params)
+    expected = reference_mean(xs, weights, params.clip)
+    bound = error_bound(params, expected, members=4, total_weight=weight)
+    assert np.all(np.abs(mean - expected) <= bound + 2.0**-51 * np.abs(expected))
 
 
 def test_stochastic_rounding_is_unbiased() -> None:

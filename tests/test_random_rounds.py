@@ -45,8 +45,8 @@ def test_automatic_steps_are_the_fewest_that_shrink_disagreement_256_fold(
 
 def test_automatic_steps_on_the_benchmark_federation() -> None:
     # 16 nodes in groups of 3 to 4 (bench/convergence.py): rho = 13/45, rho**5 = 0.002
-    assert random_steps_for(16, group_max=4, group_min=3) == 5
-    assert random_steps_for(16, group_max=4) == 5  # group_min defaults to the floor, 3
+    assert random_steps_for(16, group_max=4, group_min=3) == 7
+    assert random_steps_for(16, group_max=4) == 7  # group_min defaults to the floor, 3
     assert random_steps_for(4, group_max=4) == 1  # one group holds everyone
 
 

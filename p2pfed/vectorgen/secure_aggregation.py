@@ -24,7 +24,6 @@ from p2pfed.fixedpoint import (
     FixedPointParams,
     contribution_to_bytes,
     decode_group_sum,
-    encode,
     make_contribution,
 )
 from p2pfed.masking import (
@@ -139,9 +138,9 @@ def _fixed_point() -> list[dict[str, Any]]:
     ]
     for origin, params, values in sets:
         x = np.array(values, np.float32)
-        q = encode(x, params, np.random.default_rng(2024))
         weight = 3
         contribution = make_contribution(x, weight, params, np.random.default_rng(2024))
+        q = contribution[:-1]  # x encoded with the weight (section 2.1)
         mean, total = decode_group_sum(contribution, params)
         cases.append(
             {
@@ -186,7 +185,7 @@ def _group_sum() -> dict[str, Any]:
                 "x_f32": _f32_hex(xs[i]),
                 "x": [float(v) for v in xs[i]],
                 "weight": weights[i],
-                "q": [int(v) // weights[i] for v in plain[:-1].view(np.int64)],
+                "q": [int(v) for v in plain[:-1].view(np.int64)],
                 "contribution": _words_hex(plain, params),
                 "masked_contribution": _words_hex(m, params),
             }
@@ -247,10 +246,10 @@ def _f32(hex_text: str) -> list[float]:
     return [float(v) for v in np.frombuffer(bytes.fromhex(hex_text), "<f4")]
 
 
-def _check_rounding(x: list[float], q: list[int], params: dict[str, Any]) -> None:
+def _check_rounding(x: list[float], q: list[int], weight: int, params: dict[str, Any]) -> None:
     clip = Fraction(params["clip"])
     for xv, qv in zip(x, q, strict=True):
-        y = max(-clip, min(clip, Fraction(xv))) * (1 << params["scale_bits"])
+        y = weight * max(-clip, min(clip, Fraction(xv))) * (1 << params["scale_bits"])
         assert qv in (math.floor(y), math.ceil(y)), (xv, qv)
 
 
@@ -295,9 +294,9 @@ def verify(vectors: dict[str, Any]) -> None:
         bits = params["bits"]
         x = _f32(case["x_f32"])
         assert x == case["x"]
-        _check_rounding(x, case["q"], params)
         w = case["weight"]
-        expected = [(w * q) % (1 << bits) for q in case["q"]] + [w]
+        _check_rounding(x, case["q"], w, params)
+        expected = [q % (1 << bits) for q in case["q"]] + [w]
         words = _words(case["contribution"], bits)
         assert words == expected
         assert case["decoded_weight"] == w
@@ -314,10 +313,10 @@ def verify(vectors: dict[str, Any]) -> None:
     masked_sum = None
     for i, member in enumerate(members):
         x = _f32(member["x_f32"])
-        _check_rounding(x, member["q"], params)
         w = member["weight"]
+        _check_rounding(x, member["q"], w, params)
         plain = _words(member["contribution"], bits)
-        assert plain == [(w * q) % modulus for q in member["q"]] + [w]
+        assert plain == [q % modulus for q in member["q"]] + [w]
         masked = list(plain)
         priv = X25519PrivateKey.from_private_bytes(bytes.fromhex(member["private_key"]))
         for j, other in enumerate(members):
