@@ -61,6 +61,7 @@ wall seconds per round no more than Flower's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -465,6 +466,9 @@ def run_p2pfed(
         cpu_seconds_rounds_2_to_r=round(cpu_total - cpu_at_round1, 2)
         if cpu_at_round1 is not None
         else None,
+        cpu_seconds_per_round=round((cpu_total - cpu_at_round1) / (rounds - 1), 4)
+        if cpu_at_round1 is not None and rounds > 1
+        else None,
         elapsed_s=round(time.monotonic() - started, 2),
     )
     if failure:
@@ -575,6 +579,8 @@ def run_flower(setup: Setup, workdir: Path, *, timeout: float) -> dict[str, Any]
     failure: str | None = None
     memory: dict[str, Any] = {}
     cpu_at_round1: float | None = None
+    cpu_at_last: float | None = None
+    first_done = last_done = 1
     usage: dict[int, tuple[float, float] | None] = {}
     try:
         while not lines and server.poll() is None:  # round 0: the server is up
@@ -610,6 +616,13 @@ def run_flower(setup: Setup, workdir: Path, *, timeout: float) -> dict[str, Any]
             done = max(by_round, default=0)
             if cpu_at_round1 is None and done >= 1:
                 cpu_at_round1 = sum(_cpu_seconds(pid) for pid in pids)
+                first_done = last_done = done
+            if cpu_at_round1 is not None and last_done < done < setup.rounds and not exited:
+                # the latest round seen before the last: once the server has its last
+                # round it shuts down, and the clients then spent seconds of CPU on
+                # 2 cores (12.8 CPU-s in one 30-round run) that are no round's
+                with contextlib.suppress(OSError):  # a process exited meanwhile
+                    cpu_at_last, last_done = sum(_cpu_seconds(pid) for pid in pids), done
             if done >= setup.rounds - 1 and not memory and setup.rounds > 1:
                 try:  # before the clients are told to disconnect
                     memory = memory_summary(pids, [])
@@ -652,9 +665,15 @@ def run_flower(setup: Setup, workdir: Path, *, timeout: float) -> dict[str, Any]
         "wall_s_per_round": round((times[-1] - times[0]) / (len(times) - 1), 4)
         if len(times) > 1
         else None,
-        "cpu_seconds": round(cpu_total, 2),
-        "cpu_seconds_rounds_2_to_r": round(cpu_total - cpu_at_round1, 2)
-        if cpu_at_round1 is not None and len(reaped) == len(usage)
+        "cpu_seconds": round(cpu_at_last if cpu_at_last is not None else cpu_total, 2),
+        "cpu_seconds_rounds_2_to_r": round(cpu_at_last - cpu_at_round1, 2)
+        if cpu_at_round1 is not None and cpu_at_last is not None
+        else None,
+        "cpu_rounds_measured": f"{first_done + 1}..{last_done}"
+        if cpu_at_last is not None
+        else None,
+        "cpu_seconds_per_round": round((cpu_at_last - cpu_at_round1) / (last_done - first_done), 4)
+        if cpu_at_round1 is not None and cpu_at_last is not None
         else None,
         "peak_rss_max_mb": round(max((u[1] for u in reaped), default=0.0), 1),
         "memory": memory,
@@ -775,6 +794,13 @@ def build_result(
                 "ratio": round(ours[1] / theirs, 3),
             }
             met["p2pfed_wall_per_round_le_flower"] = ours[1] <= theirs
+            ours_cpu = result["p2pfed"][ours[0]].get("cpu_seconds_per_round")
+            theirs_cpu = flower.get("cpu_seconds_per_round")
+            if ours_cpu and theirs_cpu:
+                result["cpu_s_per_round_p2pfed_over_flower"] = {
+                    "variant": ours[0],
+                    "ratio": round(ours_cpu / theirs_cpu, 3),
+                }
     else:
         result["flower"] = {"skipped": flower_note}
     result["momentum_gain"] = _momentum_gain(references, target)
