@@ -51,7 +51,9 @@ draws it from ``(seed, client, round)``), so their curves differ only by how the
 
 Reported per system: accuracy per round (every 10th and the last in the JSON; all with
 ``--curves``), rounds to the target accuracy, wall seconds per round (rounds 2..R: start-up
-excluded), CPU seconds (all processes of the system, rounds 2..R, and in all), and memory
+excluded), CPU seconds (all processes of the system: rounds 2..R and per round, read
+while every process is up, Flower's at its last round but one since its clients' shutdown
+after the last round costs seconds; and in all), and memory
 (node processes' RSS as ``bench/federation.py`` reads it). ``met`` holds one boolean per
 target: exact FedAvg within 0.5 points of the reference at every 10th round, each server
 optimiser within 1 point of its own reference, random groups within 3 points, and p2pfed's
