@@ -204,6 +204,20 @@ class StaticKey:
         return cls(private, public, identity.sign(static_key_signature_input(public)))
 
 
+@functools.lru_cache(maxsize=8192)
+def _payload_bytes(
+    identity_key: bytes, signature: bytes, versions: tuple[int, ...], max_message_size: int
+) -> bytes:
+    """A node's encoded handshake payload: the same for every channel with one static key
+    (cached like the signature checks: simnet runs thousands of nodes in one process)."""
+    return HandshakePayload(
+        identity_key=identity_key,
+        signature=signature,
+        versions=list(versions),
+        max_message_size=max_message_size,
+    ).encode()
+
+
 def _chunks(parts: list[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
     """The concatenation of ``parts`` cut into pieces of ``size`` bytes (the last shorter).
 
@@ -580,12 +594,9 @@ class ChannelConnection:
             signature = known[1]
         else:
             signature = self._identity.sign(static_key_signature_input(static))
-        return HandshakePayload(
-            identity_key=self._identity.public_key,
-            signature=signature,
-            versions=list(self._versions),
-            max_message_size=self.max_message_size,
-        ).encode()
+        return _payload_bytes(
+            self._identity.public_key, signature, self._versions, self.max_message_size
+        )
 
     def _write_handshake(self, payload: bytes) -> None:
         assert self._handshake is not None
@@ -710,6 +721,15 @@ class ChannelConnection:
         assert transport is not None
         encrypt_into = transport.send.encrypt_into
         total = sum(len(part) for part in parts)
+        if total <= MAX_TRANSPORT_PLAINTEXT:
+            # one Noise message (nearly every message but a big model): the same bytes as
+            # below, without cutting the parts into chunks one small piece at a time
+            length = total + 16
+            wire = memoryview(bytearray(2 + length))
+            wire[:2] = length.to_bytes(2, "big")
+            encrypt_into(b"", b"".join(parts), wire[2:])
+            yield wire
+            return
         chunks = _chunks(parts, MAX_TRANSPORT_PLAINTEXT)
         slot = MAX_NOISE_MESSAGE + 2
         count = -(-total // MAX_TRANSPORT_PLAINTEXT)

@@ -25,6 +25,7 @@ Example (what :class:`p2pfed.node.Node` does)::
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -213,9 +214,13 @@ class ChannelPool:
         silent = []
         oldest = math.inf
         for peer, links in self.links.items():
-            if peer in closing:
+            if closing and peer in closing:
                 continue
-            last = max(link.channel.last_received for link in links) if links else -math.inf
+            # (one link nearly always: no generator per peer, each time a link moves)
+            if len(links) == 1:
+                last = links[0].channel.last_received
+            else:
+                last = max((link.channel.last_received for link in links), default=-math.inf)
             if last >= heard_since:
                 responsive.append(peer)
                 oldest = min(oldest, last)
@@ -229,6 +234,34 @@ class ChannelPool:
     def _links_moved(self) -> None:
         """A link opened, closed or began closing: connected() looks again."""
         self._responsive = None
+
+    # A busy node's links open and close all the time (groups connect their members), and
+    # connected() is asked on every wake of the group loop: the two common moves, a peer's
+    # first link opening and its last closing, update the kept answer instead of
+    # discarding it (a full look is a pass over every link and a sort).
+
+    def _first_link_opened(self, peer: NodeId, last_received: float) -> None:
+        cached = self._responsive
+        if cached is None:
+            return
+        if last_received < trio.current_time() - LIVENESS_DEADLINE:
+            self._responsive = None
+            return
+        peers, silent, oldest = cached
+        bisect.insort(peers, peer, key=_id_bytes)
+        self._responsive = (peers, silent, min(oldest, last_received))
+
+    def _last_link_closed(self, peer: NodeId) -> None:
+        """Before ``peer`` leaves ``links`` and ``_closing``."""
+        cached = self._responsive
+        if cached is None or peer in self._closing:
+            return  # (a closing peer is in neither list)
+        peers = cached[0]
+        index = bisect.bisect_left(peers, peer.raw, key=_id_bytes)
+        if index < len(peers) and peers[index] == peer:
+            del peers[index]  # (the oldest arrival of the rest is no older: still a bound)
+        else:
+            self._responsive = None  # it was unresponsive: its links are in the other list
 
     def unresponsive_peers(self) -> list[NodeId]:
         """Peers with an open channel but nothing received for LIVENESS_DEADLINE."""
@@ -411,9 +444,13 @@ class ChannelPool:
         host = self.network.peer_host(channel.stream)
         if host:
             self._host_of[peer] = host
+        first = not self.links.get(peer) and peer not in self._closing
         self.links.setdefault(peer, []).append(link)
         self._closing.discard(peer)  # a new channel to a peer whose old one is closing
-        self._links_moved()
+        if first:
+            self._first_link_opened(peer, channel.last_received)
+        else:
+            self._links_moved()
         self._last_active[peer] = now
         self.trim(keep=peer)
         self.peers.mark_connected(peer, now)
@@ -431,7 +468,15 @@ class ChannelPool:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, link, outbox)
                 try:
-                    async for message in channel:
+                    # receive() directly, not `async for` over the channel: the async
+                    # generator's machinery per message was a cost of its own
+                    while True:
+                        try:
+                            message = await channel.receive()
+                        except ChannelClosed as exc:
+                            if exc.orderly:
+                                break
+                            raise
                         self._dispatch(peer, message, link)
                 except RemoteProtocolError as exc:
                     log.warning("closing channel to %s: %s", peer.short, exc)
@@ -448,13 +493,15 @@ class ChannelPool:
                 links.remove(link)
             send.close()
             self._links_changed.set()
-            self._links_moved()
-            if not links:
+            if links:
+                self._links_moved()  # (its newest arrival may be older now)
+            else:
+                self._last_link_closed(peer)
                 self.links.pop(peer, None)
                 self._last_active.pop(peer, None)
                 self._closing.discard(peer)
-                self.peers.mark_disconnected(peer, trio.current_time())
-                if not self._abandoned:
+                if not self._abandoned:  # (abandoned: the peer table stays as it was)
+                    self.peers.mark_disconnected(peer, trio.current_time())
                     self.hooks.gone(peer)
 
     async def _writer(self, link: Link, outbox: trio.MemoryReceiveChannel[Message]) -> None:
@@ -703,17 +750,23 @@ class ChannelPool:
                 elif isinstance(event, PeerDeparted) and event.node_id not in self.links:
                     self.peers.remove(event.node_id)
 
-    def abandon(self) -> None:
+    def abandon(self, *, streams_reset: bool = False) -> None:
         """Give every channel up at once, without a goodbye: the node and its network are
         being torn down together (simnet halting a whole simulated network at the end of
         a run), so nothing sent now could arrive. No Close is encoded, no new connection
         is made, and the owner hears of no lost peer (``hooks.gone``) while the channels
-        unwind; what the node recorded before stays as it was."""
+        unwind; what the node recorded before stays as it was.
+
+        The writers are told to end (their outboxes closed) rather than left to be
+        cancelled: a task that wakes and returns unwinds no ``Cancelled``.
+        ``streams_reset``: the caller resets every connection itself (see
+        :meth:`SecureChannel.abandon`)."""
         self.stopping = True
         self._abandoned = True
         for links in self.links.values():
             for link in links:
-                link.channel.abandon("node halted")
+                link.channel.abandon("node halted", stream_reset=streams_reset)
+                link.outbox.close()
 
     async def close_all(self) -> None:
         """Close every channel, letting each writer send what is queued first (our last

@@ -94,6 +94,16 @@ class NodeId:
                 f"{len(self.raw) if isinstance(self.raw, bytes) else type(self.raw).__name__}"
             )
 
+    # Node ids key every peer table, link map and group roster: the generated methods
+    # build a tuple per call (hash and compare were 1.6% of a 1000-node simulation)
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is NodeId:
+            return self.raw == other.raw
+        return NotImplemented
+
     @classmethod
     def from_public_key(cls, public_key: bytes) -> NodeId:
         """The node id of a raw 32-byte Ed25519 public key."""

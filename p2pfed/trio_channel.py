@@ -20,10 +20,9 @@ the others.
 
 from __future__ import annotations
 
-import dataclasses
-import heapq
+import errno
+import functools
 import ipaddress
-import itertools
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from typing import Literal
 
 import trio
 
+from p2pfed.alarms import Alarms
 from p2pfed.channel import (
     ChannelConnection,
     ConnectionClosed,
@@ -433,12 +433,19 @@ class SecureChannel:
             await self._linger()
         await self._close_stream()
 
-    def abandon(self, reason: str = "abandoned") -> None:
+    def abandon(self, reason: str = "abandoned", *, stream_reset: bool = False) -> None:
         """Give the channel up without a goodbye: its connection is gone, or about to be
         (a whole simulated network halted at once). A later :meth:`aclose` then only
-        closes the stream, and sends and receives raise ``ChannelClosed``."""
+        closes the stream, and sends and receives raise ``ChannelClosed``.
+
+        ``stream_reset``: the caller resets the connection itself (simnet's network
+        halt), so the channel never closes its stream: a forceful close per channel end
+        (a cancel scope and a ``Cancelled`` each) was a third of a halted simulation's
+        unwinding, for streams that were dead already."""
         if self._closed is None:
             self._closed = ChannelClosed(CloseCode.SHUTTING_DOWN, reason, by_peer=False)
+        if stream_reset:
+            self._stream_closed = True
         self._conn.discard_buffers()
 
     async def _close_at_exit(self) -> None:
@@ -475,7 +482,11 @@ async def _handshake(
     randbytes: Callable[[int], bytes],
     static_key: StaticKey | None = None,
     budget: SharedBudget | None = None,
+    timeout: float | None = None,
 ) -> SecureChannel:
+    """The handshake on ``stream``, within ``timeout`` (else the configured one)."""
+    if timeout is None:
+        timeout = config.handshake_timeout
     conn = ChannelConnection(
         role,
         identity=identity,
@@ -489,7 +500,7 @@ async def _handshake(
     conn.start()
     pending: deque[Event] = deque()
     try:
-        with trio.fail_after(config.handshake_timeout):
+        with trio.fail_after(timeout):
             while True:
                 data = conn.data_to_send()
                 if data:
@@ -508,9 +519,7 @@ async def _handshake(
                     )
                 pending.extend(conn.receive_data(received))
     except trio.TooSlowError:
-        raise HandshakeError(
-            f"handshake did not complete within {config.handshake_timeout}s"
-        ) from None
+        raise HandshakeError(f"handshake did not complete within {timeout}s") from None
     except RemoteProtocolError:
         # the core queued a Close if it could; tell the peer why before hanging up
         with trio.move_on_after(1.0):
@@ -575,10 +584,7 @@ class ChannelClock:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self._heap: list[tuple[float, int, SecureChannel]] = []
-        self._order = itertools.count()  # equal deadlines: in the order they were set
-        self._sleep: trio.CancelScope | None = None
-        self._started = False
+        self._alarms: Alarms[SecureChannel] = Alarms(nursery, self._ring)
 
     def watch(self, channel: SecureChannel) -> None:
         """Keep ``channel``'s clocks from now until :meth:`forget`."""
@@ -596,13 +602,12 @@ class ChannelClock:
     def schedule(self, channel: SecureChannel, at: float) -> None:
         """Look at ``channel`` again at ``at`` (its earlier entry, if any, is dropped)."""
         channel._clock_at = at
-        heapq.heappush(self._heap, (at, next(self._order), channel))
-        if not self._started:
-            self._started = True
-            self._nursery.start_soon(self._run)
-        sleep = self._sleep
-        if sleep is not None and at < sleep.deadline:
-            sleep.deadline = at
+        self._alarms.set(channel, at)
+
+    def _ring(self, channel: SecureChannel, at: float) -> None:
+        if at == channel._clock_at:  # else: superseded, or the channel forgotten
+            channel._clock_at = math.inf
+            self._look(channel, trio.current_time())
 
     def _look(self, channel: SecureChannel, now: float) -> None:
         if channel.closed or channel._shared is not self:
@@ -630,19 +635,6 @@ class ChannelClock:
                 channel._clock_action = None
         if not scope.cancelled_caught:
             self._look(channel, trio.current_time())
-
-    async def _run(self) -> None:
-        heap = self._heap
-        while True:
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                at, _, channel = heapq.heappop(heap)
-                if at == channel._clock_at:  # else: superseded, or the channel forgotten
-                    channel._clock_at = math.inf
-                    self._look(channel, now)
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._sleep:
-                await trio.sleep_forever()
-            self._sleep = None
 
 
 @asynccontextmanager
@@ -688,6 +680,7 @@ MAX_WAITING_PER_SOURCE = 32
 connection beyond that is closed at once (spec/transport.md, section 8)."""
 
 
+@functools.lru_cache(maxsize=16384)
 def source_key(host: str | None) -> str | None:
     """The source an unauthenticated connection is counted against: its IPv4 address, or
     the /64 of its IPv6 address (one host usually owns a whole /64, so counting single
@@ -813,6 +806,17 @@ async def serve_secure_channels(
     warnings = ThrottledLog(log)
 
     async def serve_one(stream: trio.abc.Stream) -> None:
+        # Every path of handle_one closes the stream but a cancellation before the
+        # channel owns it. (trio.serve_listeners closed every stream again after its
+        # handler: at a simulated network's halt, a cancel scope and a Cancelled per
+        # inbound channel for a stream closed already.)
+        try:
+            await handle_one(stream)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
+    async def handle_one(stream: trio.abc.Stream) -> None:
         peer = _describe(stream)
         source = source_key(source_of(stream))
         who = source or peer
@@ -857,10 +861,11 @@ async def serve_secure_channels(
                     Role.RESPONDER,
                     identity,
                     federation,
-                    dataclasses.replace(config, handshake_timeout=remaining),
+                    config,
                     randbytes,
                     static_key,
                     budget,
+                    timeout=remaining,
                 )
             except BaseException:
                 await trio.aclose_forcefully(stream)
@@ -889,7 +894,34 @@ async def serve_secure_channels(
                 limiter.release_on_behalf_of(token)
             admission.leave(source)
 
-    await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, nursery, serve_one)
+        task_status.started(listeners)
+
+
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept() errors that mean the system is overloaded for now (as trio.serve_listeners)."""
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[trio.abc.Stream],
+    nursery: trio.Nursery,
+    serve_one: Callable[[trio.abc.Stream], Awaitable[None]],
+) -> None:
+    """``trio.serve_listeners``' loop for one listener, without its close of each stream
+    after the handler (``serve_one`` closes every stream itself)."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed (%s); retrying in 0.1 s", exc, exc_info=True)
+                await trio.sleep(0.1)
+            else:
+                nursery.start_soon(serve_one, stream)
 
 
 def _remote_host(stream: trio.abc.Stream) -> str | None:

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import itertools
 import math
 import operator
 import random
@@ -84,6 +83,7 @@ from typing import Literal
 
 import trio
 
+from p2pfed.alarms import Alarms
 from p2pfed.discovery import DiscoveryEvent, PeerDeparted, PeerDiscovered
 from p2pfed.identity import NodeId
 from p2pfed.network import AbstractDiscovery, Network
@@ -190,47 +190,18 @@ class _Announcement:
     withdrawn: bool = False
 
 
-class _Alarms:
-    """Wakes the readers waiting for chunks at the chunks' arrival times, for the whole
-    network in one task (running once :meth:`VirtualNetwork.start` gave it a nursery).
-
-    A reader parks its task; the alarm reschedules it when its first chunk arrives. A
-    cancel scope with a deadline per wait did the same, but setting it up, moving its
-    deadline and unwinding the ``Cancelled`` it raised on every chunk cost more than the
-    message handling of a small chunk.
-    """
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Pipe]] = []
-        self._order = itertools.count()  # equal times: in the order they were set
-        self._sleep: trio.CancelScope | None = None
-
-    def set(self, pipe: _Pipe, at: float) -> None:
-        """Wake ``pipe``'s reader at ``at`` (its earlier alarm, if any, is dropped)."""
-        pipe.alarm_at = at
-        heapq.heappush(self._heap, (at, next(self._order), pipe))
-        sleep = self._sleep
-        if sleep is not None and at < sleep.deadline:
-            sleep.deadline = at
-
-    async def run(self) -> None:
-        heap = self._heap
-        while True:
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                at, _, pipe = heapq.heappop(heap)
-                if at == pipe.alarm_at:  # else superseded by an earlier one, or moot
-                    pipe.alarm_at = math.inf
-                    pipe.wake_reader()
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._sleep:
-                await trio.sleep_forever()
-            self._sleep = None
+def _ring(pipe: _Pipe, at: float) -> None:
+    """The network's alarm for ``pipe`` at ``at``: wake its waiting reader, unless the
+    alarm was superseded by an earlier one or is moot (the reader went away)."""
+    if at == pipe.alarm_at:
+        pipe.alarm_at = math.inf
+        pipe.wake_reader()
 
 
 class _Pipe:
     """One direction of a connection: chunks in flight, with their arrival times."""
 
-    def __init__(self, alarms: _Alarms | None = None) -> None:
+    def __init__(self, alarms: Alarms[_Pipe] | None = None) -> None:
         self.chunks: deque[tuple[float, bytes | None]] = deque()  # None: end of stream
         self.held: list[bytes | None] = []  # sent across a stalled partition
         self.buffered = 0
@@ -242,8 +213,9 @@ class _Pipe:
         # chunk moves the scope's deadline to its arrival time, so the reader wakes once,
         # at arrival (not once when the chunk is sent and again when it arrives).
         self.reader: trio.CancelScope | None = None
-        # Or, when the network's alarms run: the waiting reader's task, parked, and when
-        # its alarm rings (inf: none set)
+        # Or, when the network's alarms run (one task wakes the readers at the arrival
+        # times of their chunks, see p2pfed.alarms): the waiting reader's task, parked, and
+        # when its alarm rings (inf: none set)
         self.alarms = alarms
         self.waiter: trio.lowlevel.Task | None = None
         self.alarm_at = math.inf
@@ -254,12 +226,17 @@ class _Pipe:
         """A chunk will arrive at ``arrival``: make a waiting reader wake by then."""
         if self.waiter is not None:
             if arrival < self.alarm_at:
-                assert self.alarms is not None
-                self.alarms.set(self, arrival)
+                self.set_alarm(arrival)
             return
         reader = self.reader
         if reader is not None and arrival < reader.deadline:
             reader.deadline = arrival
+
+    def set_alarm(self, at: float) -> None:
+        """Wake the waiting reader at ``at`` (its earlier alarm, if any, is dropped)."""
+        assert self.alarms is not None
+        self.alarm_at = at
+        self.alarms.set(self, at)
 
     def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
         self.waiter = None  # cancelled: its alarm, if any, rings for nobody
@@ -408,7 +385,7 @@ class VirtualStream(trio.abc.HalfCloseableStream):
                 alarms = pipe.alarms
                 if alarms is not None:
                     if chunks:
-                        alarms.set(pipe, chunks[0][0])
+                        pipe.set_alarm(chunks[0][0])
                     pipe.waiter = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(pipe.abort_wait)
                     waited = True
@@ -590,7 +567,7 @@ class VirtualNetwork:
         self._announcements: dict[str | None, list[_Announcement]] = {}
         self._next_connection = 0
         self._nursery: trio.Nursery | None = None
-        self._alarms: _Alarms | None = None
+        self._alarms: Alarms[_Pipe] | None = None
 
     # -- building the world --------------------------------------------------------------
 
@@ -599,8 +576,7 @@ class VirtualNetwork:
         readers when their chunks arrive on connections made from now on)."""
         self._nursery = nursery
         if self._alarms is None:
-            self._alarms = _Alarms()
-            nursery.start_soon(self._alarms.run)
+            self._alarms = Alarms(nursery, _ring)
 
     def add_host(self, name: str, *, segment: str | None = None, uplink: float = math.inf) -> None:
         """Add a host (an opaque address string) on an optional mDNS LAN ``segment``.

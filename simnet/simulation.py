@@ -605,7 +605,7 @@ class Simulation:
         # loss of its peers: tearing down ~60 channels per node is then only unwinding
         for slot in self.slots:
             if slot.node is not None:
-                slot.node.channels.abandon()
+                slot.node.channels.abandon(streams_reset=True)
         self.network.halt()
         world.cancel_scope.cancel()
 

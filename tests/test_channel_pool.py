@@ -158,6 +158,35 @@ def test_a_silent_peer_is_unresponsive_but_still_linked() -> None:
     run_world(2, scene)
 
 
+def test_abandon_ends_every_channel_without_cancelling_it() -> None:
+    """abandon() ends the node's channels by itself (each writer ends and closes its
+    stream), so tearing a halted network down unwinds no Cancelled per channel; with
+    ``streams_reset`` the streams are left to the caller, who resets the connections."""
+
+    async def scene(world: VirtualNetwork, owners: list[Owner]) -> None:
+        a, b, c = (o.pool for o in owners)
+        assert a is not None and b is not None and c is not None
+        a.send(b.node_id, ModelRequest(), (owners[1].host, PORT))
+        c.send(b.node_id, ModelRequest(), (owners[1].host, PORT))
+        await trio.sleep(1.0)
+        assert b.connected() == sorted([a.node_id, c.node_id], key=lambda p: p.raw)
+        a.abandon()
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.links == {}  # at once, and nothing was cancelled: the channel tasks ended
+        await trio.sleep(1.0)
+        assert b.connected() == [c.node_id]  # b saw the connection end
+        c.abandon(streams_reset=True)
+        await trio.sleep(1.0)
+        # c's channel ended, but its stream is the caller's to reset: b still has it
+        assert b.connected() == [c.node_id]
+        world.halt()
+        await trio.testing.wait_all_tasks_blocked()
+        assert c.links == {} and b.links == {}
+
+    owners = run_world(3, scene)
+    assert owners[0].gone == [] and owners[2].gone == []  # abandoned: not told
+
+
 def test_channels_beyond_the_limit_are_trimmed_but_never_busy_ones() -> None:
     async def scene(world: VirtualNetwork, owners: list[Owner]) -> None:
         hub = owners[0]

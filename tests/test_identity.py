@@ -239,3 +239,12 @@ def test_load_refuses_directory(tmp_path: Path) -> None:
     path.mkdir(mode=0o700)
     with pytest.raises(ConfigError, match="not a regular file"):
         load_identity(path)
+
+
+def test_node_ids_hash_and_compare_by_their_bytes_only() -> None:
+    from p2pfed.identity import NodeId
+
+    a, b, c = NodeId(bytes(32)), NodeId(bytes(32)), NodeId(bytes(31) + b"\x01")
+    assert a == b and a is not b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != c and a < c and sorted([c, a]) == [b, c]
+    assert a != bytes(32) and bytes(32) != a  # not equal to its raw bytes

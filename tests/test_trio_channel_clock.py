@@ -25,6 +25,7 @@ from p2pfed.messages import ModelState
 from p2pfed.trio_channel import (
     ChannelClock,
     ChannelConfig,
+    HandshakeAdmission,
     SecureChannel,
     open_secure_channel,
     serve_secure_channels,
@@ -446,3 +447,33 @@ async def test_an_abandoned_channel_ends_without_a_close(
         await server.ended.wait()
     (outcome,) = server.outcomes
     assert isinstance(outcome, ChannelClosed) and not outcome.orderly
+
+
+async def test_serving_cancelled_closes_the_connections_it_holds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """serve_secure_channels closes every stream itself (it does not use
+    trio.serve_listeners, which closed each stream again after its handler): a connection
+    in its handshake and one waiting for a handshake slot are closed when serving ends."""
+    listener = MemoryListener()
+
+    async def never(channel: SecureChannel) -> None:
+        raise AssertionError("no connection completes a handshake here")
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            serve_secure_channels,
+            never,
+            [listener],  # type: ignore[list-item]
+            SERVER_ID,
+            FED,
+            SERVER_CONFIG,
+            admission=HandshakeAdmission(max_handshakes=1),
+        )
+        await nursery.start(serve)
+        handshaking, waiting = listener.connect(), listener.connect()  # both silent
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    for client in (handshaking, waiting):
+        with trio.fail_after(1):
+            assert await client.receive_some(100) == b""  # the server hung up
